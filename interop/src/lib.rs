@@ -1,0 +1,6 @@
+//! # sibyl-interop
+//!
+//! The cross-process interop suite, the userspace UDP impairment proxy (`sibyl-netem`) and the
+//! benchmark scenarios (`sibyl-bench`).
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
