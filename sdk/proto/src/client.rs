@@ -1,0 +1,683 @@
+//! The I/O-free client connection machine: hub → ticket → shard, with failover and backoff.
+//!
+//! [`ClientMachine`] decides *what* to connect to and *when*; the async SDK does the QUIC work
+//! and reports outcomes back. It never reads a clock: every input carries `now`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::error::{ErrorCode, Retry};
+use crate::frame::{Endpoint, Refused, Ticket};
+
+/// Configuration of [`ClientMachine`]. All fields have documented defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// A cached ticket is not used (the hub is asked again) once it expires within this
+    /// margin. Default 30 s.
+    pub token_expiry_margin: Duration,
+    /// Backoff base: the first retry waits a uniformly random time in `[0, initial]`.
+    /// Default 100 ms.
+    pub backoff_initial: Duration,
+    /// Backoff cap: the n-th consecutive failure waits uniformly in
+    /// `[0, min(max, initial·2^(n−1))]` (full jitter). Default 10 s.
+    pub backoff_max: Duration,
+    /// A shard attempt that has not attached by then is abandoned and counted failed.
+    /// Default 10 s.
+    pub attach_timeout: Duration,
+    /// How many endpoints are raced at first. Default 2 (minimum 1).
+    pub race_width: usize,
+    /// Give up after this many consecutive failed rounds; `None` (default) retries forever
+    /// (except on codes whose [`Retry`] is `Never`).
+    pub max_failures: Option<u32>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            token_expiry_margin: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            attach_timeout: Duration::from_secs(10),
+            race_width: 2,
+            max_failures: None,
+        }
+    }
+}
+
+/// Identifies one shard connection attempt (unique per machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptId(pub u64);
+
+/// A shard connection to start: connect to `endpoint`, open the session stream, send
+/// `Attach` built from [`ClientMachine::ticket`], and report back with `id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardAttempt {
+    /// Report outcomes with this id.
+    pub id: AttemptId,
+    /// Where to connect.
+    pub endpoint: Endpoint,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientAction {
+    /// Connect to the hub and send `Hello`; report with `handle_ticket`, `handle_refused`
+    /// or `handle_hub_failed`.
+    ConnectHub,
+    /// Start these shard attempts (up to `race_width` at once, one at a time on fallback).
+    ConnectShards {
+        /// The attempts, in priority order.
+        attempts: Vec<ShardAttempt>,
+    },
+    /// Close this attempt's connection (another attached first, or it timed out).
+    Abandon {
+        /// The attempt to close.
+        id: AttemptId,
+    },
+    /// The session is up on this attempt's connection.
+    Attached {
+        /// The winning attempt.
+        id: AttemptId,
+        /// Its endpoint.
+        endpoint: Endpoint,
+    },
+    /// Stop: retrying cannot help (or `max_failures` was reached).
+    GiveUp {
+        /// The code that caused it, if any.
+        code: Option<ErrorCode>,
+    },
+}
+
+/// The machine's timers (one `match` arm each in [`ClientMachine::handle_timeout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Timer {
+    /// A backoff delay before the next hub or shard round.
+    Backoff,
+    /// The earliest in-flight shard attempt's attach deadline.
+    Attach,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Hub,
+    Shards,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Idle,
+    Hub,
+    Racing { order: Vec<usize>, next: usize, in_flight: Vec<(AttemptId, usize, Instant)> },
+    Backoff { then: Next, until: Instant },
+    Attached { id: AttemptId, index: usize },
+    GaveUp,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    ticket: Ticket,
+    expires: Instant,
+}
+
+/// The client's connection machine.
+///
+/// Call order (quinn-proto style; `now` never moves backwards):
+///
+/// 1. [`connect`](Self::connect) once.
+/// 2. Loop: drain [`poll_action`](Self::poll_action) and carry out each action; arm a timer
+///    for [`poll_timeout`](Self::poll_timeout) and call [`handle_timeout`](Self::handle_timeout)
+///    when it fires; report every outcome with the `handle_*` methods.
+/// 3. After [`ClientAction::Attached`], report the session's end with
+///    [`handle_disconnected`](Self::handle_disconnected) (including on `GoAway`, with
+///    `ErrorCode::Draining`); after a short jittered backoff the machine reconnects, reusing the cached ticket while it is
+///    valid for more than `token_expiry_margin`, trying the lost endpoint last.
+///
+/// Failover: the top `race_width` endpoints of the ticket are raced; the first to attach wins
+/// and the others are abandoned; each failure starts the next endpoint down the list; when all
+/// have failed the ticket is dropped and the hub is asked again after backoff. Codes whose
+/// [`Retry`] is `AfterHub` drop the ticket at once; `Never` gives up. Backoff is exponential
+/// with full jitter, drawn from a deterministic generator seeded by the caller.
+#[derive(Debug)]
+pub struct ClientMachine {
+    config: ClientConfig,
+    state: State,
+    ticket: Option<Cached>,
+    actions: VecDeque<ClientAction>,
+    failures: u32,
+    last_code: Option<ErrorCode>,
+    avoid: Option<usize>,
+    next_id: u64,
+    rng: u64,
+}
+
+impl ClientMachine {
+    /// A new idle machine. `seed` drives the backoff jitter (use real randomness in
+    /// production, a constant in tests).
+    pub fn new(config: ClientConfig, seed: u64) -> Self {
+        Self {
+            config,
+            state: State::Idle,
+            ticket: None,
+            actions: VecDeque::new(),
+            failures: 0,
+            last_code: None,
+            avoid: None,
+            next_id: 0,
+            rng: seed,
+        }
+    }
+
+    /// Starts connecting (ignored unless idle or given up).
+    pub fn connect(&mut self, now: Instant) {
+        if matches!(self.state, State::Idle | State::GaveUp) {
+            self.failures = 0;
+            self.start_round(now);
+        }
+    }
+
+    /// The cached ticket (build `Attach` from it), if any.
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref().map(|c| &c.ticket)
+    }
+
+    /// True while a session is attached.
+    pub fn is_attached(&self) -> bool {
+        matches!(self.state, State::Attached { .. })
+    }
+
+    /// Consecutive failed rounds since the last attach.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// The next action to carry out.
+    pub fn poll_action(&mut self) -> Option<ClientAction> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest armed timer's deadline.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [Timer::Backoff, Timer::Attach].iter().filter_map(|t| self.timer(*t)).min()
+    }
+
+    fn timer(&self, t: Timer) -> Option<Instant> {
+        match (t, &self.state) {
+            (Timer::Backoff, State::Backoff { until, .. }) => Some(*until),
+            (Timer::Attach, State::Racing { in_flight, .. }) => in_flight.iter().map(|a| a.2).min(),
+            _ => None,
+        }
+    }
+
+    /// Fires every timer whose deadline is `<= now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for t in [Timer::Backoff, Timer::Attach] {
+            if self.timer(t).is_none_or(|d| d > now) {
+                continue;
+            }
+            match t {
+                Timer::Backoff => {
+                    if let State::Backoff { then, .. } = self.state {
+                        match then {
+                            Next::Hub => self.go_hub(),
+                            Next::Shards => self.start_round(now),
+                        }
+                    }
+                }
+                Timer::Attach => {
+                    let expired: Vec<AttemptId> = match &self.state {
+                        State::Racing { in_flight, .. } => {
+                            in_flight.iter().filter(|a| a.2 <= now).map(|a| a.0).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    for id in expired {
+                        self.actions.push_back(ClientAction::Abandon { id });
+                        self.handle_shard_failed(id, None, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The hub answered `Ticket`. `unix_now_s` is the wall clock (Unix seconds) at `now`,
+    /// used once to turn `expires_at` into an `Instant`.
+    pub fn handle_ticket(&mut self, ticket: Ticket, now: Instant, unix_now_s: u64) {
+        if self.state != State::Hub {
+            return;
+        }
+        let ttl = Duration::from_secs(ticket.expires_at.saturating_sub(unix_now_s));
+        self.ticket = Some(Cached { ticket, expires: now + ttl });
+        self.avoid = None;
+        if self.ticket_usable(now) {
+            self.start_round(now);
+        } else {
+            // A ticket already inside the margin is useless: count a failure, ask again.
+            self.ticket = None;
+            self.fail(Next::Hub, None, Duration::ZERO, now);
+        }
+    }
+
+    /// The hub answered `Refused`.
+    pub fn handle_refused(&mut self, refused: &Refused, now: Instant) {
+        if self.state != State::Hub {
+            return;
+        }
+        if refused.code.retry() == Retry::Never {
+            self.give_up(Some(refused.code));
+            return;
+        }
+        let floor = Duration::from_millis(refused.retry_after_ms.unwrap_or(0));
+        self.fail(Next::Hub, Some(refused.code), floor, now);
+    }
+
+    /// The hub connection failed (transport error, closed with `code`, timeout).
+    pub fn handle_hub_failed(&mut self, code: Option<ErrorCode>, now: Instant) {
+        if self.state != State::Hub {
+            return;
+        }
+        if code.is_some_and(|c| c.retry() == Retry::Never) {
+            self.give_up(code);
+            return;
+        }
+        self.fail(Next::Hub, code, Duration::ZERO, now);
+    }
+
+    /// Attempt `id` received `Attached`.
+    pub fn handle_attached(&mut self, id: AttemptId, _now: Instant) {
+        let State::Racing { in_flight, .. } = &self.state else { return };
+        let Some(&(_, index, _)) = in_flight.iter().find(|a| a.0 == id) else { return };
+        for a in in_flight.iter().filter(|a| a.0 != id) {
+            self.actions.push_back(ClientAction::Abandon { id: a.0 });
+        }
+        let endpoint = match &self.ticket {
+            Some(c) => c.ticket.endpoints[index].clone(),
+            None => return,
+        };
+        self.state = State::Attached { id, index };
+        self.failures = 0;
+        self.last_code = None;
+        self.actions.push_back(ClientAction::Attached { id, endpoint });
+    }
+
+    /// Attempt `id` failed before attaching: connection error (`code` = `None`) or closed by
+    /// the shard with `code`.
+    pub fn handle_shard_failed(&mut self, id: AttemptId, code: Option<ErrorCode>, now: Instant) {
+        let State::Racing { in_flight, .. } = &mut self.state else { return };
+        let Some(pos) = in_flight.iter().position(|a| a.0 == id) else { return };
+        in_flight.remove(pos);
+        if code.is_some() {
+            self.last_code = code;
+        }
+        match code.map(ErrorCode::retry) {
+            Some(Retry::Never) => {
+                self.abandon_all();
+                self.give_up(code);
+            }
+            Some(Retry::AfterHub) => {
+                self.abandon_all();
+                self.ticket = None;
+                self.fail(Next::Hub, code, Duration::ZERO, now);
+            }
+            _ => self.launch(1, now),
+        }
+    }
+
+    /// The attached session ended (connection lost or closed with `code`; on `GoAway` pass
+    /// `Some(ErrorCode::Draining)`).
+    pub fn handle_disconnected(&mut self, code: Option<ErrorCode>, now: Instant) {
+        let State::Attached { index, .. } = self.state else { return };
+        match code.map(ErrorCode::retry) {
+            Some(Retry::Never) => self.give_up(code),
+            Some(Retry::AfterHub) => {
+                self.ticket = None;
+                self.go_hub();
+            }
+            Some(Retry::SameEndpoint) => {
+                self.avoid = None;
+                self.fail(Next::Shards, code, Duration::ZERO, now);
+            }
+            _ => {
+                self.avoid = Some(index);
+                self.fail(Next::Shards, code, Duration::ZERO, now);
+            }
+        }
+    }
+
+    fn ticket_usable(&self, now: Instant) -> bool {
+        self.ticket.as_ref().is_some_and(|c| now + self.config.token_expiry_margin < c.expires)
+    }
+
+    /// Starts a round: shards if the cached ticket is usable, else the hub.
+    fn start_round(&mut self, now: Instant) {
+        if !self.ticket_usable(now) {
+            self.ticket = None;
+            self.go_hub();
+            return;
+        }
+        let n = self.ticket.as_ref().map_or(0, |c| c.ticket.endpoints.len());
+        let mut order: Vec<usize> = (0..n).collect();
+        if let Some(a) = self.avoid.filter(|a| *a < n) {
+            order.retain(|i| *i != a);
+            order.push(a);
+        }
+        self.state = State::Racing { order, next: 0, in_flight: Vec::new() };
+        self.launch(self.config.race_width.max(1), now);
+    }
+
+    /// Launches up to `k` further endpoints of the round; ends the round if nothing is left.
+    fn launch(&mut self, k: usize, now: Instant) {
+        if !self.ticket_usable(now) {
+            // The token nears expiry mid-round: finish with the hub instead.
+            self.abandon_all();
+            self.ticket = None;
+            self.go_hub();
+            return;
+        }
+        let mut attempts = Vec::new();
+        let deadline = now + self.config.attach_timeout;
+        let State::Racing { order, next, in_flight } = &mut self.state else { return };
+        let endpoints = self.ticket.as_ref().map_or(&[][..], |c| &c.ticket.endpoints[..]);
+        while attempts.len() < k && *next < order.len() {
+            let index = order[*next];
+            *next += 1;
+            let id = AttemptId(self.next_id);
+            self.next_id += 1;
+            in_flight.push((id, index, deadline));
+            attempts.push(ShardAttempt { id, endpoint: endpoints[index].clone() });
+        }
+        let exhausted = in_flight.is_empty();
+        if !attempts.is_empty() {
+            self.actions.push_back(ClientAction::ConnectShards { attempts });
+        } else if exhausted {
+            // Every endpoint failed: the ticket's group is unreachable; back to the hub.
+            self.ticket = None;
+            let code = self.last_code;
+            self.fail(Next::Hub, code, Duration::ZERO, now);
+        }
+    }
+
+    fn abandon_all(&mut self) {
+        if let State::Racing { in_flight, .. } = &mut self.state {
+            for (id, _, _) in in_flight.drain(..) {
+                self.actions.push_back(ClientAction::Abandon { id });
+            }
+        }
+    }
+
+    fn go_hub(&mut self) {
+        self.state = State::Hub;
+        self.actions.push_back(ClientAction::ConnectHub);
+    }
+
+    fn give_up(&mut self, code: Option<ErrorCode>) {
+        self.state = State::GaveUp;
+        self.actions.push_back(ClientAction::GiveUp { code });
+    }
+
+    /// Counts a failed round and schedules `then` after a jittered backoff (at least `floor`).
+    fn fail(&mut self, then: Next, code: Option<ErrorCode>, floor: Duration, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        if code.is_some() {
+            self.last_code = code;
+        }
+        if self.config.max_failures.is_some_and(|m| self.failures >= m) {
+            let code = self.last_code;
+            self.give_up(code);
+            return;
+        }
+        let delay = self.backoff_delay().max(floor);
+        self.state = State::Backoff { then, until: now + delay };
+    }
+
+    /// Full jitter: uniform in `[0, min(max, initial·2^(failures−1))]`.
+    fn backoff_delay(&mut self) -> Duration {
+        let exp = self.failures.saturating_sub(1).min(32);
+        let cap = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << exp.min(31))
+            .min(self.config.backoff_max);
+        let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+        let r = self.next_random();
+        Duration::from_nanos(if cap_ns == u64::MAX { r } else { r % (cap_ns + 1) })
+    }
+
+    /// SplitMix64: a small deterministic generator for jitter (not for secrets).
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNIX: u64 = 1_700_000_000;
+
+    fn ticket(n: usize, ttl_s: u64) -> Ticket {
+        Ticket {
+            version: 1,
+            token: vec![1, 2, 3],
+            session_secret: [7; 32],
+            shard_group: 4,
+            expires_at: UNIX + ttl_s,
+            endpoints: (0..n)
+                .map(|i| Endpoint { addr: format!("127.0.0.1:{}", 5000 + i), server_name: format!("s{i}") })
+                .collect(),
+        }
+    }
+
+    fn drain(m: &mut ClientMachine) -> Vec<ClientAction> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    fn shards(actions: &[ClientAction]) -> Vec<(AttemptId, String)> {
+        actions
+            .iter()
+            .flat_map(|a| match a {
+                ClientAction::ConnectShards { attempts } => {
+                    attempts.iter().map(|s| (s.id, s.endpoint.addr.clone())).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Connects and delivers a ticket; returns the raced attempts.
+    fn to_racing(m: &mut ClientMachine, t: Ticket, now: Instant) -> Vec<(AttemptId, String)> {
+        m.connect(now);
+        assert_eq!(drain(m), vec![ClientAction::ConnectHub]);
+        m.handle_ticket(t, now, UNIX);
+        shards(&drain(m))
+    }
+
+    #[test]
+    fn happy_path_races_top_two_and_abandons_loser() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let raced = to_racing(&mut m, ticket(3, 3600), t0);
+        assert_eq!(raced.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5000", "127.0.0.1:5001"]);
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+        m.handle_attached(raced[1].0, t0 + Duration::from_millis(20));
+        let acts = drain(&mut m);
+        assert_eq!(acts[0], ClientAction::Abandon { id: raced[0].0 });
+        assert!(matches!(&acts[1], ClientAction::Attached { id, endpoint } if *id == raced[1].0 && endpoint.addr == "127.0.0.1:5001"));
+        assert!(m.is_attached());
+        assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn first_endpoint_fails_then_next_down_the_list() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let raced = to_racing(&mut m, ticket(3, 3600), t0);
+        m.handle_shard_failed(raced[0].0, Some(ErrorCode::Overloaded), t0);
+        let next = shards(&drain(&mut m));
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].1, "127.0.0.1:5002");
+        m.handle_attached(raced[1].0, t0);
+        let acts = drain(&mut m);
+        assert_eq!(acts[0], ClientAction::Abandon { id: next[0].0 });
+        assert!(matches!(acts[1], ClientAction::Attached { .. }));
+        // Late reports for stale attempts are ignored.
+        m.handle_shard_failed(raced[0].0, None, t0);
+        assert!(m.is_attached());
+    }
+
+    #[test]
+    fn all_fail_goes_back_to_hub_after_backoff() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 9);
+        let raced = to_racing(&mut m, ticket(2, 3600), t0);
+        m.handle_shard_failed(raced[0].0, None, t0);
+        assert!(drain(&mut m).is_empty());
+        m.handle_shard_failed(raced[1].0, Some(ErrorCode::Internal), t0);
+        assert!(drain(&mut m).is_empty());
+        assert!(m.ticket().is_none());
+        let deadline = m.poll_timeout().expect("backoff armed");
+        assert!(deadline <= t0 + Duration::from_millis(100));
+        m.handle_timeout(deadline);
+        assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
+        assert_eq!(m.consecutive_failures(), 1);
+    }
+
+    #[test]
+    fn attach_timeout_abandons_and_falls_back() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let raced = to_racing(&mut m, ticket(3, 3600), t0);
+        let t1 = t0 + Duration::from_secs(10);
+        m.handle_timeout(t1);
+        let acts = drain(&mut m);
+        assert_eq!(acts[0], ClientAction::Abandon { id: raced[0].0 });
+        assert_eq!(shards(&acts[1..2]).len(), 1); // third endpoint started
+        assert_eq!(acts[2], ClientAction::Abandon { id: raced[1].0 });
+    }
+
+    #[test]
+    fn cached_ticket_reused_on_reconnect_and_lost_endpoint_tried_last() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let raced = to_racing(&mut m, ticket(3, 3600), t0);
+        m.handle_attached(raced[0].0, t0);
+        drain(&mut m);
+        let t1 = t0 + Duration::from_secs(600);
+        m.handle_disconnected(Some(ErrorCode::Draining), t1);
+        assert!(drain(&mut m).is_empty());
+        let d = m.poll_timeout().expect("short reconnect backoff");
+        assert!(d <= t1 + Duration::from_millis(100));
+        m.handle_timeout(d);
+        let acts = drain(&mut m);
+        assert!(!acts.contains(&ClientAction::ConnectHub), "{acts:?}");
+        let again = shards(&acts);
+        assert_eq!(again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5001", "127.0.0.1:5002"]);
+    }
+
+    #[test]
+    fn ticket_near_expiry_goes_to_hub() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let raced = to_racing(&mut m, ticket(2, 100), t0);
+        m.handle_attached(raced[0].0, t0);
+        drain(&mut m);
+        // 75 s later the ticket has 25 s left, inside the 30 s margin.
+        m.handle_disconnected(None, t0 + Duration::from_secs(75));
+        let d = m.poll_timeout().unwrap();
+        m.handle_timeout(d);
+        assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
+        assert!(m.ticket().is_none());
+    }
+
+    #[test]
+    fn token_codes_go_to_hub_and_never_codes_give_up() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let raced = to_racing(&mut m, ticket(2, 3600), t0);
+        m.handle_shard_failed(raced[0].0, Some(ErrorCode::TokenExpired), t0);
+        assert_eq!(drain(&mut m), vec![ClientAction::Abandon { id: raced[1].0 }]);
+        let d = m.poll_timeout().unwrap();
+        m.handle_timeout(d);
+        assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
+        let refused = Refused {
+            code: ErrorCode::Unauthenticated,
+            reason: "bad key".into(),
+            retry_after_ms: None,
+            versions: vec![],
+        };
+        m.handle_refused(&refused, d);
+        assert_eq!(drain(&mut m), vec![ClientAction::GiveUp { code: Some(ErrorCode::Unauthenticated) }]);
+    }
+
+    #[test]
+    fn overloaded_hub_honours_retry_after() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        m.connect(t0);
+        drain(&mut m);
+        let refused = Refused {
+            code: ErrorCode::Overloaded,
+            reason: "busy".into(),
+            retry_after_ms: Some(5_000),
+            versions: vec![],
+        };
+        m.handle_refused(&refused, t0);
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        m.handle_timeout(t0 + Duration::from_secs(4));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    fn hub_failure_delays(seed: u64, rounds: usize) -> Vec<Duration> {
+        let mut now = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), seed);
+        m.connect(now);
+        let mut delays = Vec::new();
+        for _ in 0..rounds {
+            assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
+            m.handle_hub_failed(None, now);
+            let d = m.poll_timeout().unwrap();
+            delays.push(d - now);
+            now = d;
+            m.handle_timeout(now);
+        }
+        delays
+    }
+
+    #[test]
+    fn backoff_grows_bounded_with_jitter_and_is_deterministic() {
+        let cfg = ClientConfig::default();
+        let delays = hub_failure_delays(42, 20);
+        for (i, d) in delays.iter().enumerate() {
+            let cap = cfg.backoff_initial.saturating_mul(1 << i.min(31)).min(cfg.backoff_max);
+            assert!(*d <= cap, "round {i}: {d:?} > {cap:?}");
+        }
+        // Later rounds reach well past the initial cap, yet never beyond the maximum.
+        assert!(delays[10..].iter().any(|d| *d > Duration::from_secs(1)), "{delays:?}");
+        // Jitter: not all capped rounds wait the same.
+        let tail: std::collections::HashSet<_> = delays[10..].iter().collect();
+        assert!(tail.len() > 1);
+        assert_eq!(delays, hub_failure_delays(42, 20));
+        assert_ne!(delays, hub_failure_delays(43, 20));
+    }
+
+    #[test]
+    fn max_failures_gives_up_with_last_code() {
+        let t0 = Instant::now();
+        let cfg = ClientConfig { max_failures: Some(2), ..ClientConfig::default() };
+        let mut m = ClientMachine::new(cfg, 3);
+        m.connect(t0);
+        drain(&mut m);
+        m.handle_hub_failed(Some(ErrorCode::Internal), t0);
+        let d = m.poll_timeout().unwrap();
+        m.handle_timeout(d);
+        drain(&mut m);
+        m.handle_hub_failed(None, d);
+        assert_eq!(drain(&mut m), vec![ClientAction::GiveUp { code: Some(ErrorCode::Internal) }]);
+    }
+}

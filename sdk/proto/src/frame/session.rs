@@ -1,0 +1,64 @@
+//! Session stream frames (first bidi stream of a shard connection):
+//! `Attach` → `Attached`, later `GoAway`.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Validate, cbor_frame};
+use crate::error::ErrorCode;
+
+/// `Attach` (`0x20`): the first frame on a shard connection's session stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attach {
+    /// The ticket's token, verbatim.
+    #[serde(with = "serde_bytes")]
+    pub token: Vec<u8>,
+    /// [`crate::attach_proof`] of the session secret over this connection's TLS exporter.
+    #[serde(with = "serde_bytes")]
+    pub proof: [u8; 32],
+    /// The client id sent in `Hello` (the shard checks it against the token).
+    pub client_id: String,
+    /// A previous `session_id` from `Attached` to resume (subscriptions' server-side state
+    /// such as grant history); the client re-sends `Subscribe`/`Position` regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<u64>,
+}
+
+/// Limits the shard imposes on the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionLimits {
+    /// Maximum concurrent client-opened bidi streams (session stream + control streams).
+    pub max_streams: u32,
+    /// Maximum body length of any frame the client sends.
+    pub max_frame: u32,
+    /// The shard closes the connection with `IDLE` after this long without activity.
+    pub idle_timeout_ms: u64,
+}
+
+/// `Attached` (`0x21`): the session is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attached {
+    /// Session id (for `Attach.resume`).
+    pub session_id: u64,
+    /// Limits for this session.
+    pub limits: SessionLimits,
+    /// The shard's clock, Unix time in milliseconds (to interpret `Grant.lease_expires_ms`).
+    pub server_time: u64,
+}
+
+/// `GoAway` (`0x22`): the shard is draining; reconnect elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoAway {
+    /// Usually `DRAINING`.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub reason: String,
+    /// Reconnect (to another endpoint) within this many milliseconds; the shard closes the
+    /// connection with `code` once it elapses.
+    pub reconnect_after_ms: u64,
+}
+
+impl Validate for Attach {}
+impl Validate for Attached {}
+impl Validate for GoAway {}
+
+cbor_frame!(Attach, Attached, GoAway);
