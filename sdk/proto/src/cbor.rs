@@ -65,7 +65,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let s = Sample { a: 7, b: vec![1, 2, 3] };
+        let s = Sample {
+            a: 7,
+            b: vec![1, 2, 3],
+        };
         let bytes = to_vec(&s).unwrap();
         assert_eq!(from_slice::<Sample>(&bytes).unwrap(), s);
     }
@@ -74,12 +77,18 @@ mod tests {
     fn trailing_bytes_rejected() {
         let mut bytes = to_vec(&Sample { a: 1, b: vec![] }).unwrap();
         bytes.push(0);
-        assert!(matches!(from_slice::<Sample>(&bytes), Err(CborError::TrailingBytes)));
+        assert!(matches!(
+            from_slice::<Sample>(&bytes),
+            Err(CborError::TrailingBytes)
+        ));
     }
 
     #[test]
     fn garbage_rejected() {
-        assert!(matches!(from_slice::<Sample>(&[0xff, 0x00]), Err(CborError::Malformed(_))));
+        assert!(matches!(
+            from_slice::<Sample>(&[0xff, 0x00]),
+            Err(CborError::Malformed(_))
+        ));
         assert!(from_slice::<Sample>(&[]).is_err());
     }
 }

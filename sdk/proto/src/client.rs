@@ -110,9 +110,19 @@ enum Next {
 enum State {
     Idle,
     Hub,
-    Racing { order: Vec<usize>, next: usize, in_flight: Vec<(AttemptId, usize, Instant)> },
-    Backoff { then: Next, until: Instant },
-    Attached { id: AttemptId, index: usize },
+    Racing {
+        order: Vec<usize>,
+        next: usize,
+        in_flight: Vec<(AttemptId, usize, Instant)>,
+    },
+    Backoff {
+        then: Next,
+        until: Instant,
+    },
+    Attached {
+        id: AttemptId,
+        index: usize,
+    },
     GaveUp,
 }
 
@@ -200,7 +210,10 @@ impl ClientMachine {
 
     /// The earliest armed timer's deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [Timer::Backoff, Timer::Attach].iter().filter_map(|t| self.timer(*t)).min()
+        [Timer::Backoff, Timer::Attach]
+            .iter()
+            .filter_map(|t| self.timer(*t))
+            .min()
     }
 
     fn timer(&self, t: Timer) -> Option<Instant> {
@@ -228,9 +241,11 @@ impl ClientMachine {
                 }
                 Timer::Attach => {
                     let expired: Vec<AttemptId> = match &self.state {
-                        State::Racing { in_flight, .. } => {
-                            in_flight.iter().filter(|a| a.2 <= now).map(|a| a.0).collect()
-                        }
+                        State::Racing { in_flight, .. } => in_flight
+                            .iter()
+                            .filter(|a| a.2 <= now)
+                            .map(|a| a.0)
+                            .collect(),
                         _ => Vec::new(),
                     };
                     for id in expired {
@@ -249,7 +264,10 @@ impl ClientMachine {
             return;
         }
         let ttl = Duration::from_secs(ticket.expires_at.saturating_sub(unix_now_s));
-        self.ticket = Some(Cached { ticket, expires: now + ttl });
+        self.ticket = Some(Cached {
+            ticket,
+            expires: now + ttl,
+        });
         self.avoid = None;
         if self.ticket_usable(now) {
             self.start_round(now);
@@ -287,8 +305,12 @@ impl ClientMachine {
 
     /// Attempt `id` received `Attached`.
     pub fn handle_attached(&mut self, id: AttemptId, _now: Instant) {
-        let State::Racing { in_flight, .. } = &self.state else { return };
-        let Some(&(_, index, _)) = in_flight.iter().find(|a| a.0 == id) else { return };
+        let State::Racing { in_flight, .. } = &self.state else {
+            return;
+        };
+        let Some(&(_, index, _)) = in_flight.iter().find(|a| a.0 == id) else {
+            return;
+        };
         for a in in_flight.iter().filter(|a| a.0 != id) {
             self.actions.push_back(ClientAction::Abandon { id: a.0 });
         }
@@ -299,14 +321,19 @@ impl ClientMachine {
         self.state = State::Attached { id, index };
         self.failures = 0;
         self.last_code = None;
-        self.actions.push_back(ClientAction::Attached { id, endpoint });
+        self.actions
+            .push_back(ClientAction::Attached { id, endpoint });
     }
 
     /// Attempt `id` failed before attaching: connection error (`code` = `None`) or closed by
     /// the shard with `code`.
     pub fn handle_shard_failed(&mut self, id: AttemptId, code: Option<ErrorCode>, now: Instant) {
-        let State::Racing { in_flight, .. } = &mut self.state else { return };
-        let Some(pos) = in_flight.iter().position(|a| a.0 == id) else { return };
+        let State::Racing { in_flight, .. } = &mut self.state else {
+            return;
+        };
+        let Some(pos) = in_flight.iter().position(|a| a.0 == id) else {
+            return;
+        };
         in_flight.remove(pos);
         if code.is_some() {
             self.last_code = code;
@@ -328,7 +355,9 @@ impl ClientMachine {
     /// The attached session ended (connection lost or closed with `code`; on `GoAway` pass
     /// `Some(ErrorCode::Draining)`).
     pub fn handle_disconnected(&mut self, code: Option<ErrorCode>, now: Instant) {
-        let State::Attached { index, .. } = self.state else { return };
+        let State::Attached { index, .. } = self.state else {
+            return;
+        };
         match code.map(ErrorCode::retry) {
             Some(Retry::Never) => self.give_up(code),
             Some(Retry::AfterHub) => {
@@ -347,7 +376,9 @@ impl ClientMachine {
     }
 
     fn ticket_usable(&self, now: Instant) -> bool {
-        self.ticket.as_ref().is_some_and(|c| now + self.config.token_expiry_margin < c.expires)
+        self.ticket
+            .as_ref()
+            .is_some_and(|c| now + self.config.token_expiry_margin < c.expires)
     }
 
     /// Starts a round: shards if the cached ticket is usable, else the hub.
@@ -363,7 +394,11 @@ impl ClientMachine {
             order.retain(|i| *i != a);
             order.push(a);
         }
-        self.state = State::Racing { order, next: 0, in_flight: Vec::new() };
+        self.state = State::Racing {
+            order,
+            next: 0,
+            in_flight: Vec::new(),
+        };
         self.launch(self.config.race_width.max(1), now);
     }
 
@@ -378,19 +413,33 @@ impl ClientMachine {
         }
         let mut attempts = Vec::new();
         let deadline = now + self.config.attach_timeout;
-        let State::Racing { order, next, in_flight } = &mut self.state else { return };
-        let endpoints = self.ticket.as_ref().map_or(&[][..], |c| &c.ticket.endpoints[..]);
+        let State::Racing {
+            order,
+            next,
+            in_flight,
+        } = &mut self.state
+        else {
+            return;
+        };
+        let endpoints = self
+            .ticket
+            .as_ref()
+            .map_or(&[][..], |c| &c.ticket.endpoints[..]);
         while attempts.len() < k && *next < order.len() {
             let index = order[*next];
             *next += 1;
             let id = AttemptId(self.next_id);
             self.next_id += 1;
             in_flight.push((id, index, deadline));
-            attempts.push(ShardAttempt { id, endpoint: endpoints[index].clone() });
+            attempts.push(ShardAttempt {
+                id,
+                endpoint: endpoints[index].clone(),
+            });
         }
         let exhausted = in_flight.is_empty();
         if !attempts.is_empty() {
-            self.actions.push_back(ClientAction::ConnectShards { attempts });
+            self.actions
+                .push_back(ClientAction::ConnectShards { attempts });
         } else if exhausted {
             // Every endpoint failed: the ticket's group is unreachable; back to the hub.
             self.ticket = None;
@@ -429,7 +478,10 @@ impl ClientMachine {
             return;
         }
         let delay = self.backoff_delay().max(floor);
-        self.state = State::Backoff { then, until: now + delay };
+        self.state = State::Backoff {
+            then,
+            until: now + delay,
+        };
     }
 
     /// Full jitter: uniform in `[0, min(max, initial·2^(failures−1))]`.
@@ -442,7 +494,11 @@ impl ClientMachine {
             .min(self.config.backoff_max);
         let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
         let r = self.next_random();
-        Duration::from_nanos(if cap_ns == u64::MAX { r } else { r % (cap_ns + 1) })
+        Duration::from_nanos(if cap_ns == u64::MAX {
+            r
+        } else {
+            r % (cap_ns + 1)
+        })
     }
 
     /// SplitMix64: a small deterministic generator for jitter (not for secrets).
@@ -469,7 +525,10 @@ mod tests {
             shard_group: 4,
             expires_at: UNIX + ttl_s,
             endpoints: (0..n)
-                .map(|i| Endpoint { addr: format!("127.0.0.1:{}", 5000 + i), server_name: format!("s{i}") })
+                .map(|i| Endpoint {
+                    addr: format!("127.0.0.1:{}", 5000 + i),
+                    server_name: format!("s{i}"),
+                })
                 .collect(),
         }
     }
@@ -482,9 +541,10 @@ mod tests {
         actions
             .iter()
             .flat_map(|a| match a {
-                ClientAction::ConnectShards { attempts } => {
-                    attempts.iter().map(|s| (s.id, s.endpoint.addr.clone())).collect()
-                }
+                ClientAction::ConnectShards { attempts } => attempts
+                    .iter()
+                    .map(|s| (s.id, s.endpoint.addr.clone()))
+                    .collect(),
                 _ => Vec::new(),
             })
             .collect()
@@ -503,12 +563,17 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ClientMachine::new(ClientConfig::default(), 1);
         let raced = to_racing(&mut m, ticket(3, 3600), t0);
-        assert_eq!(raced.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5000", "127.0.0.1:5001"]);
+        assert_eq!(
+            raced.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+            ["127.0.0.1:5000", "127.0.0.1:5001"]
+        );
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(10)));
         m.handle_attached(raced[1].0, t0 + Duration::from_millis(20));
         let acts = drain(&mut m);
         assert_eq!(acts[0], ClientAction::Abandon { id: raced[0].0 });
-        assert!(matches!(&acts[1], ClientAction::Attached { id, endpoint } if *id == raced[1].0 && endpoint.addr == "127.0.0.1:5001"));
+        assert!(
+            matches!(&acts[1], ClientAction::Attached { id, endpoint } if *id == raced[1].0 && endpoint.addr == "127.0.0.1:5001")
+        );
         assert!(m.is_attached());
         assert_eq!(m.poll_timeout(), None);
     }
@@ -577,7 +642,10 @@ mod tests {
         let acts = drain(&mut m);
         assert!(!acts.contains(&ClientAction::ConnectHub), "{acts:?}");
         let again = shards(&acts);
-        assert_eq!(again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5001", "127.0.0.1:5002"]);
+        assert_eq!(
+            again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+            ["127.0.0.1:5001", "127.0.0.1:5002"]
+        );
     }
 
     #[test]
@@ -601,7 +669,10 @@ mod tests {
         let mut m = ClientMachine::new(ClientConfig::default(), 1);
         let raced = to_racing(&mut m, ticket(2, 3600), t0);
         m.handle_shard_failed(raced[0].0, Some(ErrorCode::TokenExpired), t0);
-        assert_eq!(drain(&mut m), vec![ClientAction::Abandon { id: raced[1].0 }]);
+        assert_eq!(
+            drain(&mut m),
+            vec![ClientAction::Abandon { id: raced[1].0 }]
+        );
         let d = m.poll_timeout().unwrap();
         m.handle_timeout(d);
         assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
@@ -612,7 +683,12 @@ mod tests {
             versions: vec![],
         };
         m.handle_refused(&refused, d);
-        assert_eq!(drain(&mut m), vec![ClientAction::GiveUp { code: Some(ErrorCode::Unauthenticated) }]);
+        assert_eq!(
+            drain(&mut m),
+            vec![ClientAction::GiveUp {
+                code: Some(ErrorCode::Unauthenticated)
+            }]
+        );
     }
 
     #[test]
@@ -654,11 +730,17 @@ mod tests {
         let cfg = ClientConfig::default();
         let delays = hub_failure_delays(42, 20);
         for (i, d) in delays.iter().enumerate() {
-            let cap = cfg.backoff_initial.saturating_mul(1 << i.min(31)).min(cfg.backoff_max);
+            let cap = cfg
+                .backoff_initial
+                .saturating_mul(1 << i.min(31))
+                .min(cfg.backoff_max);
             assert!(*d <= cap, "round {i}: {d:?} > {cap:?}");
         }
         // Later rounds reach well past the initial cap, yet never beyond the maximum.
-        assert!(delays[10..].iter().any(|d| *d > Duration::from_secs(1)), "{delays:?}");
+        assert!(
+            delays[10..].iter().any(|d| *d > Duration::from_secs(1)),
+            "{delays:?}"
+        );
         // Jitter: not all capped rounds wait the same.
         let tail: std::collections::HashSet<_> = delays[10..].iter().collect();
         assert!(tail.len() > 1);
@@ -669,7 +751,10 @@ mod tests {
     #[test]
     fn max_failures_gives_up_with_last_code() {
         let t0 = Instant::now();
-        let cfg = ClientConfig { max_failures: Some(2), ..ClientConfig::default() };
+        let cfg = ClientConfig {
+            max_failures: Some(2),
+            ..ClientConfig::default()
+        };
         let mut m = ClientMachine::new(cfg, 3);
         m.connect(t0);
         drain(&mut m);
@@ -678,6 +763,11 @@ mod tests {
         m.handle_timeout(d);
         drain(&mut m);
         m.handle_hub_failed(None, d);
-        assert_eq!(drain(&mut m), vec![ClientAction::GiveUp { code: Some(ErrorCode::Internal) }]);
+        assert_eq!(
+            drain(&mut m),
+            vec![ClientAction::GiveUp {
+                code: Some(ErrorCode::Internal)
+            }]
+        );
     }
 }

@@ -38,7 +38,11 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_control_body: 64 * 1024, max_batch_payload: 1024 * 1024, max_batch_records: 16 * 1024 }
+        Self {
+            max_control_body: 64 * 1024,
+            max_batch_payload: 1024 * 1024,
+            max_batch_records: 16 * 1024,
+        }
     }
 }
 
@@ -117,7 +121,10 @@ impl FrameError {
     }
 
     pub(crate) fn malformed(ty: u8, detail: impl Into<String>) -> Self {
-        Self::Malformed { ty, detail: detail.into() }
+        Self::Malformed {
+            ty,
+            detail: detail.into(),
+        }
     }
 
     pub(crate) fn from_cbor(ty: u8, e: CborError) -> Self {
@@ -160,7 +167,9 @@ impl<'a> Reader<'a> {
     /// Consumes and returns `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
         if self.remaining() < n {
-            return Err(FrameError::Incomplete { needed: n - self.remaining() });
+            return Err(FrameError::Incomplete {
+                needed: n - self.remaining(),
+            });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -273,7 +282,10 @@ mod tests {
         assert_eq!(r.varint(), Err(FrameError::Incomplete { needed: 2 }));
         let mut r = Reader::new(&[1, 2]);
         assert_eq!(r.u32(), Err(FrameError::Incomplete { needed: 2 }));
-        assert_eq!(Reader::new(&[]).u8(), Err(FrameError::Incomplete { needed: 1 }));
+        assert_eq!(
+            Reader::new(&[]).u8(),
+            Err(FrameError::Incomplete { needed: 1 })
+        );
     }
 
     #[test]

@@ -15,7 +15,11 @@ pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
 
 /// The highest version present in both lists, if any.
 pub fn negotiate(offered: &[u32], supported: &[u32]) -> Option<u32> {
-    offered.iter().copied().filter(|v| supported.contains(v)).max()
+    offered
+        .iter()
+        .copied()
+        .filter(|v| supported.contains(v))
+        .max()
 }
 
 #[cfg(test)]

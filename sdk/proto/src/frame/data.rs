@@ -65,14 +65,24 @@ pub struct Record {
 impl Record {
     /// Borrows this record.
     pub fn as_ref(&self) -> RecordRef<'_> {
-        RecordRef { offset: self.offset, timestamp: self.timestamp, key: &self.key, payload: &self.payload }
+        RecordRef {
+            offset: self.offset,
+            timestamp: self.timestamp,
+            key: &self.key,
+            payload: &self.payload,
+        }
     }
 }
 
 impl RecordRef<'_> {
     /// Copies into an owned record.
     pub fn to_owned(&self) -> Record {
-        Record { offset: self.offset, timestamp: self.timestamp, key: self.key.to_vec(), payload: self.payload.to_vec() }
+        Record {
+            offset: self.offset,
+            timestamp: self.timestamp,
+            key: self.key.to_vec(),
+            payload: self.payload.to_vec(),
+        }
     }
 }
 
@@ -103,7 +113,10 @@ pub struct Records {
 
 impl Records {
     /// Builds a batch. Offsets must strictly increase; the first becomes `base_offset`.
-    pub fn new<'a>(partition: u32, records: impl IntoIterator<Item = RecordRef<'a>>) -> Result<Self, BatchError> {
+    pub fn new<'a>(
+        partition: u32,
+        records: impl IntoIterator<Item = RecordRef<'a>>,
+    ) -> Result<Self, BatchError> {
         let mut data = Vec::new();
         let mut count: u32 = 0;
         let mut base = 0u64;
@@ -124,7 +137,12 @@ impl Records {
         if count == 0 {
             return Err(BatchError::Empty);
         }
-        Ok(Self { partition, base_offset: base, count, data })
+        Ok(Self {
+            partition,
+            base_offset: base,
+            count,
+            data,
+        })
     }
 
     /// Builds a batch from owned records.
@@ -146,7 +164,9 @@ impl Records {
     }
     /// Offset after the last record.
     pub fn next_offset(&self) -> u64 {
-        self.iter().last().map_or(self.base_offset, |r| r.offset.saturating_add(1))
+        self.iter()
+            .last()
+            .map_or(self.base_offset, |r| r.offset.saturating_add(1))
     }
     /// Encoded body length in bytes (compare with the peer's frame limit before sending).
     pub fn body_len(&self) -> usize {
@@ -154,7 +174,11 @@ impl Records {
     }
     /// Borrowing iterator over the records, in offset order.
     pub fn iter(&self) -> RecordIter<'_> {
-        RecordIter { r: Reader::new(&self.data), base: self.base_offset, left: self.count }
+        RecordIter {
+            r: Reader::new(&self.data),
+            base: self.base_offset,
+            left: self.count,
+        }
     }
     /// Copies all records out.
     pub fn to_records(&self) -> Vec<Record> {
@@ -191,7 +215,12 @@ impl<'a> Iterator for RecordIter<'a> {
         let timestamp = self.r.u64().ok()?;
         let key = take_bytes(&mut self.r).ok()?;
         let payload = take_bytes(&mut self.r).ok()?;
-        Some(RecordRef { offset: self.base.wrapping_add(delta), timestamp, key, payload })
+        Some(RecordRef {
+            offset: self.base.wrapping_add(delta),
+            timestamp,
+            key,
+            payload,
+        })
     }
     fn size_hint(&self) -> (usize, Option<usize>) {
         (self.left as usize, Some(self.left as usize))
@@ -217,14 +246,21 @@ pub(crate) fn check_count(ty: u8, count: u32, limits: &DecodeLimits) -> Result<(
         return Err(FrameError::malformed(ty, "batch count must be >= 1"));
     }
     if count > limits.max_batch_records {
-        return Err(FrameError::malformed(ty, format!("batch count {count} exceeds {}", limits.max_batch_records)));
+        return Err(FrameError::malformed(
+            ty,
+            format!("batch count {count} exceeds {}", limits.max_batch_records),
+        ));
     }
     Ok(())
 }
 
 /// Turns a short read inside a body into `Malformed`.
 pub(crate) fn short(ty: u8, e: FrameError) -> FrameError {
-    if e.is_incomplete() { FrameError::malformed(ty, "body truncated") } else { e }
+    if e.is_incomplete() {
+        FrameError::malformed(ty, "body truncated")
+    } else {
+        e
+    }
 }
 
 impl DecodeLimited for Records {
@@ -255,13 +291,21 @@ impl DecodeLimited for Records {
             let p = take_bytes(&mut w).map_err(|e| short(ty, e))?;
             payload_total += (k.len() + p.len()) as u64;
             if payload_total > u64::from(limits.max_batch_payload) {
-                return Err(FrameError::malformed(ty, "batch payload exceeds max_batch_payload"));
+                return Err(FrameError::malformed(
+                    ty,
+                    "batch payload exceeds max_batch_payload",
+                ));
             }
         }
         if w.remaining() != 0 {
             return Err(FrameError::TrailingBytes { ty });
         }
-        Ok(Self { partition, base_offset, count, data: data.to_vec() })
+        Ok(Self {
+            partition,
+            base_offset,
+            count,
+            data: data.to_vec(),
+        })
     }
 }
 
@@ -283,14 +327,22 @@ mod tests {
     use super::*;
 
     fn rec(offset: u64, payload: &[u8]) -> Record {
-        Record { offset, timestamp: 1_700_000_000_000 + offset, key: b"k".to_vec(), payload: payload.to_vec() }
+        Record {
+            offset,
+            timestamp: 1_700_000_000_000 + offset,
+            key: b"k".to_vec(),
+            payload: payload.to_vec(),
+        }
     }
 
     #[test]
     fn build_iterate_decode() {
         let recs = vec![rec(10, b"a"), rec(11, b"bb"), rec(15, b"")];
         let b = Records::from_records(3, &recs).unwrap();
-        assert_eq!((b.partition(), b.base_offset(), b.count(), b.next_offset()), (3, 10, 3, 16));
+        assert_eq!(
+            (b.partition(), b.base_offset(), b.count(), b.next_offset()),
+            (3, 10, 3, 16)
+        );
         assert_eq!(b.to_records(), recs);
         let mut out = Vec::new();
         b.encode(&mut out);
@@ -301,7 +353,10 @@ mod tests {
     #[test]
     fn builder_rejects_misuse() {
         assert_eq!(Records::from_records(0, &[]), Err(BatchError::Empty));
-        assert_eq!(Records::from_records(0, &[rec(5, b""), rec(5, b"")]), Err(BatchError::OffsetsNotIncreasing));
+        assert_eq!(
+            Records::from_records(0, &[rec(5, b""), rec(5, b"")]),
+            Err(BatchError::OffsetsNotIncreasing)
+        );
     }
 
     #[test]
@@ -315,19 +370,34 @@ mod tests {
         // Trailing.
         let mut t = body.clone();
         t.push(0);
-        assert_eq!(Records::decode(&mut Reader::new(&t)), Err(FrameError::TrailingBytes { ty: 0x41 }));
+        assert_eq!(
+            Records::decode(&mut Reader::new(&t)),
+            Err(FrameError::TrailingBytes { ty: 0x41 })
+        );
         // Count zero.
         let mut z = body.clone();
         z[12..16].copy_from_slice(&0u32.to_be_bytes());
-        assert!(matches!(Records::decode(&mut Reader::new(&z)), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            Records::decode(&mut Reader::new(&z)),
+            Err(FrameError::Malformed { .. })
+        ));
         // Over the payload limit.
-        let tight = DecodeLimits { max_batch_payload: 3, ..DecodeLimits::default() };
-        assert!(matches!(Records::decode_limited(&mut Reader::new(&body), &tight), Err(FrameError::Malformed { .. })));
+        let tight = DecodeLimits {
+            max_batch_payload: 3,
+            ..DecodeLimits::default()
+        };
+        assert!(matches!(
+            Records::decode_limited(&mut Reader::new(&body), &tight),
+            Err(FrameError::Malformed { .. })
+        ));
         // A huge key length does not allocate or panic.
         let mut h = body[..16].to_vec();
         h.push(0); // delta
         h.extend_from_slice(&[0; 8]); // timestamp
         h.extend_from_slice(&[0xff; 8]); // key_len = 2^62-1
-        assert!(matches!(Records::decode(&mut Reader::new(&h)), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            Records::decode(&mut Reader::new(&h)),
+            Err(FrameError::Malformed { .. })
+        ));
     }
 }

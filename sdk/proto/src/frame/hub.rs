@@ -96,12 +96,20 @@ pub struct Refused {
 
 impl Validate for Hello {
     fn validate(&self) -> Result<(), &'static str> {
-        if self.versions.is_empty() { Err("versions must not be empty") } else { Ok(()) }
+        if self.versions.is_empty() {
+            Err("versions must not be empty")
+        } else {
+            Ok(())
+        }
     }
 }
 impl Validate for Ticket {
     fn validate(&self) -> Result<(), &'static str> {
-        if self.endpoints.is_empty() { Err("endpoints must not be empty") } else { Ok(()) }
+        if self.endpoints.is_empty() {
+            Err("endpoints must not be empty")
+        } else {
+            Ok(())
+        }
     }
 }
 impl Validate for Refused {}

@@ -23,7 +23,7 @@ pub use publish::{
 };
 pub use session::{Attach, Attached, GoAway, SessionLimits};
 pub use subscription::{
-    Assignment, AssignedPartition, Fetch, Flip, FlipHint, Forecast, Grant, Mode, PartitionForecast,
+    AssignedPartition, Assignment, Fetch, Flip, FlipHint, Forecast, Grant, Mode, PartitionForecast,
     Position, Start, SubError, Subscribe,
 };
 
@@ -165,7 +165,11 @@ frames! {
 impl FrameType {
     /// Maximum body length of this type under `limits`.
     pub fn max_body(self, limits: &DecodeLimits) -> u32 {
-        if self.is_control() { limits.max_control_body } else { limits.max_batch_body() }
+        if self.is_control() {
+            limits.max_control_body
+        } else {
+            limits.max_batch_body()
+        }
     }
 }
 
@@ -180,11 +184,16 @@ impl Frame {
     ///
     /// On [`FrameError::Incomplete`] nothing is consumed. Type and length are checked as soon
     /// as they are available, before waiting for (or allocating) the body.
-    pub fn decode_with_limits(r: &mut Reader<'_>, limits: &DecodeLimits) -> Result<Self, FrameError> {
+    pub fn decode_with_limits(
+        r: &mut Reader<'_>,
+        limits: &DecodeLimits,
+    ) -> Result<Self, FrameError> {
         let (ty, len) = peek_header(r.peek_rest(), limits)?;
         let total = HEADER_LEN + len as usize;
         if r.remaining() < total {
-            return Err(FrameError::Incomplete { needed: total - r.remaining() });
+            return Err(FrameError::Incomplete {
+                needed: total - r.remaining(),
+            });
         }
         r.take(HEADER_LEN)?;
         let body = r.take(len as usize)?;
@@ -207,7 +216,9 @@ fn peek_header(buf: &[u8], limits: &DecodeLimits) -> Result<(FrameType, u32), Fr
     };
     let ty = FrameType::from_u8(tb).ok_or(FrameError::UnknownType(tb))?;
     if buf.len() < HEADER_LEN {
-        return Err(FrameError::Incomplete { needed: HEADER_LEN - buf.len() });
+        return Err(FrameError::Incomplete {
+            needed: HEADER_LEN - buf.len(),
+        });
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     let max = ty.max_body(limits);
@@ -252,7 +263,11 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder with the given limits.
     pub fn new(limits: DecodeLimits) -> Self {
-        Self { buf: Vec::new(), start: 0, limits }
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            limits,
+        }
     }
 
     /// The limits in force.
@@ -313,7 +328,10 @@ pub(crate) fn encode_cbor<T: Serialize>(v: &T, out: &mut Vec<u8>) {
     cbor::to_writer(v, out).expect("control frame bodies always serialize");
 }
 
-pub(crate) fn decode_cbor<T: DeserializeOwned>(ty: FrameType, r: &mut Reader<'_>) -> Result<T, FrameError> {
+pub(crate) fn decode_cbor<T: DeserializeOwned>(
+    ty: FrameType,
+    r: &mut Reader<'_>,
+) -> Result<T, FrameError> {
     cbor::from_slice(r.take_rest()).map_err(|e| FrameError::from_cbor(ty.to_u8(), e))
 }
 

@@ -93,7 +93,11 @@ pub struct NewRecord {
 impl NewRecord {
     /// Borrows this record.
     pub fn as_ref(&self) -> NewRecordRef<'_> {
-        NewRecordRef { timestamp: self.timestamp, key: &self.key, payload: &self.payload }
+        NewRecordRef {
+            timestamp: self.timestamp,
+            key: &self.key,
+            payload: &self.payload,
+        }
     }
 }
 
@@ -108,7 +112,11 @@ pub struct Produce {
 
 impl Produce {
     /// Builds a batch (at least one record).
-    pub fn new<'a>(seq: u64, partition: u32, records: impl IntoIterator<Item = NewRecordRef<'a>>) -> Result<Self, BatchError> {
+    pub fn new<'a>(
+        seq: u64,
+        partition: u32,
+        records: impl IntoIterator<Item = NewRecordRef<'a>>,
+    ) -> Result<Self, BatchError> {
         let mut data = Vec::new();
         let mut count: u32 = 0;
         for rec in records {
@@ -120,11 +128,20 @@ impl Produce {
         if count == 0 {
             return Err(BatchError::Empty);
         }
-        Ok(Self { seq, partition, count, data })
+        Ok(Self {
+            seq,
+            partition,
+            count,
+            data,
+        })
     }
 
     /// Builds a batch from owned records.
-    pub fn from_records(seq: u64, partition: u32, records: &[NewRecord]) -> Result<Self, BatchError> {
+    pub fn from_records(
+        seq: u64,
+        partition: u32,
+        records: &[NewRecord],
+    ) -> Result<Self, BatchError> {
         Self::new(seq, partition, records.iter().map(NewRecord::as_ref))
     }
 
@@ -146,12 +163,19 @@ impl Produce {
     }
     /// Borrowing iterator over the records.
     pub fn iter(&self) -> NewRecordIter<'_> {
-        NewRecordIter { r: Reader::new(&self.data), left: self.count }
+        NewRecordIter {
+            r: Reader::new(&self.data),
+            left: self.count,
+        }
     }
     /// Copies all records out.
     pub fn to_records(&self) -> Vec<NewRecord> {
         self.iter()
-            .map(|r| NewRecord { timestamp: r.timestamp, key: r.key.to_vec(), payload: r.payload.to_vec() })
+            .map(|r| NewRecord {
+                timestamp: r.timestamp,
+                key: r.key.to_vec(),
+                payload: r.payload.to_vec(),
+            })
             .collect()
     }
 }
@@ -174,7 +198,11 @@ impl<'a> Iterator for NewRecordIter<'a> {
         let timestamp = self.r.u64().ok()?;
         let key = take_bytes(&mut self.r).ok()?;
         let payload = take_bytes(&mut self.r).ok()?;
-        Some(NewRecordRef { timestamp, key, payload })
+        Some(NewRecordRef {
+            timestamp,
+            key,
+            payload,
+        })
     }
     fn size_hint(&self) -> (usize, Option<usize>) {
         (self.left as usize, Some(self.left as usize))
@@ -197,13 +225,21 @@ impl DecodeLimited for Produce {
             let p = take_bytes(&mut w).map_err(|e| short(ty, e))?;
             payload_total += (k.len() + p.len()) as u64;
             if payload_total > u64::from(limits.max_batch_payload) {
-                return Err(FrameError::malformed(ty, "batch payload exceeds max_batch_payload"));
+                return Err(FrameError::malformed(
+                    ty,
+                    "batch payload exceeds max_batch_payload",
+                ));
             }
         }
         if w.remaining() != 0 {
             return Err(FrameError::TrailingBytes { ty });
         }
-        Ok(Self { seq, partition, count, data: data.to_vec() })
+        Ok(Self {
+            seq,
+            partition,
+            count,
+            data: data.to_vec(),
+        })
     }
 }
 
@@ -227,8 +263,16 @@ mod tests {
     #[test]
     fn produce_round_trip() {
         let recs = vec![
-            NewRecord { timestamp: 0, key: vec![], payload: b"hello".to_vec() },
-            NewRecord { timestamp: 5, key: b"user-1".to_vec(), payload: vec![0; 300] },
+            NewRecord {
+                timestamp: 0,
+                key: vec![],
+                payload: b"hello".to_vec(),
+            },
+            NewRecord {
+                timestamp: 5,
+                key: b"user-1".to_vec(),
+                payload: vec![0; 300],
+            },
         ];
         let p = Produce::from_records(7, 2, &recs).unwrap();
         let mut out = Vec::new();

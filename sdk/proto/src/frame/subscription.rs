@@ -166,15 +166,25 @@ impl Validate for SubError {}
 impl Validate for Position {}
 impl Validate for Fetch {
     fn validate(&self) -> Result<(), &'static str> {
-        if self.max_records == 0 { Err("max_records must be >= 1") } else { Ok(()) }
+        if self.max_records == 0 {
+            Err("max_records must be >= 1")
+        } else {
+            Ok(())
+        }
     }
 }
 impl Validate for Forecast {}
 impl Validate for FlipHint {
     fn validate(&self) -> Result<(), &'static str> {
-        if self.confidence_pct > 100 { Err("confidence_pct must be <= 100") } else { Ok(()) }
+        if self.confidence_pct > 100 {
+            Err("confidence_pct must be <= 100")
+        } else {
+            Ok(())
+        }
     }
 }
 impl Validate for Flip {}
 
-cbor_frame!(Subscribe, Assignment, Grant, SubError, Position, Fetch, Forecast, FlipHint, Flip);
+cbor_frame!(
+    Subscribe, Assignment, Grant, SubError, Position, Fetch, Forecast, FlipHint, Flip
+);

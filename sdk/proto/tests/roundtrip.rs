@@ -1,0 +1,424 @@
+//! Property tests: every frame type round-trips, and the stream decoder is chunking-agnostic.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use sibyl_proto::frame::*;
+use sibyl_proto::{Codec, DecodeLimits, ErrorCode, Frame, FrameDecoder, Reader};
+
+fn s() -> impl Strategy<Value = String> {
+    "[a-z0-9._:-]{0,12}"
+}
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+fn code() -> impl Strategy<Value = ErrorCode> {
+    any::<u32>().prop_map(ErrorCode::from_u32)
+}
+fn posmap() -> impl Strategy<Value = BTreeMap<u32, u64>> {
+    proptest::collection::btree_map(any::<u32>(), any::<u64>(), 0..4)
+}
+
+fn control() -> impl Strategy<Value = Frame> {
+    let hello = (
+        s(),
+        s(),
+        (s(), s(), s()),
+        proptest::collection::vec((s(), any::<bool>()), 0..3),
+        proptest::collection::vec(any::<u32>(), 1..4),
+    )
+        .prop_map(
+            |(client_id, api_key, (region, device_class, sdk_version), wants, versions)| {
+                Frame::from(Hello {
+                    client_id,
+                    api_key,
+                    profile: Profile {
+                        region,
+                        device_class,
+                        sdk_version,
+                    },
+                    wants: wants
+                        .into_iter()
+                        .map(|(stream, p)| Want {
+                            stream,
+                            action: if p {
+                                Action::Publish
+                            } else {
+                                Action::Subscribe
+                            },
+                        })
+                        .collect(),
+                    versions,
+                })
+            },
+        );
+    let ticket = (
+        any::<u32>(),
+        bytes(64),
+        any::<[u8; 32]>(),
+        any::<u32>(),
+        any::<u64>(),
+        proptest::collection::vec((s(), s()), 1..4),
+    )
+        .prop_map(
+            |(version, token, session_secret, shard_group, expires_at, eps)| {
+                Frame::from(Ticket {
+                    version,
+                    token,
+                    session_secret,
+                    shard_group,
+                    expires_at,
+                    endpoints: eps
+                        .into_iter()
+                        .map(|(addr, server_name)| Endpoint { addr, server_name })
+                        .collect(),
+                })
+            },
+        );
+    let refused = (
+        code(),
+        s(),
+        any::<Option<u64>>(),
+        proptest::collection::vec(any::<u32>(), 0..3),
+    )
+        .prop_map(|(code, reason, retry_after_ms, versions)| {
+            Frame::from(Refused {
+                code,
+                reason,
+                retry_after_ms,
+                versions,
+            })
+        });
+    let publish = prop_oneof![
+        s().prop_map(|stream| Frame::from(PublishOpen { stream })),
+        (any::<u32>(), any::<u32>()).prop_map(|(partitions, max_frame)| Frame::from(
+            PublishAccepted {
+                partitions,
+                max_frame
+            }
+        )),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
+            |(seq, partition, base_offset, count)| Frame::from(ProduceAck {
+                seq,
+                partition,
+                base_offset,
+                count
+            })
+        ),
+        (any::<u64>(), code(), s()).prop_map(|(seq, code, reason)| Frame::from(ProduceError {
+            seq,
+            code,
+            reason
+        })),
+    ];
+    let session = prop_oneof![
+        (bytes(64), any::<[u8; 32]>(), s(), any::<Option<u64>>()).prop_map(
+            |(token, proof, client_id, resume)| Frame::from(Attach {
+                token,
+                proof,
+                client_id,
+                resume
+            })
+        ),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(session_id, max_streams, max_frame, idle_timeout_ms, server_time)| {
+                    Frame::from(Attached {
+                        session_id,
+                        limits: SessionLimits {
+                            max_streams,
+                            max_frame,
+                            idle_timeout_ms,
+                        },
+                        server_time,
+                    })
+                }
+            ),
+        (code(), s(), any::<u64>()).prop_map(|(code, reason, reconnect_after_ms)| Frame::from(
+            GoAway {
+                code,
+                reason,
+                reconnect_after_ms
+            }
+        )),
+    ];
+    let start = prop_oneof![
+        Just(Start::Earliest),
+        Just(Start::Latest),
+        posmap().prop_map(Start::Offsets),
+        any::<u64>().prop_map(Start::Timestamp),
+    ];
+    let sub = prop_oneof![
+        (
+            any::<u32>(),
+            s(),
+            start,
+            proptest::option::of(s()),
+            any::<bool>()
+        )
+            .prop_map(|(sub_id, stream, start, group, r)| {
+                Frame::from(Subscribe {
+                    sub_id,
+                    stream,
+                    start,
+                    group,
+                    mode: if r { Mode::Reactive } else { Mode::Predictive },
+                })
+            }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            proptest::collection::vec((any::<u32>(), any::<u64>(), any::<i32>()), 0..4)
+        )
+            .prop_map(|(sub_id, epoch, ps)| {
+                Frame::from(Assignment {
+                    sub_id,
+                    epoch,
+                    partitions: ps
+                        .into_iter()
+                        .map(|(partition, start_offset, priority)| AssignedPartition {
+                            partition,
+                            start_offset,
+                            priority,
+                        })
+                        .collect(),
+                })
+            }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(rate_records_per_s, burst, lease_expires_ms)| Frame::from(Grant {
+                rate_records_per_s,
+                burst,
+                lease_expires_ms
+            })
+        ),
+        (code(), s()).prop_map(|(code, reason)| Frame::from(SubError { code, reason })),
+        (any::<u32>(), any::<u64>()).prop_map(|(partition, next_offset)| Frame::from(Position {
+            partition,
+            next_offset
+        })),
+        (any::<u32>(), 1..=u32::MAX).prop_map(|(partition, max_records)| Frame::from(Fetch {
+            partition,
+            max_records
+        })),
+        (
+            proptest::collection::vec((any::<u32>(), any::<u64>(), any::<u64>()), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(ps, buffer_capacity_bytes)| {
+                Frame::from(Forecast {
+                    partitions: ps
+                        .into_iter()
+                        .map(
+                            |(partition, records_per_s, bytes_per_s)| PartitionForecast {
+                                partition,
+                                records_per_s,
+                                bytes_per_s,
+                            },
+                        )
+                        .collect(),
+                    buffer_capacity_bytes,
+                })
+            }),
+        (s(), s(), 0..=100u8, any::<Option<u64>>()).prop_map(
+            |(from_stream, to_stream, confidence_pct, expected_at_ms)| {
+                Frame::from(FlipHint {
+                    from_stream,
+                    to_stream,
+                    confidence_pct,
+                    expected_at_ms,
+                })
+            }
+        ),
+        (s(), s(), posmap(), posmap()).prop_map(
+            |(from_stream, to_stream, from_positions, to_positions)| {
+                Frame::from(Flip {
+                    from_stream,
+                    to_stream,
+                    from_positions,
+                    to_positions,
+                })
+            }
+        ),
+        (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(sub_id, partition, epoch)| {
+            Frame::from(PartitionOpen {
+                sub_id,
+                partition,
+                epoch,
+            })
+        }),
+    ];
+    prop_oneof![hello, ticket, refused, publish, session, sub]
+}
+
+fn batches() -> impl Strategy<Value = Frame> {
+    let recs =
+        || proptest::collection::vec((1..1000u64, any::<u64>(), bytes(20), bytes(200)), 1..20);
+    let records = (any::<u32>(), 0..u64::MAX / 2, recs()).prop_map(|(partition, base, rs)| {
+        let mut off = base;
+        let owned: Vec<Record> = rs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (gap, timestamp, key, payload))| {
+                if i > 0 {
+                    off += gap;
+                }
+                Record {
+                    offset: off,
+                    timestamp,
+                    key,
+                    payload,
+                }
+            })
+            .collect();
+        Frame::from(Records::from_records(partition, &owned).expect("non-empty, increasing"))
+    });
+    let produce = (any::<u64>(), any::<u32>(), recs()).prop_map(|(seq, partition, rs)| {
+        let owned: Vec<NewRecord> = rs
+            .into_iter()
+            .map(|(_, timestamp, key, payload)| NewRecord {
+                timestamp,
+                key,
+                payload,
+            })
+            .collect();
+        Frame::from(Produce::from_records(seq, partition, &owned).expect("non-empty"))
+    });
+    prop_oneof![records, produce]
+}
+
+fn any_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![3 => control(), 1 => batches()]
+}
+
+proptest! {
+    #[test]
+    fn every_frame_round_trips(f in any_frame()) {
+        let bytes = f.to_vec();
+        let mut r = Reader::new(&bytes);
+        let g = Frame::decode(&mut r).unwrap();
+        prop_assert_eq!(&g, &f);
+        prop_assert_eq!(r.remaining(), 0);
+        // Every strict prefix is incomplete, never invalid.
+        for cut in [0, 1, 4, 5, bytes.len() / 2, bytes.len() - 1] {
+            let e = Frame::decode(&mut Reader::new(&bytes[..cut])).unwrap_err();
+            prop_assert!(e.is_incomplete(), "cut {}: {:?}", cut, e);
+        }
+    }
+
+    #[test]
+    fn decoder_byte_by_byte_equals_whole(frames in proptest::collection::vec(any_frame(), 1..6)) {
+        let mut wire = Vec::new();
+        for f in &frames {
+            f.encode(&mut wire);
+        }
+        let mut whole = FrameDecoder::new(DecodeLimits::default());
+        whole.push(&wire);
+        let a: Vec<Frame> = std::iter::from_fn(|| whole.next_frame().unwrap()).collect();
+        whole.finish().unwrap();
+        let mut bytewise = FrameDecoder::new(DecodeLimits::default());
+        let mut b = Vec::new();
+        for byte in &wire {
+            bytewise.push(std::slice::from_ref(byte));
+            while let Some(f) = bytewise.next_frame().unwrap() {
+                b.push(f);
+            }
+        }
+        bytewise.finish().unwrap();
+        prop_assert_eq!(&a, &frames);
+        prop_assert_eq!(&b, &frames);
+    }
+}
+
+#[test]
+fn decoder_rejects_unknown_type_and_oversize_before_body() {
+    let mut d = FrameDecoder::new(DecodeLimits::default());
+    d.push(&[0x7f]);
+    assert_eq!(
+        d.next_frame(),
+        Err(sibyl_proto::FrameError::UnknownType(0x7f))
+    );
+    let mut d = FrameDecoder::new(DecodeLimits::default());
+    d.push(&[0x01, 0x00, 0x01, 0x00, 0x01]); // Hello of 65 537 bytes announced, none sent
+    let e = d.next_frame().unwrap_err();
+    assert_eq!(
+        e,
+        sibyl_proto::FrameError::TooLarge {
+            ty: 1,
+            len: 65_537,
+            max: 65_536
+        }
+    );
+    assert_eq!(e.code(), ErrorCode::FrameTooLarge);
+}
+
+#[test]
+fn decoder_finish_reports_truncation() {
+    let f = Frame::from(Position {
+        partition: 1,
+        next_offset: 2,
+    });
+    let bytes = f.to_vec();
+    let mut d = FrameDecoder::new(DecodeLimits::default());
+    d.push(&bytes[..bytes.len() - 1]);
+    assert_eq!(d.next_frame(), Ok(None));
+    let e = d.finish().unwrap_err();
+    assert!(e.is_incomplete());
+    assert_eq!(e.code(), ErrorCode::MalformedFrame);
+}
+
+#[test]
+fn malformed_cbor_and_trailing_bytes_are_invalid() {
+    // A Position body that is not a map.
+    let mut d = FrameDecoder::new(DecodeLimits::default());
+    d.push(&[0x34, 0, 0, 0, 1, 0x01]);
+    let e = d.next_frame().unwrap_err();
+    assert!(
+        matches!(e, sibyl_proto::FrameError::Malformed { ty: 0x34, .. }),
+        "{e:?}"
+    );
+    // A valid Position body followed by one extra byte inside the frame.
+    let mut body = Vec::new();
+    Position {
+        partition: 1,
+        next_offset: 2,
+    }
+    .encode(&mut body);
+    body.push(0);
+    let mut wire = vec![0x34];
+    wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    wire.extend_from_slice(&body);
+    let e = Frame::decode(&mut Reader::new(&wire)).unwrap_err();
+    assert_eq!(e, sibyl_proto::FrameError::TrailingBytes { ty: 0x34 });
+    // Semantic checks: Hello without versions.
+    let h = Hello {
+        client_id: "c".into(),
+        api_key: "k".into(),
+        profile: Profile::default(),
+        wants: vec![],
+        versions: vec![],
+    };
+    let e = Frame::decode(&mut Reader::new(&Frame::from(h).to_vec())).unwrap_err();
+    assert!(
+        matches!(e, sibyl_proto::FrameError::Malformed { ty: 0x01, .. }),
+        "{e:?}"
+    );
+}
+
+#[cfg(feature = "fuzzing")]
+proptest! {
+    #[test]
+    fn fuzz_oracle_holds_on_valid_and_random_input(frames in proptest::collection::vec(any_frame(), 0..4), junk in bytes(64), chunk in 1u8..=255) {
+        let mut data = vec![chunk];
+        for f in &frames {
+            f.encode(&mut data);
+        }
+        data.extend_from_slice(&junk);
+        sibyl_proto::fuzzing::decode_frames(&data);
+    }
+}
