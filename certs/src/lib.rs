@@ -1,6 +1,45 @@
 //! # sibyl-certs
 //!
 //! Development CA and leaf certificates, and the rustls configurations every Sibyl QUIC
-//! endpoint uses (TLS 1.3, ALPN `sibyl/1`).
+//! endpoint uses (TLS 1.3 only, ring provider, ALPN [`ALPN`] = `sibyl/1`).
+//!
+//! ```text
+//!  certs init ──▶ init_dir(dir) ──▶ DevCa (ca.pem, ca.key 0600) ──issue_leaf──▶ server.pem, server.key 0600
+//!                                                                                   │
+//!  hub / shard ──▶ ServerTlsBuilder(default cert, SNI map, mTLS CA?) ──▶ Arc<ServerConfig> + ReloadHandle
+//!                      (resolver re-reads changed files at most once per reload_interval)
+//!  SDK client  ──▶ ClientTlsBuilder(Trust::{CaFile, CaPem, PlatformRoots, PinnedSha256}) ──▶ Arc<ClientConfig>
+//! ```
+//!
+//! Both configs can be wrapped by quinn 0.11's `QuicServerConfig::try_from` /
+//! `QuicClientConfig::try_from`. 0-RTT is not enabled.
+//!
+//! **Key files.** Keys are written mode `0600` via a temporary file and a rename. Reading a
+//! key whose mode grants group or others any access is *refused*
+//! ([`CertError::InsecureKeyFile`]), as OpenSSH does.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+
+mod client;
+mod error;
+mod fingerprint;
+mod issue;
+mod pem;
+mod server;
+
+use std::sync::Arc;
+
+pub use client::{ClientTlsBuilder, Trust};
+pub use error::CertError;
+pub use fingerprint::{fingerprint_hex, parse_fingerprint, sha256_fingerprint};
+pub use issue::{CertPaths, DEFAULT_SANS, DEV_CA_COMMON_NAME, DevCa, InitOptions, Leaf, init_dir};
+pub use pem::{MAX_PEM_FILE_BYTES, load_certs, load_key};
+pub use server::{DEFAULT_RELOAD_INTERVAL, ReloadHandle, ServerTlsBuilder};
+
+/// The ALPN protocol identifier of Sibyl's QUIC protocol, version 1.
+pub const ALPN: &[u8] = b"sibyl/1";
+
+/// The crypto provider every config of this crate is built with (rustls' ring provider).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
