@@ -2,4 +2,30 @@
 //!
 //! The edge gateway: the hub (admission, tickets, supervision of shard processes), the shard
 //! processes ("streamlets") that serve subscriptions, and the embedded store.
+//!
+//! ```text
+//! sibyl-gateway (hub) ── config::Config (file ← flags, validate) ── datadir::bootstrap
+//!   │                     (certs/, keyring.cbor, api-keys.toml; apikeys::ApiKeyStore)
+//!   └─ supervisor::Supervisor ──spawn `sibyl-gateway shard --ipc-fd N`──▶ shard::run_shard
+//!        (SupervisorPolicy: I/O-free)  ◀── ipc (u32 len + CBOR over a socketpair) ──▶
+//!                                          limits: rlimits (in the shard), cgroup v2 (hub)
+//! ```
+//!
+//! - [`config`]: the one clap + serde configuration struct and its validation.
+//! - [`datadir`]: first-start bootstrap of the data directory.
+//! - [`apikeys`]: API keys, stored hashed.
+//! - [`supervisor`]: the shard supervision policy and its tokio driver.
+//! - [`ipc`]: the hub ↔ shard control channel.
+//! - [`shard`]: the shard process runtime.
+//! - [`limits`]: rlimits and cgroup v2 limits.
 #![warn(missing_docs)]
+pub mod apikeys;
+pub mod config;
+pub mod datadir;
+pub mod ipc;
+pub mod limits;
+pub mod shard;
+pub mod supervisor;
+
+pub use config::{Config, ConfigError};
+pub use supervisor::{ShardId, ShardInfo, Supervisor, SupervisorOptions, SupervisorPolicy};

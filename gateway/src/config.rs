@@ -1,0 +1,715 @@
+//! The gateway's configuration: one clap + serde struct, file first, flags override, then
+//! [`Config::validate`].
+//!
+//! Loading order (see [`Config::load`]): built-in defaults ← TOML file (`--config`, every
+//! section optional, unknown keys rejected) ← command-line flags that were actually given.
+//! Every field, its flag and its default are documented in `docs/CONFIG.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be loaded or is not acceptable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("config: cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema (names the offending key).
+    #[error("config: {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key and position.
+        message: String,
+    },
+    /// A value is out of range or inconsistent; `field` is the dotted path to it.
+    #[error("config: {field} {reason}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `shards.groups[1].shards`.
+        field: String,
+        /// What is wrong, e.g. `must be ≥ 1`.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// The whole gateway configuration (`sibyl-gateway run`).
+///
+/// Flag ids are the dotted TOML paths of the fields they override, which is how
+/// [`Config::load`] merges "flags given on the command line" over the file.
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Data directory: certificates, token keyring, API keys and the embedded log.
+    /// Created (mode 0700) on first start.
+    #[arg(
+        long = "data-dir",
+        id = "data_dir",
+        value_name = "DIR",
+        default_value = "./sibyl-data"
+    )]
+    pub data_dir: PathBuf,
+    /// The hub's QUIC endpoint.
+    #[command(flatten)]
+    pub hub: HubConfig,
+    /// Address rewriting for shard endpoints put in tickets (file only).
+    #[arg(skip)]
+    pub advertise: AdvertiseConfig,
+    /// Shard groups and their per-shard resource limits (file only).
+    #[arg(skip)]
+    pub shards: ShardsConfig,
+    /// Shard supervision: heartbeats, restarts, drain.
+    #[command(flatten)]
+    pub supervision: SupervisionConfig,
+    /// Access-token lifetime, clock skew and keyring rotation.
+    #[command(flatten)]
+    pub tokens: TokensConfig,
+    /// Log output.
+    #[command(flatten)]
+    pub logging: LoggingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./sibyl-data"),
+            hub: HubConfig::default(),
+            advertise: AdvertiseConfig::default(),
+            shards: ShardsConfig::default(),
+            supervision: SupervisionConfig::default(),
+            tokens: TokensConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+/// `[hub]`: the hub's QUIC endpoint.
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// UDP address the hub's QUIC endpoint listens on (port 0 picks a free port).
+    #[arg(
+        long = "listen",
+        id = "hub.listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:4433"
+    )]
+    pub listen: SocketAddr,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+        }
+    }
+}
+
+/// `[advertise]`: endpoint rewriting, e.g. to put an impairment proxy in front of shards.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdvertiseConfig {
+    /// Map of a shard's bound address (`"127.0.0.1:5000"`) to the address advertised to
+    /// clients in tickets instead. Empty by default (shards are advertised as bound).
+    pub rewrite: BTreeMap<String, String>,
+}
+
+impl AdvertiseConfig {
+    /// The advertised address for a shard bound at `bound` (itself when not rewritten).
+    ///
+    /// Entries are checked by [`Config::validate`], so unparsable ones never reach here;
+    /// an unparsable entry is ignored rather than trusted.
+    pub fn rewrite(&self, bound: SocketAddr) -> SocketAddr {
+        self.rewrite
+            .get(&bound.to_string())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(bound)
+    }
+}
+
+/// `[shards]`: the shard groups the hub starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsConfig {
+    /// The groups (`[[shards.groups]]`). Default: groups 0 and 1 with 2 shards each.
+    pub groups: Vec<GroupConfig>,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        Self {
+            groups: vec![
+                GroupConfig {
+                    id: 0,
+                    shards: 2,
+                    limits: ShardLimits::default(),
+                },
+                GroupConfig {
+                    id: 1,
+                    shards: 2,
+                    limits: ShardLimits::default(),
+                },
+            ],
+        }
+    }
+}
+
+/// One `[[shards.groups]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Shard-group id carried in tokens; unique.
+    pub id: u32,
+    /// Number of shard processes in this group (1..=64). Default 2.
+    #[serde(default = "default_shards")]
+    pub shards: u32,
+    /// Resource limits for each shard of the group (`[shards.groups.limits]`).
+    #[serde(default)]
+    pub limits: ShardLimits,
+}
+
+fn default_shards() -> u32 {
+    2
+}
+
+/// Per-shard resource limits. Unset means "no limit".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardLimits {
+    /// cgroup v2 `memory.max` in bytes (≥ 16 MiB). Applied only where the cgroup hierarchy
+    /// is writable. Default: unset.
+    pub memory_bytes: Option<u64>,
+    /// cgroup v2 `cpu.max` as a percentage of one CPU (1..=10000). Default: unset.
+    pub cpu_percent: Option<u32>,
+    /// `RLIMIT_NOFILE` (open files, ≥ 64). Default 4096.
+    pub open_files: Option<u64>,
+    /// `RLIMIT_AS` address-space bytes (≥ 256 MiB). Default: unset (async runtimes reserve
+    /// a lot of virtual memory; prefer `memory_bytes`).
+    pub address_space_bytes: Option<u64>,
+}
+
+impl Default for ShardLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: None,
+            cpu_percent: None,
+            open_files: Some(4096),
+            address_space_bytes: None,
+        }
+    }
+}
+
+/// `[supervision]`: how the hub watches and restarts shards.
+#[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Interval at which each shard sends a heartbeat.
+    #[arg(long = "heartbeat-interval", id = "supervision.heartbeat_interval", value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Consecutive missed heartbeats after which a shard is declared dead and killed.
+    #[arg(
+        long = "missed-heartbeats",
+        id = "supervision.missed_heartbeats",
+        value_name = "N",
+        default_value_t = 3
+    )]
+    pub missed_heartbeats: u32,
+    /// How long a freshly spawned shard may take to report ready before it is killed.
+    #[arg(long = "startup-timeout", id = "supervision.startup_timeout", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// First restart delay after a crash; doubles per consecutive short-lived crash.
+    #[arg(long = "restart-backoff-base", id = "supervision.restart_backoff_base", value_name = "DURATION", default_value = "200ms", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_base: Duration,
+    /// Cap on the restart delay.
+    #[arg(long = "restart-backoff-max", id = "supervision.restart_backoff_max", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff_max: Duration,
+    /// A shard that lived at least this long before dying is restarted with the base delay
+    /// (its crash-loop count resets); shorter lives count as a crash loop.
+    #[arg(long = "min-lifespan", id = "supervision.min_lifespan", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub min_lifespan: Duration,
+    /// On shutdown, how long shards get to drain before they are killed.
+    #[arg(long = "drain-deadline", id = "supervision.drain_deadline", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub drain_deadline: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(1),
+            missed_heartbeats: 3,
+            startup_timeout: Duration::from_secs(10),
+            restart_backoff_base: Duration::from_millis(200),
+            restart_backoff_max: Duration::from_secs(10),
+            min_lifespan: Duration::from_secs(10),
+            drain_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[tokens]`: access tokens issued by the hub and opened by shards.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// Lifetime of an issued access token.
+    #[arg(long = "token-lifetime", id = "tokens.lifetime", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// Clock skew tolerated when checking token expiry.
+    #[arg(long = "token-clock-skew", id = "tokens.clock_skew", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: Duration,
+    /// How often the hub rotates the token keyring.
+    #[arg(long = "token-rotation-interval", id = "tokens.rotation_interval", value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub rotation_interval: Duration,
+    /// How long a retired key still opens tokens after a rotation (≥ lifetime).
+    #[arg(long = "token-rotation-grace", id = "tokens.rotation_grace", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub rotation_grace: Duration,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(3600),
+            clock_skew: Duration::from_secs(30),
+            rotation_interval: Duration::from_secs(24 * 3600),
+            rotation_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[logging]`: log output (to stderr).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Log filter in `RUST_LOG` syntax (e.g. `info,sibyl_gateway=debug`). `RUST_LOG`, when
+    /// set, takes precedence over the file; `--log` over both.
+    #[arg(
+        long = "log",
+        id = "logging.filter",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub filter: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Builds the effective configuration: defaults, then the TOML file at `file` (if any),
+    /// then every flag in `matches` whose value came from the command line.
+    ///
+    /// `matches` are the matches of the command that [`Config`] is flattened into.
+    pub fn load(file: Option<&Path>, matches: &clap::ArgMatches) -> Result<Self, ConfigError> {
+        use clap::FromArgMatches;
+        let base = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let flags =
+            Self::from_arg_matches(matches).map_err(|e| invalid("command line", e.to_string()))?;
+        let given: Vec<String> = matches
+            .ids()
+            .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        base.overridden_by(&flags, &given)
+    }
+
+    /// Parses a TOML file (every section optional; unknown keys rejected by name).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<toml>"),
+            message: e.to_string(),
+        })
+    }
+
+    /// Copies the fields named by the dotted `paths` from `flags` over `self`.
+    fn overridden_by(self, flags: &Self, paths: &[String]) -> Result<Self, ConfigError> {
+        if paths.is_empty() {
+            return Ok(self);
+        }
+        let to_value = |c: &Self| {
+            toml::Value::try_from(c)
+                .map_err(|e| invalid("config", format!("cannot be represented: {e}")))
+        };
+        let mut merged = to_value(&self)?;
+        let from = to_value(flags)?;
+        for path in paths {
+            let mut src = &from;
+            let mut dst = &mut merged;
+            let parts: Vec<&str> = path.split('.').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let last = i + 1 == parts.len();
+                let Some(next_src) = src.get(*part) else {
+                    break;
+                };
+                let Some(table) = dst.as_table_mut() else {
+                    break;
+                };
+                if last {
+                    table.insert((*part).to_owned(), next_src.clone());
+                    break;
+                }
+                src = next_src;
+                dst = table
+                    .entry((*part).to_owned())
+                    .or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
+            }
+        }
+        merged
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid("command line", e.to_string()))
+    }
+
+    /// Checks ranges and consistency; the error names the offending field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        for (from, to) in &self.advertise.rewrite {
+            from.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    format!("advertise.rewrite.\"{from}\""),
+                    "key must be an IP:port socket address",
+                )
+            })?;
+            to.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    format!("advertise.rewrite.\"{from}\""),
+                    "value must be an IP:port socket address",
+                )
+            })?;
+        }
+        if self.shards.groups.is_empty() {
+            return Err(invalid("shards.groups", "must contain at least one group"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, g) in self.shards.groups.iter().enumerate() {
+            let f = |name: &str| format!("shards.groups[{i}].{name}");
+            if !seen.insert(g.id) {
+                return Err(invalid(f("id"), format!("duplicates group id {}", g.id)));
+            }
+            if g.shards < 1 {
+                return Err(invalid(f("shards"), "must be ≥ 1"));
+            }
+            if g.shards > 64 {
+                return Err(invalid(f("shards"), "must be ≤ 64"));
+            }
+            let l = &g.limits;
+            if l.memory_bytes.is_some_and(|m| m < 16 << 20) {
+                return Err(invalid(
+                    f("limits.memory_bytes"),
+                    "must be ≥ 16 MiB (16777216)",
+                ));
+            }
+            if l.cpu_percent.is_some_and(|c| !(1..=10_000).contains(&c)) {
+                return Err(invalid(f("limits.cpu_percent"), "must be in 1..=10000"));
+            }
+            if l.open_files.is_some_and(|n| n < 64) {
+                return Err(invalid(f("limits.open_files"), "must be ≥ 64"));
+            }
+            if l.address_space_bytes.is_some_and(|a| a < 256 << 20) {
+                return Err(invalid(
+                    f("limits.address_space_bytes"),
+                    "must be ≥ 256 MiB (268435456)",
+                ));
+            }
+        }
+        let s = &self.supervision;
+        if s.heartbeat_interval < Duration::from_millis(10) {
+            return Err(invalid("supervision.heartbeat_interval", "must be ≥ 10ms"));
+        }
+        if s.missed_heartbeats < 1 {
+            return Err(invalid("supervision.missed_heartbeats", "must be ≥ 1"));
+        }
+        if s.startup_timeout.is_zero() {
+            return Err(invalid("supervision.startup_timeout", "must be > 0"));
+        }
+        if s.restart_backoff_base.is_zero() {
+            return Err(invalid("supervision.restart_backoff_base", "must be > 0"));
+        }
+        if s.restart_backoff_max < s.restart_backoff_base {
+            return Err(invalid(
+                "supervision.restart_backoff_max",
+                "must be ≥ supervision.restart_backoff_base",
+            ));
+        }
+        if s.drain_deadline.is_zero() {
+            return Err(invalid("supervision.drain_deadline", "must be > 0"));
+        }
+        let t = &self.tokens;
+        if t.lifetime < Duration::from_secs(1) {
+            return Err(invalid("tokens.lifetime", "must be ≥ 1s"));
+        }
+        if t.clock_skew >= t.lifetime {
+            return Err(invalid("tokens.clock_skew", "must be < tokens.lifetime"));
+        }
+        if t.rotation_interval < Duration::from_secs(60) {
+            return Err(invalid("tokens.rotation_interval", "must be ≥ 1m"));
+        }
+        if t.rotation_grace < t.lifetime {
+            return Err(invalid(
+                "tokens.rotation_grace",
+                "must be ≥ tokens.lifetime (or tokens issued before a rotation die early)",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.filter).is_err() {
+            return Err(invalid(
+                "logging.filter",
+                format!("is not a valid filter: {:?}", self.logging.filter),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Debug, Parser)]
+    struct TestCli {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        run: Config,
+    }
+
+    fn load(file_text: Option<&str>, args: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        if let Some(t) = file_text {
+            std::fs::write(&path, t).unwrap();
+        }
+        let mut argv = vec!["test"];
+        argv.extend_from_slice(args);
+        let m = TestCli::command().try_get_matches_from(argv).unwrap();
+        let _ = TestCli::from_arg_matches(&m).unwrap();
+        Config::load(file_text.map(|_| path.as_path()), &m)
+    }
+
+    #[test]
+    fn defaults_validate_and_match_the_docs() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+        assert_eq!(c.hub.listen.to_string(), "127.0.0.1:4433");
+        assert_eq!(c.shards.groups.len(), 2);
+        assert!(c.shards.groups.iter().all(|g| g.shards == 2));
+        assert_eq!(c.supervision.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(c.supervision.missed_heartbeats, 3);
+        assert_eq!(
+            c.supervision.restart_backoff_base,
+            Duration::from_millis(200)
+        );
+        assert_eq!(c.supervision.restart_backoff_max, Duration::from_secs(10));
+        assert_eq!(c.supervision.drain_deadline, Duration::from_secs(10));
+        assert_eq!(c.tokens.lifetime, Duration::from_secs(3600));
+        assert_eq!(c.tokens.clock_skew, Duration::from_secs(30));
+    }
+
+    const FILE: &str = r#"
+        data_dir = "/var/lib/sibyl"
+        [hub]
+        listen = "0.0.0.0:7000"
+        [supervision]
+        heartbeat_interval = "250ms"
+        drain_deadline = "3s"
+        [[shards.groups]]
+        id = 7
+        shards = 3
+        [shards.groups.limits]
+        memory_bytes = 536870912
+        cpu_percent = 50
+        [advertise.rewrite]
+        "127.0.0.1:5000" = "127.0.0.1:6000"
+    "#;
+
+    #[test]
+    fn file_is_read_and_flags_override_only_what_was_given() {
+        let c = load(
+            Some(FILE),
+            &["--listen", "127.0.0.1:0", "--drain-deadline", "5s"],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/sibyl"));
+        assert_eq!(c.hub.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(c.supervision.drain_deadline, Duration::from_secs(5));
+        // Not given on the command line: the file wins over the flag's default.
+        assert_eq!(c.supervision.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(c.shards.groups.len(), 1);
+        assert_eq!(c.shards.groups[0].id, 7);
+        assert_eq!(c.shards.groups[0].shards, 3);
+        assert_eq!(c.shards.groups[0].limits.memory_bytes, Some(512 << 20));
+        // Unset limits in a present limits table fall back to the defaults.
+        assert_eq!(c.shards.groups[0].limits.open_files, Some(4096));
+        assert_eq!(
+            c.advertise
+                .rewrite("127.0.0.1:5000".parse().unwrap())
+                .to_string(),
+            "127.0.0.1:6000"
+        );
+        assert_eq!(
+            c.advertise
+                .rewrite("127.0.0.1:5001".parse().unwrap())
+                .to_string(),
+            "127.0.0.1:5001"
+        );
+    }
+
+    #[test]
+    fn flags_without_file_override_defaults() {
+        let c = load(
+            None,
+            &[
+                "--data-dir",
+                "/tmp/x",
+                "--log",
+                "debug",
+                "--missed-heartbeats",
+                "5",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.logging.filter, "debug");
+        assert_eq!(c.supervision.missed_heartbeats, 5);
+        assert_eq!(c.hub, HubConfig::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let e = load(
+            Some("[hub]\nlisten = \"127.0.0.1:1\"\nlisten_addr = \"x\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{msg}");
+        assert!(msg.contains("listen_addr"), "{msg}");
+        let e = Config::from_toml("[[shards.groups]]\nid = 1\nshard = 2\n").unwrap_err();
+        assert!(e.to_string().contains("shard"), "{e}");
+        let e = Config::from_toml("colour = true\n").unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut c =
+            Config::from_toml("[[shards.groups]]\nid = 0\n[[shards.groups]]\nid = 1\nshards = 0\n")
+                .unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "config: shards.groups[1].shards must be ≥ 1"
+        );
+        c.shards.groups[1].shards = 1;
+        c.shards.groups[1].id = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "config: shards.groups[1].id duplicates group id 0"
+        );
+        c.shards.groups[1].id = 1;
+        c.shards.groups[0].limits.cpu_percent = Some(0);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("config: shards.groups[0].limits.cpu_percent")
+        );
+        c.shards.groups[0].limits.cpu_percent = None;
+        c.validate().unwrap();
+
+        let mut s = Config::default();
+        s.supervision.restart_backoff_max = Duration::from_millis(100);
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("config: supervision.restart_backoff_max")
+        );
+        let mut s = Config::default();
+        s.tokens.clock_skew = Duration::from_secs(7200);
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("config: tokens.clock_skew")
+        );
+        let mut s = Config::default();
+        s.advertise
+            .rewrite
+            .insert("nope".into(), "127.0.0.1:1".into());
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("config: advertise.rewrite.\"nope\"")
+        );
+        let mut s = Config::default();
+        s.shards.groups.clear();
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "config: shards.groups must contain at least one group"
+        );
+    }
+
+    #[test]
+    fn bad_flag_values_are_refused_by_clap() {
+        let r = TestCli::command().try_get_matches_from(["t", "--listen", "not-an-addr"]);
+        assert!(r.is_err());
+        let r = TestCli::command().try_get_matches_from(["t", "--heartbeat-interval", "soon"]);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! The shard process ("streamlet") runtime: what `sibyl-gateway shard --ipc-fd N` runs
+//! after it received [`ShardInit`] and applied its rlimits.
+//!
+//! ```text
+//! hub ──Init──▶ main (limits) ──▶ run_shard ── bind UDP ──Ready{port}──▶ hub
+//!                                    │  every heartbeat_interval ──Heartbeat{load}──▶ hub
+//!                                    │  Drain / SIGTERM ──Draining … Exiting──▶ hub, return
+//!                                    └─ control channel closed (hub gone) ──▶ return
+//! ```
+//!
+//! QUIC seam: [`ShardRuntime::socket`] is the bound `std::net::UdpSocket` to hand to
+//! `quinn::Endpoint::new`; [`ShardRuntime::stats`] is what the QUIC layer updates (it is
+//! reported in heartbeats); [`ShardRuntime::keyring`] holds the current keyring bytes (kept
+//! up to date on `KeyringUpdate`); the drain hook is where GoAway to clients goes.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::ipc::{HubToShard, IpcError, Load, ShardInit, ShardIpc, ShardToHub};
+
+/// Why a shard stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// The UDP socket could not be bound.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// Requested address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The control channel failed or carried garbage.
+    #[error("control channel: {0}")]
+    Ipc(#[from] IpcError),
+    /// The hub sent a message that is not valid at this point (hub misbehaviour).
+    #[error("unexpected control message: {0}")]
+    Unexpected(&'static str),
+    /// Signal handler installation failed.
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// How a shard ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShardExit {
+    /// The hub asked it to drain.
+    Drained,
+    /// SIGTERM.
+    Terminated,
+    /// The control channel closed: the hub is gone.
+    HubGone,
+}
+
+/// Live counters the QUIC layer updates; reported in every heartbeat.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    /// Open client connections.
+    pub connections: AtomicU64,
+    /// Active subscriptions.
+    pub subscriptions: AtomicU64,
+}
+
+impl ShardStats {
+    fn load(&self) -> Load {
+        Load {
+            connections: self.connections.load(Ordering::Relaxed),
+            subscriptions: self.subscriptions.load(Ordering::Relaxed),
+            rss_bytes: crate::limits::rss_bytes(),
+        }
+    }
+}
+
+/// A started shard: its init, bound socket and shared state.
+#[derive(Debug)]
+pub struct ShardRuntime {
+    /// What the hub sent.
+    pub init: ShardInit,
+    /// The bound UDP socket (to hand to quinn).
+    pub socket: UdpSocket,
+    /// Counters reported in heartbeats.
+    pub stats: Arc<ShardStats>,
+    /// Current keyring bytes (`sibyl_tokens::Keyring::from_bytes` input).
+    pub keyring: Arc<RwLock<Vec<u8>>>,
+}
+
+impl ShardRuntime {
+    /// Binds the shard's UDP socket on `init.bind_ip`, port 0.
+    pub fn bind(init: ShardInit) -> Result<Self, ShardError> {
+        let addr = SocketAddr::new(init.bind_ip, 0);
+        let socket = UdpSocket::bind(addr).map_err(|source| ShardError::Bind { addr, source })?;
+        let keyring = Arc::new(RwLock::new(init.keyring.clone()));
+        Ok(Self {
+            init,
+            socket,
+            stats: Arc::default(),
+            keyring,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+/// Runs a shard until drained, terminated or orphaned. See the module docs.
+pub async fn run_shard(init: ShardInit, ipc: ShardIpc) -> Result<ShardExit, ShardError> {
+    let rt = ShardRuntime::bind(init)?;
+    run(rt, ipc).await
+}
+
+async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardError> {
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ShardError::Signal)?;
+    let addr = rt.local_addr().map_err(|source| ShardError::Bind {
+        addr: SocketAddr::new(rt.init.bind_ip, 0),
+        source,
+    })?;
+    // QUIC seam: build the quinn endpoint from `rt.socket` here.
+    ipc.send(&ShardToHub::Ready {
+        udp_port: addr.port(),
+    })
+    .await?;
+    info!(group = rt.init.group, shard = rt.init.shard, %addr, "shard listening");
+    let mut beat = tokio::time::interval(rt.init.heartbeat_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(rt.stats.load())).await?,
+            msg = ipc.recv() => match msg? {
+                Some(HubToShard::Drain { within }) => {
+                    drain(&rt, &mut ipc, within).await?;
+                    ipc.send(&ShardToHub::Exiting { reason: "drained".into() }).await?;
+                    return Ok(ShardExit::Drained);
+                }
+                Some(HubToShard::KeyringUpdate { keyring }) => {
+                    info!(group = rt.init.group, shard = rt.init.shard, "keyring updated");
+                    *rt.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+                }
+                Some(HubToShard::Init(_)) => return Err(ShardError::Unexpected("second Init")),
+                None => {
+                    warn!(group = rt.init.group, shard = rt.init.shard, "hub gone; exiting");
+                    return Ok(ShardExit::HubGone);
+                }
+            },
+            _ = sigterm.recv() => {
+                drain(&rt, &mut ipc, Duration::from_secs(10)).await?;
+                let _ = ipc.send(&ShardToHub::Exiting { reason: "SIGTERM".into() }).await;
+                return Ok(ShardExit::Terminated);
+            }
+        }
+    }
+}
+
+/// Stops accepting and tells clients to go away, within `within`.
+async fn drain(rt: &ShardRuntime, ipc: &mut ShardIpc, within: Duration) -> Result<(), ShardError> {
+    ipc.send(&ShardToHub::Draining).await?;
+    info!(
+        group = rt.init.group,
+        shard = rt.init.shard,
+        within_ms = within.as_millis() as u64,
+        "draining"
+    );
+    // QUIC seam: send GoAway to every connection and wait (bounded by `within`) for them
+    // to close. With no connections there is nothing to wait for.
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ShardLimits;
+    use crate::ipc::HubIpc;
+
+    fn init() -> ShardInit {
+        ShardInit {
+            shard: 0,
+            group: 0,
+            generation: 1,
+            bind_ip: "127.0.0.1".parse().unwrap(),
+            heartbeat_interval: Duration::from_millis(20),
+            limits: ShardLimits::default(),
+            token_lifetime: Duration::from_secs(60),
+            token_clock_skew: Duration::from_secs(1),
+            log_filter: "info".into(),
+            keyring: vec![1],
+            ca_cert: "ca.pem".into(),
+            cert: "server.pem".into(),
+            key: "server.key".into(),
+        }
+    }
+
+    fn pair() -> (HubIpc, ShardIpc) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (HubIpc::from_std(a).unwrap(), ShardIpc::from_std(b).unwrap())
+    }
+
+    #[tokio::test]
+    async fn ready_heartbeat_then_drain() {
+        let (mut hub, shard) = pair();
+        let task = tokio::spawn(run_shard(init(), shard));
+        let Some(ShardToHub::Ready { udp_port }) = hub.recv().await.unwrap() else {
+            panic!()
+        };
+        assert_ne!(udp_port, 0);
+        let Some(ShardToHub::Heartbeat(load)) = hub.recv().await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(load.connections, 0);
+        assert!(load.rss_bytes > 0);
+        hub.send(&HubToShard::Drain {
+            within: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+        let mut seen = vec![];
+        while let Some(m) = hub.recv().await.unwrap() {
+            if !matches!(m, ShardToHub::Heartbeat(_)) {
+                seen.push(m);
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                ShardToHub::Draining,
+                ShardToHub::Exiting {
+                    reason: "drained".into()
+                }
+            ]
+        );
+        assert_eq!(task.await.unwrap().unwrap(), ShardExit::Drained);
+    }
+
+    #[tokio::test]
+    async fn exits_when_the_hub_goes_away() {
+        let (hub, shard) = pair();
+        let task = tokio::spawn(run_shard(init(), shard));
+        drop(hub);
+        // Either Ready fails to send (broken pipe) or the recv sees EOF: both end the shard.
+        let r = task.await.unwrap();
+        assert!(
+            matches!(r, Ok(ShardExit::HubGone) | Err(ShardError::Ipc(_))),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn second_init_is_refused() {
+        let (mut hub, shard) = pair();
+        let task = tokio::spawn(run_shard(init(), shard));
+        hub.send(&HubToShard::Init(Box::new(init()))).await.unwrap();
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(ShardError::Unexpected(_))
+        ));
+    }
+}
