@@ -4,3 +4,5 @@
 //! benchmark scenarios (`sibyl-bench`).
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod netem;
