@@ -39,6 +39,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Cmd {
     /// Start the hub and its shards (the default).
     Run(RunArgs),
@@ -217,10 +218,8 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     let mut config = Config::load(args.config.as_deref(), matches)?;
     let log_flag =
         matches.value_source("logging.filter") == Some(clap::parser::ValueSource::CommandLine);
-    if !log_flag {
-        if let Ok(env) = std::env::var("RUST_LOG") {
-            config.logging.filter = env;
-        }
+    if let (false, Ok(env)) = (log_flag, std::env::var("RUST_LOG")) {
+        config.logging.filter = env;
     }
     config.validate()?;
     init_logging(&config.logging.filter);

@@ -295,14 +295,13 @@ impl Driver {
                         pid,
                         "killing shard"
                     );
-                    if let Some(c) = self
+                    if let Some(k) = self
                         .children
                         .get_mut(&shard)
                         .filter(|c| c.generation == generation)
+                        .and_then(|c| c.kill.take())
                     {
-                        if let Some(k) = c.kill.take() {
-                            let _ = k.send(());
-                        }
+                        let _ = k.send(());
                     }
                 }
                 Action::SendDrain {
