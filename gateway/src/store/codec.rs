@@ -1,0 +1,366 @@
+//! On-disk record frames: encoding, decoding and the recovery scan. No I/O.
+//!
+//! A frame is, little-endian:
+//!
+//! ```text
+//! body_len u32 | crc32c(body) u32 | body = offset u64 | timestamp_ms u64 | key_len u32 | key | payload
+//! ```
+//!
+//! `body_len` is bounded by [`MAX_BODY_LEN`] before anything is trusted, so a corrupt length can
+//! never cause a large allocation or an out-of-bounds slice.
+
+use super::index::SparseIndex;
+
+/// Bytes before the body: `body_len` and the CRC.
+pub(crate) const HEADER_LEN: usize = 8;
+/// Fixed part of the body: offset, timestamp, key length.
+pub(crate) const FIXED_BODY_LEN: usize = 20;
+/// Hard upper bound of a frame body, whatever the configured limits (they are validated to
+/// fit under it), so that records written under a larger limit still decode.
+pub(crate) const MAX_BODY_LEN: usize = 256 << 20;
+
+/// Total encoded size of one record.
+pub(crate) fn frame_len(key_len: usize, payload_len: usize) -> usize {
+    HEADER_LEN + FIXED_BODY_LEN + key_len + payload_len
+}
+
+/// Appends one encoded frame to `out`.
+///
+/// The caller has checked `key.len() + payload.len() + FIXED_BODY_LEN <= MAX_BODY_LEN`.
+pub(crate) fn encode_frame(
+    out: &mut Vec<u8>,
+    offset: u64,
+    timestamp_ms: u64,
+    key: &[u8],
+    payload: &[u8],
+) {
+    let body_len = FIXED_BODY_LEN + key.len() + payload.len();
+    debug_assert!(body_len <= MAX_BODY_LEN);
+    let start = out.len();
+    // Both casts are lossless: body_len <= MAX_BODY_LEN < u32::MAX and key.len() <= body_len.
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A decoded frame borrowing its key and payload from the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FrameRef<'a> {
+    pub(crate) offset: u64,
+    pub(crate) timestamp_ms: u64,
+    pub(crate) key: &'a [u8],
+    pub(crate) payload: &'a [u8],
+    /// Encoded length of the whole frame, header included.
+    pub(crate) len: usize,
+}
+
+/// Why bytes are not a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalid {
+    /// `body_len` below the fixed part or above [`MAX_BODY_LEN`].
+    Length,
+    /// The CRC does not match the body.
+    Crc,
+    /// `key_len` does not fit in the body.
+    KeyLength,
+}
+
+/// Result of decoding at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decode<'a> {
+    /// A complete frame with a valid CRC.
+    Frame(FrameRef<'a>),
+    /// The buffer ends before the frame does; `needed` is the whole frame length when known.
+    Incomplete {
+        /// Total frame length, once the length field is readable and plausible.
+        needed: Option<usize>,
+    },
+    /// The bytes are not a valid frame.
+    Invalid(Invalid),
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&buf[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Decodes the frame at the start of `buf`, verifying its CRC.
+pub(crate) fn decode_frame(buf: &[u8]) -> Decode<'_> {
+    if buf.len() < HEADER_LEN {
+        return Decode::Incomplete { needed: None };
+    }
+    let body_len = u32_at(buf, 0) as usize;
+    if !(FIXED_BODY_LEN..=MAX_BODY_LEN).contains(&body_len) {
+        return Decode::Invalid(Invalid::Length);
+    }
+    let total = HEADER_LEN + body_len;
+    if buf.len() < total {
+        return Decode::Incomplete {
+            needed: Some(total),
+        };
+    }
+    let body = &buf[HEADER_LEN..total];
+    if crc32c::crc32c(body) != u32_at(buf, 4) {
+        return Decode::Invalid(Invalid::Crc);
+    }
+    let key_len = u32_at(body, 16) as usize;
+    if key_len > body_len - FIXED_BODY_LEN {
+        return Decode::Invalid(Invalid::KeyLength);
+    }
+    let key_end = FIXED_BODY_LEN + key_len;
+    Decode::Frame(FrameRef {
+        offset: u64_at(body, 0),
+        timestamp_ms: u64_at(body, 8),
+        key: &body[FIXED_BODY_LEN..key_end],
+        payload: &body[key_end..],
+        len: total,
+    })
+}
+
+/// A corrupt region found by the recovery scan: bytes `[pos, end_pos)` of the segment hold no
+/// servable record, and offsets `[first_offset, next_offset)` are lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hole {
+    pub(crate) pos: u64,
+    pub(crate) end_pos: u64,
+    pub(crate) first_offset: u64,
+    pub(crate) next_offset: u64,
+}
+
+/// What the recovery scan learnt about one segment's bytes.
+#[derive(Debug)]
+pub(crate) struct SegmentScan {
+    /// Bytes to keep; everything after is a torn tail to truncate.
+    pub(crate) valid_len: u64,
+    /// One past the last valid record's offset (the base offset for an empty segment).
+    pub(crate) next_offset: u64,
+    /// Corrupt regions in the middle of the segment, in file order.
+    pub(crate) holes: Vec<Hole>,
+    /// The rebuilt sparse index (also tracks the timestamps).
+    pub(crate) index: SparseIndex,
+    /// Number of valid records.
+    pub(crate) records: u64,
+}
+
+impl SegmentScan {
+    /// Bytes dropped from the tail.
+    pub(crate) fn torn_bytes(&self, file_len: u64) -> u64 {
+        file_len - self.valid_len
+    }
+}
+
+/// Scans a whole segment: verifies every CRC and offset, finds corrupt regions followed by
+/// valid records (holes) and the torn tail (anything after the last valid record that no
+/// valid record follows), and rebuilds the sparse index.
+pub(crate) fn scan_segment(buf: &[u8], base_offset: u64, index_interval: u32) -> SegmentScan {
+    let mut index = SparseIndex::new(index_interval);
+    let mut holes = Vec::new();
+    let mut pos = 0usize;
+    let mut expected = base_offset;
+    let mut records = 0u64;
+    while pos < buf.len() {
+        match decode_frame(&buf[pos..]) {
+            Decode::Frame(f) if f.offset == expected => {
+                index.on_append(f.offset, pos as u64, f.len as u64, f.timestamp_ms);
+                pos += f.len;
+                expected += 1;
+                records += 1;
+            }
+            Decode::Frame(f) if f.offset > expected => {
+                // A valid frame further on than expected: offsets are missing, no bytes are.
+                holes.push(Hole {
+                    pos: pos as u64,
+                    end_pos: pos as u64,
+                    first_offset: expected,
+                    next_offset: f.offset,
+                });
+                expected = f.offset;
+            }
+            other => match resync(buf, pos, expected, other) {
+                Some((q, next)) => {
+                    holes.push(Hole {
+                        pos: pos as u64,
+                        end_pos: q as u64,
+                        first_offset: expected,
+                        next_offset: next,
+                    });
+                    pos = q;
+                    expected = next;
+                }
+                None => break,
+            },
+        }
+    }
+    SegmentScan {
+        valid_len: pos as u64,
+        next_offset: expected,
+        holes,
+        index,
+        records,
+    }
+}
+
+/// Is there a valid frame at `q` with offset `>= expected`, confirmed by what follows it
+/// (end of buffer, a torn tail, or the next offset)? Returns its offset. The confirmation keeps
+/// the byte-by-byte scan from mistaking a frame-shaped payload for a record.
+fn confirmed_frame_at(buf: &[u8], q: usize, expected: u64) -> Option<u64> {
+    let Decode::Frame(f) = decode_frame(&buf[q..]) else {
+        return None;
+    };
+    if f.offset < expected {
+        return None;
+    }
+    let after = q + f.len;
+    match decode_frame(&buf[after..]) {
+        Decode::Frame(g) if g.offset == f.offset + 1 => Some(f.offset),
+        Decode::Incomplete { .. } => Some(f.offset),
+        _ => None,
+    }
+}
+
+/// After an undecodable frame at `pos`, finds the next valid frame: first where the length
+/// field says the next frame starts (a corrupt payload with an intact length), then byte by
+/// byte. `None` means nothing valid follows: a torn tail.
+fn resync(buf: &[u8], pos: usize, expected: u64, at_pos: Decode<'_>) -> Option<(usize, u64)> {
+    if let Decode::Invalid(Invalid::Crc | Invalid::KeyLength) = at_pos {
+        // The length field passed its bounds check; try the boundary it names.
+        let q = pos + HEADER_LEN + u32_at(buf, pos) as usize;
+        if q < buf.len()
+            && let Decode::Frame(f) = decode_frame(&buf[q..])
+            && f.offset >= expected
+        {
+            return Some((q, f.offset));
+        }
+    }
+    (pos + 1..buf.len().saturating_sub(HEADER_LEN + FIXED_BODY_LEN - 1))
+        .find_map(|q| confirmed_frame_at(buf, q, expected).map(|off| (q, off)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(base: u64, n: u64) -> (Vec<u8>, Vec<usize>) {
+        let mut out = Vec::new();
+        let mut starts = Vec::new();
+        for i in 0..n {
+            starts.push(out.len());
+            let payload = vec![i as u8; 10 + i as usize];
+            encode_frame(&mut out, base + i, 1000 + i, b"k", &payload);
+        }
+        (out, starts)
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, 7, 99, b"key", b"payload");
+        assert_eq!(buf.len(), frame_len(3, 7));
+        let Decode::Frame(f) = decode_frame(&buf) else {
+            panic!("not a frame")
+        };
+        assert_eq!(
+            (f.offset, f.timestamp_ms, f.key, f.payload, f.len),
+            (7, 99, &b"key"[..], &b"payload"[..], buf.len())
+        );
+    }
+
+    #[test]
+    fn incomplete_and_invalid() {
+        let mut buf = Vec::new();
+        encode_frame(&mut buf, 0, 0, b"", b"abc");
+        assert_eq!(decode_frame(&buf[..3]), Decode::Incomplete { needed: None });
+        assert_eq!(
+            decode_frame(&buf[..10]),
+            Decode::Incomplete {
+                needed: Some(buf.len())
+            }
+        );
+        let mut bad = buf.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(decode_frame(&bad), Decode::Invalid(Invalid::Crc));
+        let mut bad = buf.clone();
+        bad[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_frame(&bad), Decode::Invalid(Invalid::Length));
+        bad[0..4].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(decode_frame(&bad), Decode::Invalid(Invalid::Length));
+    }
+
+    #[test]
+    fn scan_clean_and_torn() {
+        let (buf, starts) = log(10, 5);
+        let s = scan_segment(&buf, 10, 16);
+        assert_eq!(
+            (s.valid_len, s.next_offset, s.records),
+            (buf.len() as u64, 15, 5)
+        );
+        assert!(s.holes.is_empty());
+        // Cut mid-record.
+        let cut = starts[4] + 5;
+        let s = scan_segment(&buf[..cut], 10, 16);
+        assert_eq!((s.valid_len, s.next_offset), (starts[4] as u64, 14));
+        // Garbage appended.
+        let mut g = buf.clone();
+        g.extend_from_slice(&[0xAB; 37]);
+        let s = scan_segment(&g, 10, 16);
+        assert_eq!(
+            (s.valid_len, s.next_offset, s.holes.len()),
+            (buf.len() as u64, 15, 0)
+        );
+        // Bad CRC on the very last record is a torn tail too.
+        let mut t = buf.clone();
+        *t.last_mut().unwrap() ^= 0xFF;
+        let s = scan_segment(&t, 10, 16);
+        assert_eq!((s.valid_len, s.next_offset), (starts[4] as u64, 14));
+    }
+
+    #[test]
+    fn scan_finds_middle_corruption() {
+        let (buf, starts) = log(0, 6);
+        // Payload byte of record 2.
+        let mut b = buf.clone();
+        b[starts[3] - 1] ^= 0x55;
+        let s = scan_segment(&b, 0, 16);
+        assert_eq!(s.next_offset, 6);
+        assert_eq!(s.valid_len, buf.len() as u64);
+        assert_eq!(s.records, 5);
+        assert_eq!(
+            s.holes,
+            vec![Hole {
+                pos: starts[2] as u64,
+                end_pos: starts[3] as u64,
+                first_offset: 2,
+                next_offset: 3
+            }]
+        );
+        // Length field of record 2: found again by the byte scan.
+        let mut b = buf.clone();
+        b[starts[2]] ^= 0x40;
+        let s = scan_segment(&b, 0, 16);
+        assert_eq!((s.next_offset, s.records), (6, 5));
+        assert_eq!(s.holes.len(), 1);
+        assert_eq!((s.holes[0].first_offset, s.holes[0].next_offset), (2, 3));
+    }
+
+    #[test]
+    fn index_rebuilt_by_scan() {
+        let (buf, starts) = log(0, 20);
+        let s = scan_segment(&buf, 0, 64);
+        let e = s.index.lookup_offset(15).expect("entries every 64 bytes");
+        assert!(e.offset <= 15);
+        assert_eq!(e.pos, starts[e.offset as usize] as u64);
+    }
+}

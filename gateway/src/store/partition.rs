@@ -1,0 +1,639 @@
+//! One partition's segment files: recovery, appends, rolling, retention, and the byte-range
+//! reads. The thin I/O layer over [`codec`](super::codec), [`index`](super::index) and
+//! [`policy`](super::policy).
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::codec::{self, Decode, FrameRef, Hole};
+use super::config::{Durability, StoreConfig};
+use super::error::StoreError;
+use super::index::SparseIndex;
+use super::policy::{self, FlushClock, RetentionPlan, SegmentInfo};
+use super::{NewRecord, Record, StoreMetrics};
+
+const SEGMENT_SUFFIX: &str = ".log";
+
+fn segment_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{base_offset:020}{SEGMENT_SUFFIX}"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Fsyncs a directory so that created, renamed or deleted entries are durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(dir))
+}
+
+struct Segment {
+    base_offset: u64,
+    next_offset: u64,
+    path: Arc<Path>,
+    file: Arc<File>,
+    size: u64,
+    index: SparseIndex,
+    holes: Arc<[Hole]>,
+}
+
+impl Segment {
+    fn create(dir: &Path, base_offset: u64, index_interval: u32) -> Result<Self, StoreError> {
+        let path = segment_path(dir, base_offset);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StoreError::io(&path))?;
+        Ok(Self {
+            base_offset,
+            next_offset: base_offset,
+            path: path.into(),
+            file: Arc::new(file),
+            size: 0,
+            index: SparseIndex::new(index_interval),
+            holes: Arc::from(Vec::new()),
+        })
+    }
+
+    fn info(&self) -> SegmentInfo {
+        SegmentInfo {
+            size: self.size,
+            max_ts: self.index.max_ts(),
+        }
+    }
+
+    fn snapshot(&self, start_pos: u64) -> SegmentSnapshot {
+        SegmentSnapshot {
+            path: self.path.clone(),
+            file: self.file.clone(),
+            base_offset: self.base_offset,
+            next_offset: self.next_offset,
+            end: self.size,
+            start_pos,
+            holes: self.holes.clone(),
+        }
+    }
+}
+
+/// Where the partition is, for error messages and metrics.
+#[derive(Debug, Clone)]
+pub(crate) struct PartitionId {
+    pub(crate) stream: String,
+    pub(crate) partition: u32,
+}
+
+/// The mutable state of one partition, behind its mutex.
+pub(crate) struct PartitionLog {
+    id: PartitionId,
+    dir: PathBuf,
+    index_interval: u32,
+    /// Oldest first; never empty; the last one is the active segment.
+    segments: Vec<Segment>,
+    flush: FlushClock,
+    buf: Vec<u8>,
+    poisoned: bool,
+}
+
+impl PartitionLog {
+    /// Opens (creating if needed) the partition in `dir`, recovering every segment: verifies
+    /// every CRC, truncates a torn tail, reports corrupt regions and rebuilds the indexes.
+    pub(crate) fn open(
+        id: PartitionId,
+        dir: PathBuf,
+        cfg: &StoreConfig,
+        metrics: &StoreMetrics,
+    ) -> Result<Self, StoreError> {
+        fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
+            let entry = entry.map_err(StoreError::io(&dir))?;
+            match entry.file_name().to_str().and_then(parse_segment_name) {
+                Some(base) => bases.push(base),
+                None => {
+                    tracing::warn!(path = ?entry.path(), "ignoring unexpected file in partition directory")
+                }
+            }
+        }
+        bases.sort_unstable();
+        let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
+        for base in bases {
+            let seg = recover_segment(&id, &dir, base, cfg.index_interval_bytes, metrics)?;
+            if let Some(prev) = segments.last() {
+                if seg.base_offset < prev.next_offset {
+                    tracing::error!(path = ?seg.path, prev_next = prev.next_offset, "segment overlaps the previous one");
+                    return Err(StoreError::Corrupt {
+                        path: seg.path.to_path_buf(),
+                        offset: seg.base_offset,
+                        resume_at: None,
+                    });
+                }
+                if seg.base_offset > prev.next_offset {
+                    let lost = seg.base_offset - prev.next_offset;
+                    tracing::error!(
+                        stream = %id.stream, partition = id.partition, path = ?seg.path,
+                        first = prev.next_offset, next = seg.base_offset,
+                        "offsets missing between segments; they will never be served"
+                    );
+                    metrics.corrupt_records.fetch_add(lost, Relaxed);
+                }
+            }
+            segments.push(seg);
+        }
+        if segments.is_empty() {
+            segments.push(Segment::create(&dir, 0, cfg.index_interval_bytes)?);
+            sync_dir(&dir)?;
+        }
+        Ok(Self {
+            id,
+            dir,
+            index_interval: cfg.index_interval_bytes,
+            segments,
+            flush: FlushClock::default(),
+            buf: Vec::new(),
+            poisoned: false,
+        })
+    }
+
+    fn active(&self) -> &Segment {
+        // Invariant: `segments` is never empty (open creates one, retention rolls before
+        // deleting the active one).
+        self.segments
+            .last()
+            .expect("partition has an active segment")
+    }
+
+    /// `(earliest, next)` offsets.
+    pub(crate) fn bounds(&self) -> (u64, u64) {
+        (self.segments[0].base_offset, self.active().next_offset)
+    }
+
+    /// Starts a new active segment at the current `next` offset.
+    fn roll(&mut self, durability: Durability, metrics: &StoreMetrics) -> Result<(), StoreError> {
+        let active = self.active();
+        if matches!(durability, Durability::Interval(_)) && active.size > 0 {
+            active
+                .file
+                .sync_data()
+                .map_err(StoreError::io(&*active.path))?;
+            metrics.fsyncs.fetch_add(1, Relaxed);
+        }
+        let seg = Segment::create(&self.dir, active.next_offset, self.index_interval)?;
+        if durability != Durability::Never {
+            sync_dir(&self.dir)?;
+        }
+        self.segments.push(seg);
+        metrics.segments_rolled.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Appends a non-empty, size-checked batch with one write (and, under `Always`, one
+    /// fsync). Returns `(base_offset, next_offset)`.
+    pub(crate) fn append(
+        &mut self,
+        records: &[NewRecord<'_>],
+        cfg: &StoreConfig,
+        durability: Durability,
+        metrics: &StoreMetrics,
+    ) -> Result<(u64, u64), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned {
+                stream: self.id.stream.clone(),
+                partition: self.id.partition,
+            });
+        }
+        let batch_bytes: u64 = records
+            .iter()
+            .map(|r| codec::frame_len(r.key.len(), r.payload.len()) as u64)
+            .sum();
+        let active = self.active();
+        if policy::should_roll(
+            active.size,
+            active.index.first_ts(),
+            batch_bytes,
+            records[0].timestamp_ms,
+            cfg.segment_bytes,
+            cfg.segment_age,
+        ) {
+            self.roll(durability, metrics)?;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let base = self.active().next_offset;
+        for (i, r) in records.iter().enumerate() {
+            codec::encode_frame(&mut buf, base + i as u64, r.timestamp_ms, r.key, r.payload);
+        }
+        let result = self.write_batch(&buf, records, durability, metrics);
+        // Keep the buffer for the next batch unless a huge batch made it huge.
+        if buf.capacity() <= 4 << 20 {
+            self.buf = buf;
+        }
+        result?;
+        Ok((base, self.active().next_offset))
+    }
+
+    fn write_batch(
+        &mut self,
+        buf: &[u8],
+        records: &[NewRecord<'_>],
+        durability: Durability,
+        metrics: &StoreMetrics,
+    ) -> Result<(), StoreError> {
+        let (file, size, path) = {
+            let a = self.active();
+            (a.file.clone(), a.size, a.path.clone())
+        };
+        if let Err(e) = file.write_all_at(buf, size) {
+            // Leave no partial frame behind: recovery could otherwise take it for a record.
+            if file.set_len(size).is_err() {
+                self.poisoned = true;
+            }
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
+        }
+        if durability == Durability::Always {
+            if let Err(e) = file.sync_data() {
+                // After a failed fsync the page cache state is unknown: refuse further writes.
+                self.poisoned = true;
+                return Err(StoreError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                });
+            }
+            metrics.fsyncs.fetch_add(1, Relaxed);
+        }
+        // Invariant: `segments` is never empty.
+        let seg = self
+            .segments
+            .last_mut()
+            .expect("partition has an active segment");
+        let mut pos = seg.size;
+        for (i, r) in records.iter().enumerate() {
+            let len = codec::frame_len(r.key.len(), r.payload.len()) as u64;
+            seg.index
+                .on_append(seg.next_offset + i as u64, pos, len, r.timestamp_ms);
+            pos += len;
+        }
+        seg.size = pos;
+        seg.next_offset += records.len() as u64;
+        if let Durability::Interval(every) = durability {
+            self.flush.on_write(Instant::now(), every);
+        }
+        metrics
+            .records_appended
+            .fetch_add(records.len() as u64, Relaxed);
+        metrics.bytes_appended.fetch_add(buf.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// When pending data must be fsynced (`Interval` streams only).
+    pub(crate) fn flush_deadline(&self) -> Option<Instant> {
+        self.flush.deadline()
+    }
+
+    /// If a flush is due at `now`, disarms the clock and returns the file to fsync (outside
+    /// the lock).
+    pub(crate) fn begin_flush(&mut self, now: Instant) -> Option<(Arc<File>, Arc<Path>)> {
+        if !self.flush.due(now) {
+            return None;
+        }
+        self.flush.on_flush_started();
+        let a = self.active();
+        Some((a.file.clone(), a.path.clone()))
+    }
+
+    /// The fsync started by [`begin_flush`](Self::begin_flush) failed: retry soon.
+    pub(crate) fn flush_failed(&mut self, now: Instant) {
+        self.flush.on_flush_failed(now);
+    }
+
+    /// The active segment's file, to fsync it.
+    pub(crate) fn active_file(&self) -> (Arc<File>, Arc<Path>) {
+        (self.active().file.clone(), self.active().path.clone())
+    }
+
+    /// Applies the retention policy; returns the number of segments deleted.
+    pub(crate) fn enforce_retention(
+        &mut self,
+        retention_bytes: Option<u64>,
+        retention_age: Option<std::time::Duration>,
+        now_ms: u64,
+        durability: Durability,
+        metrics: &StoreMetrics,
+    ) -> Result<u64, StoreError> {
+        let infos: Vec<SegmentInfo> = self.segments.iter().map(Segment::info).collect();
+        let RetentionPlan {
+            delete,
+            roll_active,
+        } = policy::plan_retention(&infos, retention_bytes, retention_age, now_ms);
+        if delete == 0 {
+            return Ok(0);
+        }
+        if roll_active {
+            self.roll(durability, metrics)?;
+        }
+        for seg in self.segments.drain(..delete) {
+            // Readers holding the file keep reading it; the name goes now.
+            fs::remove_file(&seg.path).map_err(StoreError::io(&*seg.path))?;
+            tracing::debug!(path = ?seg.path, "retention deleted segment");
+            metrics.segments_deleted.fetch_add(1, Relaxed);
+        }
+        if durability != Durability::Never {
+            sync_dir(&self.dir)?;
+        }
+        Ok(delete as u64)
+    }
+
+    /// Snapshots what a read from `from` needs, so the bytes are read outside the lock.
+    /// The caller has checked `earliest <= from < next`.
+    pub(crate) fn read_plan(&self, from: u64) -> Vec<SegmentSnapshot> {
+        let i = self
+            .segments
+            .partition_point(|s| s.base_offset <= from)
+            .saturating_sub(1);
+        let seg = &self.segments[i];
+        let start = seg.index.lookup_offset(from).map_or(0, |e| e.pos);
+        let mut plan = Vec::with_capacity(self.segments.len() - i);
+        plan.push(seg.snapshot(start));
+        plan.extend(self.segments[i + 1..].iter().map(|s| s.snapshot(0)));
+        plan
+    }
+
+    /// Snapshot of the segment holding the first record with timestamp `>= ts`, if any
+    /// segment has one.
+    pub(crate) fn timestamp_plan(&self, ts: u64) -> Option<SegmentSnapshot> {
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| s.index.max_ts().is_some_and(|m| m >= ts))?;
+        let start = seg.index.lookup_timestamp(ts).map_or(0, |e| e.pos);
+        Some(seg.snapshot(start))
+    }
+}
+
+fn recover_segment(
+    id: &PartitionId,
+    dir: &Path,
+    base: u64,
+    index_interval: u32,
+    metrics: &StoreMetrics,
+) -> Result<Segment, StoreError> {
+    let path = segment_path(dir, base);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(StoreError::io(&path))?;
+    let bytes = fs::read(&path).map_err(StoreError::io(&path))?;
+    let scan = codec::scan_segment(&bytes, base, index_interval);
+    for h in &scan.holes {
+        let lost = h.next_offset - h.first_offset;
+        tracing::error!(
+            stream = %id.stream, partition = id.partition, path = ?path,
+            first_offset = h.first_offset, next_offset = h.next_offset, bytes = h.end_pos - h.pos,
+            "corrupt record(s) in the middle of a segment; they will never be served"
+        );
+        metrics.corrupt_records.fetch_add(lost.max(1), Relaxed);
+    }
+    let torn = scan.torn_bytes(bytes.len() as u64);
+    if torn > 0 {
+        tracing::warn!(
+            stream = %id.stream, partition = id.partition, path = ?path, bytes = torn,
+            next_offset = scan.next_offset, "truncating torn tail"
+        );
+        file.set_len(scan.valid_len)
+            .map_err(StoreError::io(&path))?;
+        file.sync_all().map_err(StoreError::io(&path))?;
+        metrics.torn_tails_truncated.fetch_add(1, Relaxed);
+    }
+    metrics.records_recovered.fetch_add(scan.records, Relaxed);
+    Ok(Segment {
+        base_offset: base,
+        next_offset: scan.next_offset,
+        path: path.into(),
+        file: Arc::new(file),
+        size: scan.valid_len,
+        index: scan.index,
+        holes: scan.holes.into(),
+    })
+}
+
+/// What a reader needs of one segment, taken under the partition lock.
+pub(crate) struct SegmentSnapshot {
+    path: Arc<Path>,
+    file: Arc<File>,
+    base_offset: u64,
+    next_offset: u64,
+    /// Bytes of complete records at snapshot time.
+    end: u64,
+    start_pos: u64,
+    holes: Arc<[Hole]>,
+}
+
+enum Event<'a> {
+    Frame(FrameRef<'a>),
+    Hole(Hole),
+    /// Bytes that recovery accepted no longer decode (damaged since the store was opened).
+    Corrupt,
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Walks the frames of `snap` from its start position, reading `chunk` bytes per `pread`.
+fn for_each_frame(
+    snap: &SegmentSnapshot,
+    chunk_size: usize,
+    mut f: impl FnMut(Event<'_>) -> Flow,
+) -> Result<(), StoreError> {
+    let mut cur = snap.start_pos;
+    let mut chunk: Vec<u8> = Vec::new();
+    let mut chunk_pos = cur;
+    let mut hole_i = snap.holes.partition_point(|h| h.pos < cur);
+    while cur < snap.end {
+        if let Some(h) = snap.holes.get(hole_i).filter(|h| h.pos == cur) {
+            hole_i += 1;
+            if f(Event::Hole(*h)) == Flow::Stop {
+                return Ok(());
+            }
+            cur = h.end_pos;
+            continue;
+        }
+        let rel = usize::try_from(cur - chunk_pos)
+            .unwrap_or(usize::MAX)
+            .min(chunk.len());
+        let avail = &chunk[rel..];
+        match codec::decode_frame(avail) {
+            Decode::Frame(fr) => {
+                cur += fr.len as u64;
+                if f(Event::Frame(fr)) == Flow::Stop {
+                    return Ok(());
+                }
+            }
+            Decode::Incomplete { needed } => {
+                let left = snap.end - cur;
+                let needed = needed.unwrap_or(codec::HEADER_LEN) as u64;
+                if needed > left || avail.len() as u64 >= left {
+                    f(Event::Corrupt);
+                    return Ok(());
+                }
+                // Bounded by the segment's end and by MAX_BODY_LEN (decode checked the length).
+                let want = needed.max(chunk_size as u64).min(left) as usize;
+                chunk.clear();
+                chunk.resize(want, 0);
+                snap.file
+                    .read_exact_at(&mut chunk, cur)
+                    .map_err(StoreError::io(&*snap.path))?;
+                chunk_pos = cur;
+            }
+            Decode::Invalid(_) => {
+                f(Event::Corrupt);
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn chunk_size(max_bytes: usize) -> usize {
+    max_bytes.saturating_add(8 << 10).clamp(64 << 10, 8 << 20)
+}
+
+/// Reads records `>= from` following a [`PartitionLog::read_plan`] (outside the lock).
+pub(crate) fn read_records(
+    plan: &[SegmentSnapshot],
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+    id: &PartitionId,
+    metrics: &StoreMetrics,
+) -> Result<Vec<Record>, StoreError> {
+    let mut out: Vec<Record> = Vec::new();
+    if max_records == 0 {
+        return Ok(out);
+    }
+    let mut bytes = 0usize;
+    let mut err: Option<StoreError> = None;
+    let mut done = false;
+    let chunk = chunk_size(max_bytes);
+    let mut prev_next: Option<u64> = None;
+    for snap in plan {
+        if let Some(prev_next) = prev_next
+            && snap.base_offset > prev_next
+            && snap.base_offset > from
+        {
+            // Offsets lost between segments (reported at recovery).
+            if out.is_empty() {
+                return Err(StoreError::Corrupt {
+                    path: snap.path.to_path_buf(),
+                    offset: from.max(prev_next),
+                    resume_at: Some(snap.base_offset),
+                });
+            }
+            return Ok(out);
+        }
+        prev_next = Some(snap.next_offset);
+        let mut expected = from.max(snap.base_offset);
+        for_each_frame(snap, chunk, |ev| match ev {
+            Event::Frame(fr) => {
+                expected = fr.offset + 1;
+                if fr.offset < from {
+                    return Flow::Continue;
+                }
+                if !out.is_empty() && bytes.saturating_add(fr.len) > max_bytes {
+                    done = true;
+                    return Flow::Stop;
+                }
+                bytes += fr.len;
+                out.push(Record {
+                    offset: fr.offset,
+                    timestamp_ms: fr.timestamp_ms,
+                    key: fr.key.to_vec(),
+                    payload: fr.payload.to_vec(),
+                });
+                if out.len() >= max_records {
+                    done = true;
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            }
+            Event::Hole(h) => {
+                expected = h.next_offset;
+                if h.next_offset <= from {
+                    Flow::Continue
+                } else {
+                    done = true;
+                    if out.is_empty() {
+                        err = Some(StoreError::Corrupt {
+                            path: snap.path.to_path_buf(),
+                            offset: from.max(h.first_offset),
+                            resume_at: Some(h.next_offset),
+                        });
+                    }
+                    Flow::Stop
+                }
+            }
+            Event::Corrupt => {
+                done = true;
+                tracing::error!(
+                    stream = %id.stream, partition = id.partition, path = ?snap.path, offset = expected,
+                    "record damaged since the store was opened; not served"
+                );
+                metrics.corrupt_records.fetch_add(1, Relaxed);
+                if out.is_empty() {
+                    err = Some(StoreError::Corrupt {
+                        path: snap.path.to_path_buf(),
+                        offset: expected,
+                        resume_at: None,
+                    });
+                }
+                Flow::Stop
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if done {
+            break;
+        }
+    }
+    metrics.records_read.fetch_add(out.len() as u64, Relaxed);
+    Ok(out)
+}
+
+/// First offset `>= ` with timestamp `>= ts` in `snap`, scanning from its start position.
+pub(crate) fn find_timestamp(snap: &SegmentSnapshot, ts: u64) -> Result<Option<u64>, StoreError> {
+    let mut found = None;
+    for_each_frame(snap, chunk_size(0), |ev| match ev {
+        Event::Frame(fr) if fr.timestamp_ms >= ts => {
+            found = Some(fr.offset);
+            Flow::Stop
+        }
+        Event::Frame(_) | Event::Hole(_) => Flow::Continue,
+        Event::Corrupt => Flow::Stop,
+    })?;
+    Ok(found)
+}
+
+impl SegmentSnapshot {
+    /// One past the last offset of the segment at snapshot time.
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+}
