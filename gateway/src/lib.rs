@@ -25,6 +25,7 @@ pub mod datadir;
 pub mod ipc;
 pub mod limits;
 pub mod shard;
+pub mod store;
 pub mod supervisor;
 
 pub use config::{Config, ConfigError};
