@@ -1,7 +1,64 @@
 //! # sibyl-sdk
 //!
-//! The Rust client SDK: `Client` (hub → ticket → shard, with failover), `Publisher` and
-//! `Subscription`. The protocol logic lives in `sibyl-proto`; this crate is the async driver
-//! over quinn and tokio.
+//! The Rust client SDK of Sibyl: [`Client`] authenticates at the hub, receives a ticket for a
+//! shard group and attaches directly to a shard of that group, with failover and automatic
+//! reconnects. The protocol logic lives in `sibyl-proto` (frames, the attach proof and the
+//! I/O-free [`ClientMachine`](sibyl_proto::ClientMachine) that takes every connection
+//! decision); this crate is the thin async driver over quinn and tokio.
+//!
+//! ```text
+//!  ClientBuilder ──prepare──▶ Hello + rustls/quinn config (sibyl-certs Trust)
+//!        │ connect()
+//!        ▼
+//!  driver ◀── actions / deadlines ── ClientMachine (sibyl-proto, no I/O)
+//!    │   └── outcomes (handle_ticket, handle_attached, handle_shard_failed…) ──▶
+//!    ├─ hub task:    QUIC ─▶ hub, stream 0: Hello ─▶ ◀─ Ticket | Refused
+//!    └─ shard tasks: QUIC ─▶ shard (top two raced), stream 0:
+//!                    Attach{token, HMAC(secret, TLS exporter)} ─▶ ◀─ Attached | close(code)
+//!        ▼
+//!  Client ── one quinn::Endpoint (one UDP socket), hub connection (publishing, next),
+//!    │       shard connection (subscriptions, next), watch of ConnectionState
+//!    └─ supervisor task: session stream GoAway / connection close ─▶ machine ─▶ reattach
+//!                        (cached ticket first, lost endpoint last, then the hub)
+//! ```
+//!
+//! Modules: [`config`] (the builder), [`client`] (the connected client and its state),
+//! [`error`] (typed errors with [`ConnectError::retryable`]). Internals: `driver` (the machine
+//! driver), `hub` and `shard` (one exchange each), `wire` (frames over quinn streams).
+//!
+//! ```no_run
+//! use sibyl_sdk::{Client, Trust};
+//!
+//! # async fn demo() -> Result<(), sibyl_sdk::ConnectError> {
+//! let client = Client::builder()
+//!     .hub("127.0.0.1:4433")
+//!     .trust(Trust::CaFile("sibyl-data/certs/ca.pem".into()))
+//!     .api_key("sk_live_example")
+//!     .want_subscribe("orders")
+//!     .connect()
+//!     .await?;
+//! println!("attached to {:?} (group {:?})", client.shard_endpoint(), client.shard_group());
+//! let mut states = client.watch_state();
+//! while states.changed().await.is_ok() {
+//!     println!("state: {:?}", *states.borrow());
+//! }
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+mod driver;
+pub mod error;
+mod hub;
+mod shard;
+mod wire;
+
+pub use client::{Client, ConnectionState, SessionInfo, TicketInfo};
+pub use config::{ClientBuilder, HubAddress, SDK_VERSION};
+pub use error::{ConfigError, ConnectError, ProtocolError, TlsError, TransportError};
+pub use sibyl_certs::{Trust, parse_fingerprint};
+pub use sibyl_proto::frame::{Endpoint, SessionLimits};
+pub use sibyl_proto::{ClientConfig, ErrorCode, Fault, Retry};

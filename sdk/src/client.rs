@@ -1,0 +1,413 @@
+//! [`Client`]: the connected client, its state watch and the supervisor task that reconnects.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use futures::Stream;
+use sibyl_proto::ErrorCode;
+use sibyl_proto::frame::{Endpoint, SessionLimits, Ticket};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{ClientBuilder, Prepared};
+use crate::driver::Driver;
+use crate::error::{ConnectError, TransportError};
+use crate::shard::{SessionEnd, ShardSession};
+
+/// The connection state, as published on [`Client::watch_state`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connecting for the first time (or again after [`Failed`](Self::Failed)).
+    Connecting,
+    /// A shard session is attached.
+    Attached {
+        /// The shard's endpoint, from the ticket.
+        endpoint: Endpoint,
+        /// The shard's session id.
+        session_id: u64,
+    },
+    /// The shard session was lost (or a reconnect was requested); reconnecting.
+    Reconnecting {
+        /// The code the shard gave (`GoAway` or close), if any.
+        cause: Option<ErrorCode>,
+    },
+    /// The machine gave up; [`Client::reconnect`] starts again.
+    Failed {
+        /// Why.
+        error: ConnectError,
+    },
+    /// The client was closed.
+    Closed,
+}
+
+/// What the client knows about the ticket of its session (never the token or the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TicketInfo {
+    /// Negotiated protocol version.
+    pub version: u32,
+    /// The shard group the token is for.
+    pub shard_group: u32,
+    /// Token expiry, Unix seconds.
+    pub expires_at: u64,
+    /// The group's endpoints, priority order.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl From<&Ticket> for TicketInfo {
+    fn from(t: &Ticket) -> Self {
+        Self {
+            version: t.version,
+            shard_group: t.shard_group,
+            expires_at: t.expires_at,
+            endpoints: t.endpoints.clone(),
+        }
+    }
+}
+
+/// The attached shard session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// The shard's endpoint.
+    pub endpoint: Endpoint,
+    /// The shard's session id.
+    pub session_id: u64,
+    /// The shard group.
+    pub shard_group: u32,
+    /// Limits the shard applies to this client's frames and streams.
+    pub limits: SessionLimits,
+    /// The shard's clock at attach, Unix ms.
+    pub server_time: u64,
+    /// The ticket the session was attached with.
+    pub ticket: TicketInfo,
+}
+
+enum Command {
+    Reconnect(oneshot::Sender<Result<SessionInfo, ConnectError>>),
+    Close,
+}
+
+/// Connections shared between the client and its supervisor task.
+#[derive(Debug, Default)]
+struct Shared {
+    session: Option<SessionInfo>,
+    /// The current shard connection (subscriptions open their streams on it).
+    shard: Option<quinn::Connection>,
+    /// The hub connection of the current ticket (publishers open their streams on it).
+    hub: Option<quinn::Connection>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The client's one QUIC endpoint (one UDP socket) for the hub and every shard.
+    endpoint: quinn::Endpoint,
+    client_id: String,
+    shared: Mutex<Shared>,
+    state: watch::Sender<ConnectionState>,
+}
+
+impl Inner {
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        // A poisoned lock only means a panic elsewhere while holding it; the data (handles
+        // and plain values) stays consistent, so keep going.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, s: ConnectionState) {
+        self.state.send_replace(s);
+    }
+}
+
+/// A Sibyl client: attached to a shard of the group the hub chose, reconnecting on its own.
+///
+/// Created by [`Client::builder`] … [`ClientBuilder::connect`]. When the shard connection
+/// closes or the shard sends `GoAway`, a background task re-runs the connection machine:
+/// the cached ticket first (the lost endpoint last), then the hub. Dropping the client closes
+/// its connections.
+#[derive(Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+    commands: mpsc::UnboundedSender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    /// A builder; see [`ClientBuilder`] for what is required.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    pub(crate) async fn connect_prepared(p: Prepared) -> Result<Self, ConnectError> {
+        let deadline = p.connect_timeout.map(|t| Instant::now() + t);
+        let hub = p.hub.resolve().await?;
+        let bind = p.bind.unwrap_or_else(|| {
+            if hub.is_ipv6() {
+                SocketAddr::from(([0u16; 8], 0))
+            } else {
+                SocketAddr::from(([0u8; 4], 0))
+            }
+        });
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Io {
+            what: "binding the client UDP socket",
+            source: Arc::new(e),
+        })?;
+        let client_id = p.hello.client_id.clone();
+        let mut driver = Driver::new(
+            p.machine,
+            endpoint.clone(),
+            p.quic,
+            p.hub,
+            p.hub_server_name,
+            p.hello,
+        );
+        let (state, _) = watch::channel(ConnectionState::Connecting);
+        driver.start();
+        let (session, ticket) = match driver.run(deadline).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                driver.abort_all();
+                endpoint.close(ErrorCode::NoError.to_u32().into(), b"connect failed");
+                return Err(e);
+            }
+        };
+        let inner = Arc::new(Inner {
+            endpoint,
+            client_id,
+            shared: Mutex::new(Shared::default()),
+            state,
+        });
+        publish(&inner, &driver, &session, ticket);
+        let (commands, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(supervise(inner.clone(), driver, session, rx));
+        Ok(Self {
+            inner,
+            commands,
+            task,
+        })
+    }
+
+    /// The client id sent to the hub and shards.
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The local UDP address of the client's QUIC endpoint.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.endpoint.local_addr().ok()
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ConnectionState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// A watch of the connection state (latest value; every change wakes the receiver).
+    pub fn watch_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// The connection states as a stream: the current one, then each change (intermediate
+    /// states may be skipped when they change faster than they are read). Ends when the
+    /// client is gone.
+    pub fn state_changes(&self) -> impl Stream<Item = ConnectionState> + Send + 'static {
+        let rx = self.watch_state();
+        futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let s = rx.borrow_and_update().clone();
+            Some((s, (rx, false)))
+        })
+    }
+
+    /// The attached session, if attached.
+    pub fn session(&self) -> Option<SessionInfo> {
+        self.inner.shared().session.clone()
+    }
+
+    /// The current shard endpoint, if attached.
+    pub fn shard_endpoint(&self) -> Option<Endpoint> {
+        self.inner
+            .shared()
+            .session
+            .as_ref()
+            .map(|s| s.endpoint.clone())
+    }
+
+    /// The current session id, if attached.
+    pub fn session_id(&self) -> Option<u64> {
+        self.inner.shared().session.as_ref().map(|s| s.session_id)
+    }
+
+    /// The current shard group, if attached.
+    pub fn shard_group(&self) -> Option<u32> {
+        self.inner.shared().session.as_ref().map(|s| s.shard_group)
+    }
+
+    /// The ticket of the current session, if attached.
+    pub fn ticket(&self) -> Option<TicketInfo> {
+        self.inner
+            .shared()
+            .session
+            .as_ref()
+            .map(|s| s.ticket.clone())
+    }
+
+    /// Drops the current shard session and attaches again: the cached ticket while it is
+    /// valid beyond the expiry margin (no hub round trip), else the hub. After
+    /// [`ConnectionState::Failed`] this starts the machine again.
+    pub async fn reconnect(&self) -> Result<SessionInfo, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reconnect(tx))
+            .map_err(|_| ConnectError::Shutdown)?;
+        rx.await.unwrap_or(Err(ConnectError::Shutdown))
+    }
+
+    /// Closes the shard and hub connections and waits for the background task to end.
+    pub async fn close(self) {
+        let _ = self.commands.send(Command::Close);
+        // The task ends after Close; a JoinError would mean it panicked, which changes
+        // nothing for a client being closed.
+        let _ = self.task.await;
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// Records an attached session in the shared state and the watch.
+fn publish(inner: &Inner, driver: &Driver, s: &ShardSession, ticket: crate::client::TicketInfo) {
+    let info = SessionInfo {
+        endpoint: s.endpoint.clone(),
+        session_id: s.attached.session_id,
+        shard_group: ticket.shard_group,
+        limits: s.attached.limits,
+        server_time: s.attached.server_time,
+        ticket,
+    };
+    {
+        let mut shared = inner.shared();
+        shared.session = Some(info.clone());
+        shared.shard = Some(s.conn.clone());
+        shared.hub = driver.hub_connection().cloned();
+    }
+    inner.set_state(ConnectionState::Attached {
+        endpoint: info.endpoint,
+        session_id: info.session_id,
+    });
+}
+
+fn session_info(inner: &Inner) -> Option<SessionInfo> {
+    inner.shared().session.clone()
+}
+
+enum Phase {
+    Attached(ShardSession),
+    Connecting,
+    Failed,
+}
+
+/// The background task: watches the attached session and re-runs the machine when it ends.
+async fn supervise(
+    inner: Arc<Inner>,
+    mut driver: Driver,
+    session: ShardSession,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut waiters: Vec<oneshot::Sender<Result<SessionInfo, ConnectError>>> = Vec::new();
+    // A draining shard's connection stays open until the next session attaches.
+    let mut draining: Option<quinn::Connection> = None;
+    let mut phase = Phase::Attached(session);
+    loop {
+        phase = match phase {
+            Phase::Attached(mut s) => {
+                let cause = tokio::select! {
+                    end = s.ended() => {
+                        tracing::info!(endpoint = %s.endpoint.addr, ?end, "shard session ended");
+                        let code = end.machine_code();
+                        if matches!(end, SessionEnd::GoAway(_)) {
+                            draining = Some(s.conn.clone());
+                        }
+                        code
+                    }
+                    cmd = commands.recv() => match cmd {
+                        Some(Command::Reconnect(reply)) => {
+                            waiters.push(reply);
+                            s.conn.close(ErrorCode::NoError.to_u32().into(), b"reconnect");
+                            Some(ErrorCode::NoError)
+                        }
+                        Some(Command::Close) | None => break,
+                    },
+                };
+                {
+                    let mut shared = inner.shared();
+                    shared.session = None;
+                    shared.shard = None;
+                }
+                inner.set_state(ConnectionState::Reconnecting { cause });
+                driver.disconnected(cause);
+                Phase::Connecting
+            }
+            Phase::Connecting => {
+                tokio::select! {
+                    r = driver.run(None) => match r {
+                        Ok((s, ticket)) => {
+                            if let Some(old) = draining.take() {
+                                old.close(ErrorCode::NoError.to_u32().into(), b"moved");
+                            }
+                            publish(&inner, &driver, &s, ticket);
+                            let info = session_info(&inner);
+                            for w in waiters.drain(..) {
+                                let _ = w.send(info.clone().ok_or(ConnectError::Shutdown));
+                            }
+                            Phase::Attached(s)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reconnect gave up");
+                            inner.set_state(ConnectionState::Failed { error: e.clone() });
+                            for w in waiters.drain(..) {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                            Phase::Failed
+                        }
+                    },
+                    cmd = commands.recv() => match cmd {
+                        Some(Command::Reconnect(reply)) => {
+                            waiters.push(reply);
+                            Phase::Connecting
+                        }
+                        Some(Command::Close) | None => break,
+                    },
+                }
+            }
+            Phase::Failed => match commands.recv().await {
+                Some(Command::Reconnect(reply)) => {
+                    waiters.push(reply);
+                    inner.set_state(ConnectionState::Connecting);
+                    driver.start();
+                    Phase::Connecting
+                }
+                Some(Command::Close) | None => break,
+            },
+        };
+    }
+    driver.abort_all();
+    let (shard, hub) = {
+        let mut shared = inner.shared();
+        shared.session = None;
+        (shared.shard.take(), shared.hub.take())
+    };
+    let bye = ErrorCode::NoError.to_u32().into();
+    for conn in [shard, hub, draining].into_iter().flatten() {
+        conn.close(bye, b"client closed");
+    }
+    if let Some(h) = driver.hub_connection() {
+        h.close(bye, b"client closed");
+    }
+    inner.endpoint.close(bye, b"client closed");
+    for w in waiters.drain(..) {
+        let _ = w.send(Err(ConnectError::Shutdown));
+    }
+    inner.set_state(ConnectionState::Closed);
+}

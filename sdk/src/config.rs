@@ -1,0 +1,503 @@
+//! [`ClientBuilder`]: every decision a client makes before it connects.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use sibyl_certs::{ClientTlsBuilder, Trust};
+use sibyl_proto::frame::{Action, Hello, Profile, Want};
+use sibyl_proto::{ClientConfig, SUPPORTED_VERSIONS};
+
+use crate::client::Client;
+use crate::error::{ConfigError, ConnectError, TlsError};
+
+/// The SDK version sent in `Hello.profile.sdk_version`.
+pub const SDK_VERSION: &str = concat!("sibyl-sdk/", env!("CARGO_PKG_VERSION"));
+
+/// Default QUIC idle timeout: 30 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default QUIC keep-alive interval: 10 s (keeps an idle shard session alive).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Default bound on the initial [`ClientBuilder::connect`]: 60 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the hub is: a socket address, or `host:port` resolved when connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubAddress {
+    /// An IP address and port.
+    Socket(SocketAddr),
+    /// `host:port` (a DNS name or an IP address), resolved at connect time.
+    HostPort(String),
+}
+
+impl From<SocketAddr> for HubAddress {
+    fn from(a: SocketAddr) -> Self {
+        Self::Socket(a)
+    }
+}
+
+impl From<&str> for HubAddress {
+    fn from(s: &str) -> Self {
+        match s.parse() {
+            Ok(a) => Self::Socket(a),
+            Err(_) => Self::HostPort(s.to_owned()),
+        }
+    }
+}
+
+impl From<String> for HubAddress {
+    fn from(s: String) -> Self {
+        Self::from(s.as_str())
+    }
+}
+
+impl HubAddress {
+    /// The host part of `host:port` when it is a DNS name (used as the default server name).
+    fn dns_host(&self) -> Option<&str> {
+        match self {
+            Self::Socket(_) => None,
+            Self::HostPort(s) => {
+                let (host, _) = s.rsplit_once(':')?;
+                (!host.is_empty() && host.parse::<std::net::IpAddr>().is_err()).then_some(host)
+            }
+        }
+    }
+
+    pub(crate) async fn resolve(&self) -> Result<SocketAddr, ConnectError> {
+        match self {
+            Self::Socket(a) => Ok(*a),
+            Self::HostPort(s) => tokio::net::lookup_host(s.as_str())
+                .await
+                .map_err(|_| ConfigError::BadHubAddress(s.clone()))?
+                .next()
+                .ok_or_else(|| ConfigError::BadHubAddress(s.clone()).into()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            Self::Socket(a) if a.port() == 0 => Err(ConfigError::BadHubAddress(a.to_string())),
+            Self::Socket(_) => Ok(()),
+            Self::HostPort(s) => match s.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    Ok(())
+                }
+                _ => Err(ConfigError::BadHubAddress(s.clone())),
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
+enum TrustChoice {
+    Trust(Trust),
+    DangerousAcceptAny,
+    Custom(Arc<rustls::ClientConfig>),
+}
+
+/// Builds and connects a [`Client`]. Obtain one with [`Client::builder`].
+///
+/// Required: [`hub`](Self::hub), [`api_key`](Self::api_key) and a trust decision
+/// ([`trust`](Self::trust); there is deliberately no default). Defaults: hub server name
+/// `"localhost"` (or the host of a `host:port` hub address when it is a DNS name), a random
+/// client id, empty region and device class, no wants, [`ClientConfig::default`], QUIC idle
+/// timeout [`DEFAULT_IDLE_TIMEOUT`], keep-alive [`DEFAULT_KEEP_ALIVE`], initial connect bound
+/// [`DEFAULT_CONNECT_TIMEOUT`], local socket `0.0.0.0:0` (`[::]:0` for an IPv6 hub).
+#[derive(Debug)]
+#[must_use]
+pub struct ClientBuilder {
+    hub: Option<HubAddress>,
+    hub_server_name: Option<String>,
+    api_key: Option<String>,
+    client_id: Option<String>,
+    trust: Option<TrustChoice>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    region: String,
+    device_class: String,
+    wants: Vec<Want>,
+    machine: ClientConfig,
+    idle_timeout: Duration,
+    keep_alive: Option<Duration>,
+    connect_timeout: Option<Duration>,
+    bind: Option<SocketAddr>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            hub: None,
+            hub_server_name: None,
+            api_key: None,
+            client_id: None,
+            trust: None,
+            client_cert: None,
+            region: String::new(),
+            device_class: String::new(),
+            wants: Vec::new(),
+            machine: ClientConfig::default(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive: Some(DEFAULT_KEEP_ALIVE),
+            connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+            bind: None,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// The hub's address: a `SocketAddr`, or `"host:port"` (resolved when connecting).
+    pub fn hub(mut self, addr: impl Into<HubAddress>) -> Self {
+        self.hub = Some(addr.into());
+        self
+    }
+
+    /// The name the hub's certificate is checked against (and sent as SNI).
+    pub fn hub_server_name(mut self, name: impl Into<String>) -> Self {
+        self.hub_server_name = Some(name.into());
+        self
+    }
+
+    /// The API key sent in `Hello`.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// The application-chosen client id, stable across reconnects. Default: random.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// How to authenticate the hub and shards: a CA file or PEM, a pinned SHA-256
+    /// certificate fingerprint, or the platform roots. Required.
+    pub fn trust(mut self, trust: Trust) -> Self {
+        self.trust = Some(TrustChoice::Trust(trust));
+        self
+    }
+
+    /// **Dangerous**: accept any server certificate (no authentication of the hub or the
+    /// shards). For throwaway local experiments only; prefer [`Trust::PinnedSha256`].
+    pub fn dangerous_accept_any_server_cert(mut self) -> Self {
+        self.trust = Some(TrustChoice::DangerousAcceptAny);
+        self
+    }
+
+    /// A complete rustls client configuration of your own (it must offer ALPN `sibyl/1` and
+    /// TLS 1.3). Replaces [`trust`](Self::trust) and [`client_cert`](Self::client_cert).
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.trust = Some(TrustChoice::Custom(config));
+        self
+    }
+
+    /// Presents this certificate chain (PEM) and key to servers asking for mTLS.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Profile hint: the client's region (helps the hub choose a shard group).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+
+    /// Profile hint: the device class (e.g. `"server"`, `"mobile"`).
+    pub fn device_class(mut self, class: impl Into<String>) -> Self {
+        self.device_class = class.into();
+        self
+    }
+
+    /// Announces that this client will subscribe to `stream`.
+    pub fn want_subscribe(mut self, stream: impl Into<String>) -> Self {
+        self.wants.push(Want {
+            stream: stream.into(),
+            action: Action::Subscribe,
+        });
+        self
+    }
+
+    /// Announces that this client will publish to `stream`.
+    pub fn want_publish(mut self, stream: impl Into<String>) -> Self {
+        self.wants.push(Want {
+            stream: stream.into(),
+            action: Action::Publish,
+        });
+        self
+    }
+
+    /// The connection machine's backoff, race width, attach timeout and token expiry margin.
+    ///
+    /// Errors: `race_width` 0, `attach_timeout` 0, or `backoff_initial > backoff_max`.
+    pub fn config(mut self, config: ClientConfig) -> Result<Self, ConfigError> {
+        if config.race_width == 0 {
+            return Err(out_of_range("race_width", "must be at least 1"));
+        }
+        if config.attach_timeout.is_zero() {
+            return Err(out_of_range("attach_timeout", "must be positive"));
+        }
+        if config.backoff_initial > config.backoff_max {
+            return Err(out_of_range(
+                "backoff_initial",
+                "must not exceed backoff_max",
+            ));
+        }
+        self.machine = config;
+        Ok(self)
+    }
+
+    /// QUIC idle timeout of the hub and shard connections. Errors outside `1 ms ..= 1 day`.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
+        if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(86_400) {
+            return Err(out_of_range(
+                "idle_timeout",
+                "must be within 1 ms ..= 1 day",
+            ));
+        }
+        self.idle_timeout = timeout;
+        Ok(self)
+    }
+
+    /// QUIC keep-alive interval (`None` disables). Errors unless `0 < interval <
+    /// idle_timeout` (set the idle timeout first).
+    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Result<Self, ConfigError> {
+        if let Some(i) = interval
+            && (i.is_zero() || i >= self.idle_timeout)
+        {
+            return Err(out_of_range(
+                "keep_alive_interval",
+                "must be positive and below idle_timeout",
+            ));
+        }
+        self.keep_alive = interval;
+        Ok(self)
+    }
+
+    /// Bound on [`connect`](Self::connect) as a whole (`None` waits as long as the machine
+    /// retries). Errors on zero.
+    pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Result<Self, ConfigError> {
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(out_of_range("connect_timeout", "must be positive"));
+        }
+        self.connect_timeout = timeout;
+        Ok(self)
+    }
+
+    /// The local UDP address of the client's one QUIC endpoint.
+    pub fn bind_addr(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
+        self
+    }
+
+    /// Checks the configuration and connects: hub → ticket → shard, retrying as the
+    /// connection machine decides until attached, given up, or `connect_timeout` (then
+    /// [`ConnectError::Timeout`], or [`ConnectError::GiveUp`] carrying the last error seen).
+    pub async fn connect(self) -> Result<Client, ConnectError> {
+        Client::connect_prepared(self.prepare()?).await
+    }
+
+    /// Validates and builds everything that needs no network.
+    pub(crate) fn prepare(self) -> Result<Prepared, ConnectError> {
+        let hub = self.hub.ok_or(ConfigError::MissingHub)?;
+        hub.validate()?;
+        let api_key = self.api_key.ok_or(ConfigError::MissingApiKey)?;
+        let trust = self.trust.ok_or(ConfigError::MissingTrust)?;
+        let tls = match trust {
+            TrustChoice::Custom(c) => c,
+            other => {
+                let b = match other {
+                    TrustChoice::Trust(t) => ClientTlsBuilder::new(t),
+                    _ => ClientTlsBuilder::dangerous_accept_any_server_cert(),
+                };
+                let b = match &self.client_cert {
+                    Some((c, k)) => b.client_auth(c, k),
+                    None => b,
+                };
+                b.build().map_err(TlsError::from)?
+            }
+        };
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| TlsError::NotQuic(e.to_string()))?;
+        let mut transport = quinn::TransportConfig::default();
+        // Invariant: idle_timeout() bounds the value to ≤ 1 day, far below QUIC's 2^62 ms.
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| out_of_range("idle_timeout", "too large for QUIC"))?;
+        transport.max_idle_timeout(Some(idle));
+        transport.keep_alive_interval(self.keep_alive);
+        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        quic.transport_config(Arc::new(transport));
+
+        let hub_server_name = self
+            .hub_server_name
+            .or_else(|| hub.dns_host().map(str::to_owned))
+            .unwrap_or_else(|| "localhost".to_owned());
+        let client_id = self
+            .client_id
+            .unwrap_or_else(|| format!("sibyl-{:016x}", rand::random::<u64>()));
+        let hello = Hello {
+            client_id,
+            api_key,
+            profile: Profile {
+                region: self.region,
+                device_class: self.device_class,
+                sdk_version: SDK_VERSION.to_owned(),
+            },
+            wants: self.wants,
+            versions: SUPPORTED_VERSIONS.to_vec(),
+        };
+        Ok(Prepared {
+            hub,
+            hub_server_name,
+            hello,
+            quic,
+            machine: self.machine,
+            bind: self.bind,
+            connect_timeout: self.connect_timeout,
+        })
+    }
+}
+
+fn out_of_range(name: &'static str, detail: &'static str) -> ConfigError {
+    ConfigError::OutOfRange { name, detail }
+}
+
+/// A validated configuration, ready to connect.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) hub: HubAddress,
+    pub(crate) hub_server_name: String,
+    pub(crate) hello: Hello,
+    pub(crate) quic: quinn::ClientConfig,
+    pub(crate) machine: ClientConfig,
+    pub(crate) bind: Option<SocketAddr>,
+    pub(crate) connect_timeout: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> ClientBuilder {
+        ClientBuilder::default()
+            .hub("127.0.0.1:4433")
+            .api_key("sk_test")
+            .dangerous_accept_any_server_cert()
+    }
+
+    fn config_err(b: ClientBuilder) -> ConfigError {
+        match b.prepare() {
+            Err(ConnectError::Config(c)) => c,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_trust_hub_or_key_is_a_config_error() {
+        let no_trust = ClientBuilder::default().hub("127.0.0.1:1").api_key("k");
+        assert_eq!(config_err(no_trust), ConfigError::MissingTrust);
+        let no_hub = ClientBuilder::default()
+            .api_key("k")
+            .trust(Trust::PinnedSha256([0; 32]));
+        assert_eq!(config_err(no_hub), ConfigError::MissingHub);
+        let no_key = ClientBuilder::default()
+            .hub("127.0.0.1:1")
+            .trust(Trust::PinnedSha256([0; 32]));
+        assert_eq!(config_err(no_key), ConfigError::MissingApiKey);
+        assert!(!ConnectError::from(ConfigError::MissingTrust).retryable());
+    }
+
+    #[test]
+    fn hub_addresses_are_checked() {
+        for bad in [
+            "nohost",
+            ":4433",
+            "host:",
+            "host:0",
+            "host:99999",
+            "127.0.0.1:0",
+        ] {
+            assert!(
+                matches!(config_err(base().hub(bad)), ConfigError::BadHubAddress(_)),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            HubAddress::from("10.0.0.1:1"),
+            HubAddress::Socket("10.0.0.1:1".parse().unwrap())
+        );
+        assert!(base().hub("[::1]:4433").prepare().is_ok());
+        assert!(base().hub("gw.example.com:4433").prepare().is_ok());
+    }
+
+    #[test]
+    fn server_name_defaults_to_dns_host_else_localhost() {
+        let p = base().hub("gw.example.com:4433").prepare().unwrap();
+        assert_eq!(p.hub_server_name, "gw.example.com");
+        let p = base().prepare().unwrap();
+        assert_eq!(p.hub_server_name, "localhost");
+        let p = base().hub_server_name("hub-1").prepare().unwrap();
+        assert_eq!(p.hub_server_name, "hub-1");
+    }
+
+    #[test]
+    fn hello_carries_profile_wants_version_and_a_random_client_id() {
+        let p = base()
+            .region("eu")
+            .device_class("server")
+            .want_subscribe("orders")
+            .want_publish("prices")
+            .prepare()
+            .unwrap();
+        assert_eq!(p.hello.profile.region, "eu");
+        assert_eq!(p.hello.profile.device_class, "server");
+        assert_eq!(p.hello.profile.sdk_version, SDK_VERSION);
+        assert!(SDK_VERSION.ends_with(env!("CARGO_PKG_VERSION")));
+        assert_eq!(p.hello.wants.len(), 2);
+        assert_eq!(p.hello.wants[0].action, Action::Subscribe);
+        assert_eq!(p.hello.wants[1].stream, "prices");
+        assert_eq!(p.hello.versions, SUPPORTED_VERSIONS);
+        let other = base().prepare().unwrap();
+        assert!(p.hello.client_id.starts_with("sibyl-"));
+        assert_ne!(p.hello.client_id, other.hello.client_id);
+        let fixed = base().client_id("app-1").prepare().unwrap();
+        assert_eq!(fixed.hello.client_id, "app-1");
+    }
+
+    #[test]
+    fn bounded_setters_reject_out_of_range_values() {
+        assert!(base().idle_timeout(Duration::ZERO).is_err());
+        assert!(base().idle_timeout(Duration::from_secs(90_000)).is_err());
+        let b = base().idle_timeout(Duration::from_secs(5)).unwrap();
+        assert!(b.keep_alive_interval(Some(Duration::from_secs(5))).is_err());
+        let b = base().idle_timeout(Duration::from_secs(5)).unwrap();
+        assert!(b.keep_alive_interval(Some(Duration::from_secs(1))).is_ok());
+        assert!(base().keep_alive_interval(None).is_ok());
+        assert!(base().connect_timeout(Some(Duration::ZERO)).is_err());
+        let mut c = ClientConfig::default();
+        c.race_width = 0;
+        assert!(base().config(c).is_err());
+        let mut c = ClientConfig::default();
+        c.backoff_initial = Duration::from_secs(20);
+        assert!(base().config(c).is_err());
+        let mut c = ClientConfig::default();
+        c.attach_timeout = Duration::ZERO;
+        assert!(base().config(c).is_err());
+        assert!(base().config(ClientConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn unreadable_ca_file_is_a_tls_error() {
+        let err = base()
+            .trust(Trust::CaFile("/nonexistent/sibyl/ca.pem".into()))
+            .prepare()
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Tls(TlsError::Cert(_))),
+            "{err:?}"
+        );
+        assert!(!err.retryable());
+    }
+}

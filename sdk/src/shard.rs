@@ -1,0 +1,161 @@
+//! One shard attempt (connect, session stream, `Attach` with the proof, `Attached`) and the
+//! attached session's watch (connection close or `GoAway` on the session stream).
+
+use std::net::SocketAddr;
+
+use sibyl_proto::frame::{Attach, Attached, Endpoint, GoAway};
+use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN};
+use sibyl_proto::{ErrorCode, Frame, attach_proof};
+
+use crate::error::{ConnectError, ProtocolError};
+use crate::wire::{FrameReader, close_for, write_frame};
+
+/// What an attempt needs from the ticket.
+#[derive(Debug, Clone)]
+pub(crate) struct AttachRequest {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) token: Vec<u8>,
+    pub(crate) secret: [u8; 32],
+    pub(crate) client_id: String,
+    pub(crate) resume: Option<u64>,
+}
+
+/// An attached shard session: the connection and its session stream.
+#[derive(Debug)]
+pub(crate) struct ShardSession {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) attached: Attached,
+    /// Kept open for the session's lifetime (dropping it would finish the stream).
+    _send: quinn::SendStream,
+    reader: FrameReader,
+}
+
+/// How an attached session ended.
+#[derive(Debug)]
+pub(crate) enum SessionEnd {
+    /// The shard is draining.
+    GoAway(GoAway),
+    /// The connection closed or the session stream failed.
+    Lost(ConnectError),
+}
+
+impl SessionEnd {
+    /// The code to report to the machine: only codes a peer gave; a shard that misbehaved or
+    /// a lost network counts as a plain connection loss.
+    pub(crate) fn machine_code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::GoAway(g) => Some(g.code),
+            Self::Lost(e) => peer_code(e),
+        }
+    }
+}
+
+/// A code the peer gave (application close, stream reset), for [`sibyl_proto::ClientMachine`].
+pub(crate) fn peer_code(e: &ConnectError) -> Option<ErrorCode> {
+    match e {
+        ConnectError::Closed { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+/// Connects to `req.endpoint`, opens the session stream, sends `Attach` with the proof bound
+/// to this connection's TLS exporter and waits for `Attached`.
+pub(crate) async fn attach(
+    quic_endpoint: &quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    req: AttachRequest,
+) -> Result<ShardSession, ConnectError> {
+    let addr: SocketAddr = req
+        .endpoint
+        .addr
+        .parse()
+        .map_err(|_| ProtocolError::BadEndpoint(req.endpoint.addr.clone()))?;
+    let conn = quic_endpoint
+        .connect_with(quic, addr, &req.endpoint.server_name)
+        .map_err(ConnectError::from_connect)?
+        .await
+        .map_err(ConnectError::from_connection)?;
+    match session_stream(&conn, &req).await {
+        Ok((send, reader, attached)) => Ok(ShardSession {
+            conn,
+            endpoint: req.endpoint,
+            attached,
+            _send: send,
+            reader,
+        }),
+        Err(e) => {
+            close_for(&conn, &e);
+            Err(e)
+        }
+    }
+}
+
+async fn session_stream(
+    conn: &quinn::Connection,
+    req: &AttachRequest,
+) -> Result<(quinn::SendStream, FrameReader, Attached), ConnectError> {
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
+        .map_err(|_| ProtocolError::Exporter)?;
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(ConnectError::from_connection)?;
+    let attach = Attach {
+        token: req.token.clone(),
+        proof: attach_proof(&req.secret, &exporter),
+        client_id: req.client_id.clone(),
+        resume: req.resume,
+    };
+    write_frame(&mut send, attach).await?;
+    let mut reader = FrameReader::new(recv);
+    const EXPECTED: &str = "Attached";
+    // A refusing shard closes the connection with its code: the read reports it as
+    // `ConnectError::Closed`.
+    match reader.next().await {
+        Ok(Some(Frame::Attached(a))) => Ok((send, reader, a)),
+        Ok(Some(other)) => Err(ProtocolError::Unexpected {
+            expected: EXPECTED,
+            got: other.frame_type(),
+        }
+        .into()),
+        Ok(None) => {
+            // Finished without answering: the close code, if one follows, says why.
+            match conn.closed().await {
+                quinn::ConnectionError::ApplicationClosed(c) => Err(ConnectError::from_connection(
+                    quinn::ConnectionError::ApplicationClosed(c),
+                )),
+                _ => Err(ProtocolError::StreamEnded { expected: EXPECTED }.into()),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl ShardSession {
+    /// Waits until the session ends: `GoAway` on the session stream, or the connection
+    /// closing. Any other frame is a protocol violation (the connection is closed with it).
+    /// Cancel-safe between frames.
+    pub(crate) async fn ended(&mut self) -> SessionEnd {
+        match self.reader.next().await {
+            Ok(Some(Frame::GoAway(g))) => SessionEnd::GoAway(g),
+            Ok(Some(other)) => {
+                let e = ConnectError::from(ProtocolError::Unexpected {
+                    expected: "GoAway",
+                    got: other.frame_type(),
+                });
+                close_for(&self.conn, &e);
+                SessionEnd::Lost(e)
+            }
+            Ok(None) => {
+                return SessionEnd::Lost(ConnectError::from_connection(self.conn.closed().await));
+            }
+            Err(e @ ConnectError::Protocol(_)) => {
+                close_for(&self.conn, &e);
+                SessionEnd::Lost(e)
+            }
+            Err(e) => SessionEnd::Lost(e),
+        }
+    }
+}

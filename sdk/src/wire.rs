@@ -1,0 +1,63 @@
+//! Frames over quinn streams: one [`FrameDecoder`] per receive stream, whole frames out.
+
+use sibyl_proto::{Codec, Frame, FrameDecoder};
+
+use crate::error::{ConnectError, ProtocolError};
+
+/// Largest chunk taken from quinn per read (the decoder bounds frames by type first).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A receive stream with its frame decoder.
+#[derive(Debug)]
+pub(crate) struct FrameReader {
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    pub(crate) fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::default(),
+        }
+    }
+
+    /// The next whole frame, `Ok(None)` at a clean end of stream. A decode error is
+    /// [`ProtocolError::Frame`] (close the connection with its code).
+    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ConnectError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().map_err(ProtocolError::from)? {
+                return Ok(Some(frame));
+            }
+            match self
+                .recv
+                .read_chunk(READ_CHUNK, true)
+                .await
+                .map_err(ConnectError::from_read)?
+            {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None => {
+                    self.decoder.finish().map_err(ProtocolError::from)?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one whole frame.
+pub(crate) async fn write_frame(
+    send: &mut quinn::SendStream,
+    frame: impl Into<Frame>,
+) -> Result<(), ConnectError> {
+    let mut buf = Vec::new();
+    frame.into().encode(&mut buf);
+    send.write_all(&buf).await.map_err(ConnectError::from_write)
+}
+
+/// Closes `conn` with the code a protocol error calls for.
+pub(crate) fn close_for(conn: &quinn::Connection, err: &ConnectError) {
+    if let ConnectError::Protocol(p) = err {
+        conn.close(p.code().to_u32().into(), p.to_string().as_bytes());
+    }
+}
