@@ -52,10 +52,23 @@ impl Serialize for TokenId {
 
 impl<'de> Deserialize<'de> for TokenId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let buf = serde_bytes::ByteBuf::deserialize(d)?;
-        let id = <[u8; 16]>::try_from(buf.as_slice())
-            .map_err(|_| serde::de::Error::invalid_length(buf.len(), &"16 bytes"))?;
-        Ok(Self(id))
+        d.deserialize_bytes(ByteArray::<16>).map(Self)
+    }
+}
+
+/// Deserializes a CBOR byte string of exactly `N` bytes without allocating (the bytes are
+/// borrowed from the input).
+struct ByteArray<const N: usize>;
+
+impl<const N: usize> serde::de::Visitor<'_> for ByteArray<N> {
+    type Value = [u8; N];
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a byte string of {N} bytes")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<[u8; N], E> {
+        <[u8; N]>::try_from(v).map_err(|_| E::invalid_length(v.len(), &self))
     }
 }
 
@@ -107,12 +120,7 @@ impl Serialize for SessionSecret {
 
 impl<'de> Deserialize<'de> for SessionSecret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let mut buf = serde_bytes::ByteBuf::deserialize(d)?;
-        let result = <[u8; 32]>::try_from(buf.as_slice())
-            .map(Self)
-            .map_err(|_| serde::de::Error::invalid_length(buf.len(), &"32 bytes"));
-        buf.as_mut_slice().zeroize();
-        result
+        d.deserialize_bytes(ByteArray::<32>).map(Self)
     }
 }
 
