@@ -1,0 +1,337 @@
+//! Tiny in-process fakes of the hub and of shards, on quinn and sibyl-proto frames, bound to
+//! 127.0.0.1:0 with a dev CA in a temp dir. They implement just enough of PROTOCOL.md §5.1
+//! and §6.1 to exercise the SDK's connection logic; the cross-process interop tests replace
+//! them with the real gateway.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quinn::crypto::rustls::QuicServerConfig;
+use sibyl_certs::{InitOptions, ServerTlsBuilder, init_dir};
+use sibyl_proto::frame::{
+    Attach, Attached, Endpoint, GoAway, Hello, Refused, SessionLimits, Ticket,
+};
+use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL};
+use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder, verify_attach_proof};
+
+/// Safety net against hangs in awaits of the tests; never a timing assertion.
+pub const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// A dev CA and server certificate in a temp dir (removed on drop).
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    pub ca_pem: PathBuf,
+    pub server_fingerprint: [u8; 32],
+    server: Arc<rustls::ServerConfig>,
+}
+
+pub fn pki() -> Pki {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let paths = init_dir(&dir.path().join("certs"), &InitOptions::default()).expect("dev CA");
+    let (server, reload) = ServerTlsBuilder::new(&paths.server_cert, &paths.server_key)
+        .build()
+        .expect("server TLS config");
+    Pki {
+        _dir: dir,
+        ca_pem: paths.ca_cert,
+        server_fingerprint: reload.fingerprint(None),
+        server,
+    }
+}
+
+fn server_endpoint(pki: &Pki) -> quinn::Endpoint {
+    let crypto = QuicServerConfig::try_from(pki.server.clone()).expect("QUIC server config");
+    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).expect("bind 127.0.0.1:0")
+}
+
+/// Tokens the fake hub issued and their session secrets: the fakes' shared "keyring".
+#[derive(Clone, Default)]
+pub struct Keys(Arc<Mutex<HashMap<Vec<u8>, [u8; 32]>>>);
+
+impl Keys {
+    fn issue(&self) -> (Vec<u8>, [u8; 32]) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let token = format!("tok-{}", NEXT.fetch_add(1, Ordering::Relaxed)).into_bytes();
+        let secret: [u8; 32] = rand::random();
+        self.0.lock().unwrap().insert(token.clone(), secret);
+        (token, secret)
+    }
+
+    fn secret(&self, token: &[u8]) -> Option<[u8; 32]> {
+        self.0.lock().unwrap().get(token).copied()
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Reads one frame from a stream (None at its end or on any error).
+async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Option<Frame> {
+    loop {
+        if let Some(f) = dec.next_frame().ok()? {
+            return Some(f);
+        }
+        let chunk = recv.read_chunk(65_536, true).await.ok()??;
+        dec.push(&chunk.bytes);
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: impl Into<Frame>) {
+    let mut buf = Vec::new();
+    frame.into().encode(&mut buf);
+    let _ = send.write_all(&buf).await;
+}
+
+/// What the hub answers, in order; the last one repeats.
+#[derive(Clone, Debug)]
+pub enum HubReply {
+    /// A ticket for `endpoints`, expiring `ttl_s` seconds from now.
+    Ticket {
+        ttl_s: u64,
+    },
+    Refused(Refused),
+}
+
+pub struct FakeHub {
+    pub addr: SocketAddr,
+    hellos: Arc<Mutex<Vec<Hello>>>,
+    tickets: Arc<Mutex<Vec<Ticket>>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl FakeHub {
+    pub const GROUP: u32 = 7;
+
+    pub fn start(pki: &Pki, keys: &Keys, endpoints: Vec<Endpoint>, replies: Vec<HubReply>) -> Self {
+        let endpoint = server_endpoint(pki);
+        let addr = endpoint.local_addr().unwrap();
+        let hellos = Arc::new(Mutex::new(Vec::new()));
+        let tickets = Arc::new(Mutex::new(Vec::new()));
+        let (ep, h, t, keys) = (
+            endpoint.clone(),
+            hellos.clone(),
+            tickets.clone(),
+            keys.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    continue;
+                };
+                let Some(Frame::Hello(hello)) =
+                    read_frame(&mut recv, &mut FrameDecoder::default()).await
+                else {
+                    conn.close(ErrorCode::ProtocolViolation.to_u32().into(), b"want Hello");
+                    continue;
+                };
+                let n = {
+                    let mut h = h.lock().unwrap();
+                    h.push(hello);
+                    h.len()
+                };
+                let reply = replies[(n - 1).min(replies.len() - 1)].clone();
+                match reply {
+                    HubReply::Ticket { ttl_s } => {
+                        let (token, session_secret) = keys.issue();
+                        let ticket = Ticket {
+                            version: 1,
+                            token,
+                            session_secret,
+                            shard_group: Self::GROUP,
+                            expires_at: unix_now() + ttl_s,
+                            endpoints: endpoints.clone(),
+                        };
+                        t.lock().unwrap().push(ticket.clone());
+                        write_frame(&mut send, ticket).await;
+                    }
+                    HubReply::Refused(r) => write_frame(&mut send, r).await,
+                }
+                let _ = send.finish();
+                // Keep `conn` alive: the client may keep it for publishing.
+                tokio::spawn(async move { conn.closed().await });
+            }
+        });
+        Self {
+            addr,
+            hellos,
+            tickets,
+            endpoint,
+        }
+    }
+
+    pub fn hellos(&self) -> Vec<Hello> {
+        self.hellos.lock().unwrap().clone()
+    }
+
+    pub fn tickets(&self) -> Vec<Ticket> {
+        self.tickets.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeHub {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"test over");
+    }
+}
+
+/// How a fake shard answers `Attach`.
+#[derive(Clone, Copy, Debug)]
+pub enum ShardMode {
+    /// Verify the token and proof; answer `Attached` (or close with `PROOF_FAILED`).
+    Accept,
+    /// Close the connection with this code on `Attach`.
+    Refuse(ErrorCode),
+}
+
+#[derive(Clone, Debug)]
+pub struct SeenAttach {
+    pub attach: Attach,
+    pub proof_ok: bool,
+}
+
+pub struct FakeShard {
+    pub addr: SocketAddr,
+    attaches: Arc<Mutex<Vec<SeenAttach>>>,
+    sessions: Arc<Mutex<Vec<(quinn::Connection, quinn::SendStream)>>>,
+    endpoint: quinn::Endpoint,
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(100);
+
+impl FakeShard {
+    pub fn start(pki: &Pki, keys: &Keys, mode: ShardMode) -> Self {
+        let endpoint = server_endpoint(pki);
+        let addr = endpoint.local_addr().unwrap();
+        let attaches = Arc::new(Mutex::new(Vec::new()));
+        let sessions = Arc::new(Mutex::new(Vec::new()));
+        let (ep, seen, live, keys) = (
+            endpoint.clone(),
+            attaches.clone(),
+            sessions.clone(),
+            keys.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let (seen, live, keys) = (seen.clone(), live.clone(), keys.clone());
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                        return;
+                    };
+                    let Some(Frame::Attach(attach)) =
+                        read_frame(&mut recv, &mut FrameDecoder::default()).await
+                    else {
+                        conn.close(ErrorCode::ProtocolViolation.to_u32().into(), b"want Attach");
+                        return;
+                    };
+                    let mut exporter = [0u8; 32];
+                    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
+                        .expect("exporter");
+                    let proof_ok = keys
+                        .secret(&attach.token)
+                        .is_some_and(|s| verify_attach_proof(&s, &exporter, &attach.proof));
+                    seen.lock().unwrap().push(SeenAttach { attach, proof_ok });
+                    let code = match mode {
+                        ShardMode::Refuse(code) => code,
+                        ShardMode::Accept if !proof_ok => ErrorCode::ProofFailed,
+                        ShardMode::Accept => {
+                            let attached = Attached {
+                                session_id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+                                limits: SessionLimits {
+                                    max_streams: 100,
+                                    max_frame: 65_536,
+                                    idle_timeout_ms: 30_000,
+                                },
+                                server_time: unix_now() * 1000,
+                            };
+                            write_frame(&mut send, attached).await;
+                            live.lock().unwrap().push((conn.clone(), send));
+                            conn.closed().await;
+                            return;
+                        }
+                    };
+                    conn.close(code.to_u32().into(), b"refused by fake shard");
+                });
+            }
+        });
+        Self {
+            addr,
+            attaches,
+            sessions,
+            endpoint,
+        }
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: self.addr.to_string(),
+            server_name: "localhost".into(),
+        }
+    }
+
+    pub fn attaches(&self) -> Vec<SeenAttach> {
+        self.attaches.lock().unwrap().clone()
+    }
+
+    /// Closes every attached session's connection with `code`.
+    pub fn close_sessions(&self, code: ErrorCode) {
+        for (conn, _) in self.sessions.lock().unwrap().drain(..) {
+            conn.close(code.to_u32().into(), b"fake shard closes");
+        }
+    }
+
+    /// Sends `GoAway{DRAINING}` on every live session stream (connections stay open).
+    pub async fn go_away(&self) {
+        let mut live: Vec<_> = self.sessions.lock().unwrap().drain(..).collect();
+        for (_, send) in &mut live {
+            let g = GoAway {
+                code: ErrorCode::Draining,
+                reason: "draining".into(),
+                reconnect_after_ms: 5_000,
+            };
+            write_frame(send, g).await;
+        }
+        // Keep the streams open until the client moves (dropping would finish them).
+        self.sessions.lock().unwrap().extend(live);
+    }
+}
+
+impl Drop for FakeShard {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"test over");
+    }
+}
+
+/// An endpoint nothing listens on: a UDP port bound and released.
+pub fn dead_endpoint() -> Endpoint {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    drop(sock);
+    Endpoint {
+        addr: addr.to_string(),
+        server_name: "localhost".into(),
+    }
+}
+
+/// Waits (bounded by [`HANG_GUARD`]) until the state watch satisfies `pred`.
+pub async fn wait_state(
+    rx: &mut tokio::sync::watch::Receiver<sibyl_sdk::ConnectionState>,
+    pred: impl Fn(&sibyl_sdk::ConnectionState) -> bool,
+) -> sibyl_sdk::ConnectionState {
+    tokio::time::timeout(HANG_GUARD, rx.wait_for(|s| pred(s)))
+        .await
+        .expect("state reached before the hang guard")
+        .expect("client alive")
+        .clone()
+}
