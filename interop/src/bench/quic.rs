@@ -1,0 +1,443 @@
+//! Bare-quinn baselines: an in-process quinn server and client on 127.0.0.1 with the dev
+//! certificates and the exact TLS configuration Sibyl uses (TLS 1.3, ALPN `sibyl/1`, ECDSA
+//! P-256 leaf issued by a dev CA, both from `sibyl-certs`), and [`transport_config`], the quinn
+//! transport configuration the gateway and the SDK mirror.
+//!
+//! ```text
+//!  client endpoint(s) ──connect──▶ BaselineServer (127.0.0.1:0)
+//!        │  handshake only: close right after establishment (handshakes/s, handshake ms)
+//!        └─ uni "request" {total u64, write size u64} ──▶ server opens one uni stream and
+//!           writes `total` bytes in `write size` writes ──▶ client reads to the end (bytes/s)
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, TransportConfig, VarInt};
+use sibyl_certs::{
+    CertPaths, ClientTlsBuilder, InitOptions, ReloadHandle, ServerTlsBuilder, Trust,
+};
+use tempfile::TempDir;
+
+use super::BenchError;
+
+/// The server name clients present (a SAN of every `sibyl-certs` dev leaf).
+pub const SERVER_NAME: &str = "localhost";
+
+/// Largest write size a baseline stream request may ask for (1 MiB); bounds the server's
+/// buffer before it is allocated.
+pub const MAX_WRITE_SIZE: u64 = 1 << 20;
+
+/// Largest total a baseline stream request may ask for (1 TiB).
+pub const MAX_STREAM_TOTAL: u64 = 1 << 40;
+
+/// Size of a stream request: `total` then `write size`, both big-endian `u64`.
+const REQUEST_LEN: usize = 16;
+
+/// Stream receive window of [`transport_config`]: 16 MiB.
+pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+
+/// Connection receive window of [`transport_config`]: 32 MiB (room for two full streams).
+pub const RECEIVE_WINDOW: u32 = 32 << 20;
+
+/// Send window of [`transport_config`]: 32 MiB.
+pub const SEND_WINDOW: u64 = 32 << 20;
+
+/// Maximum concurrent uni streams a peer may open under [`transport_config`]: 1024 (Sibyl
+/// carries one uni stream per assigned partition, plus staging streams during a flip).
+pub const MAX_CONCURRENT_UNI_STREAMS: u32 = 1024;
+
+/// Idle timeout of [`transport_config`]: 30 s (RFC 9308 § 3.2, quinn's default).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Keep-alive interval of [`transport_config`]: 10 s, well inside [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The quinn transport configuration of every Sibyl endpoint (hub, shard, SDK). The gateway
+/// and the SDK must build theirs with exactly these settings (or call this function) so that
+/// the baselines compare like with like.
+///
+/// Differences from `TransportConfig::default()`:
+/// - stream receive window [`STREAM_RECEIVE_WINDOW`] (16 MiB, default 1.25 MB), connection
+///   receive window [`RECEIVE_WINDOW`] (32 MiB, default unlimited) and send window
+///   [`SEND_WINDOW`] (32 MiB, default 10 MB): the default stream window caps one stream at
+///   about 1.25 MB per RTT, which throttles bulk transfer on a fast path;
+/// - [`MAX_CONCURRENT_UNI_STREAMS`] uni streams (default 100), no bidi change (100);
+/// - keep-alive every [`KEEP_ALIVE_INTERVAL`] with the default 30 s idle timeout.
+///
+/// Everything else (initial MTU 1200 with MTU discovery, segmentation offload, Cubic
+/// congestion control, datagram buffers, initial RTT 333 ms) stays at quinn's defaults.
+pub fn transport_config() -> TransportConfig {
+    let mut config = TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_CONCURRENT_UNI_STREAMS))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    // The conversion only fails for values above 2^62 ms; 30 s is far below.
+    config.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    config
+}
+
+/// Which transport configuration a baseline endpoint uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// [`transport_config`], what Sibyl uses. Default.
+    #[default]
+    Sibyl,
+    /// `quinn::TransportConfig::default()`, for before/after comparisons only.
+    QuinnDefault,
+}
+
+impl Transport {
+    fn config(self) -> Arc<TransportConfig> {
+        Arc::new(match self {
+            Self::Sibyl => transport_config(),
+            Self::QuinnDefault => TransportConfig::default(),
+        })
+    }
+}
+
+/// Whether a client may resume an earlier TLS session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Resumption {
+    /// Every handshake is a full one (certificate sent, signed and verified). Default; what
+    /// a fresh client process sees, and what the baseline figures use.
+    #[default]
+    Full,
+    /// The client keeps rustls' in-memory session cache, so repeated handshakes to the
+    /// same server resume (PSK + ECDHE, no certificate).
+    Resume,
+}
+
+/// The benchmark's TLS material: a dev CA and a server leaf written by
+/// `sibyl_certs::init_dir` into a temporary directory (removed on drop), and the rustls
+/// configurations `sibyl-certs` builds from them. A Sibyl half should serve these same
+/// files so that certificate size and TLS work match the baseline.
+pub struct BenchTls {
+    paths: CertPaths,
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    _reload: ReloadHandle,
+    _dir: TempDir,
+}
+
+impl std::fmt::Debug for BenchTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchTls")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BenchTls {
+    /// Generates the dev CA and server leaf (default [`InitOptions`]) in a fresh temporary
+    /// directory and builds both TLS configurations.
+    pub fn generate() -> Result<Self, BenchError> {
+        let dir = tempfile::Builder::new()
+            .prefix("sibyl-bench-certs")
+            .tempdir()
+            .map_err(BenchError::Io)?;
+        let certs_dir = dir.path().join("certs");
+        let paths = sibyl_certs::init_dir(&certs_dir, &InitOptions::default())?;
+        let (server, reload) = ServerTlsBuilder::new(&paths.server_cert, &paths.server_key)
+            // The files never change during a run; skip the per-handshake metadata checks.
+            .reload_interval(Duration::from_secs(3600))
+            .build()?;
+        let client = ClientTlsBuilder::new(Trust::CaFile(paths.ca_cert.clone())).build()?;
+        Ok(Self {
+            paths,
+            server,
+            client,
+            _reload: reload,
+            _dir: dir,
+        })
+    }
+
+    /// Where the CA and the server certificate and key are.
+    pub fn paths(&self) -> &CertPaths {
+        &self.paths
+    }
+
+    /// The server's rustls configuration (as the gateway builds it).
+    pub fn server_crypto(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    /// The client's rustls configuration (as the SDK builds it), trusting the dev CA, with
+    /// the given session resumption policy.
+    pub fn client_crypto(&self, resumption: Resumption) -> Arc<rustls::ClientConfig> {
+        match resumption {
+            Resumption::Resume => self.client.clone(),
+            Resumption::Full => {
+                let mut config = (*self.client).clone();
+                config.resumption = rustls::client::Resumption::disabled();
+                Arc::new(config)
+            }
+        }
+    }
+
+    /// A quinn client configuration from [`client_crypto`](Self::client_crypto) and the
+    /// given transport.
+    pub fn quinn_client_config(
+        &self,
+        resumption: Resumption,
+        transport: Transport,
+    ) -> Result<quinn::ClientConfig, BenchError> {
+        let crypto = QuicClientConfig::try_from(self.client_crypto(resumption))
+            .map_err(|_| BenchError::NoInitialCipherSuite)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport.config());
+        Ok(config)
+    }
+
+    /// A fresh quinn client endpoint on 127.0.0.1:0 with
+    /// [`quinn_client_config`](Self::quinn_client_config) as its default.
+    pub fn client_endpoint(
+        &self,
+        resumption: Resumption,
+        transport: Transport,
+    ) -> Result<Endpoint, BenchError> {
+        let mut endpoint =
+            Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).map_err(BenchError::Io)?;
+        endpoint.set_default_client_config(self.quinn_client_config(resumption, transport)?);
+        Ok(endpoint)
+    }
+}
+
+/// An in-process bare quinn server on 127.0.0.1:0. It accepts every connection; on each
+/// incoming uni stream it reads a stream request and answers with one uni stream of the
+/// requested size. Closed (and its accept task stopped) on drop.
+#[derive(Debug)]
+pub struct BaselineServer {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BaselineServer {
+    fn drop(&mut self) {
+        self.endpoint.close(VarInt::from_u32(0), b"bench over");
+        self.task.abort();
+    }
+}
+
+impl BaselineServer {
+    /// Binds and starts serving. Must be called inside a tokio runtime.
+    pub fn start(tls: &BenchTls, transport: Transport) -> Result<Self, BenchError> {
+        let crypto = QuicServerConfig::try_from(tls.server_crypto())
+            .map_err(|_| BenchError::NoInitialCipherSuite)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport.config());
+        let endpoint = Endpoint::server(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(BenchError::Io)?;
+        let addr = endpoint.local_addr().map_err(BenchError::Io)?;
+        let accept = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        serve_connection(conn).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            endpoint,
+            addr,
+            task,
+        })
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Answers stream requests on `conn` until the peer closes it.
+async fn serve_connection(conn: quinn::Connection) {
+    while let Ok(mut request) = conn.accept_uni().await {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; REQUEST_LEN];
+            if request.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            let (total, write_size) = split_request(&buf);
+            if write_size == 0 || write_size > MAX_WRITE_SIZE || total > MAX_STREAM_TOTAL {
+                conn.close(VarInt::from_u32(1), b"bad stream request");
+                return;
+            }
+            if let Err(e) = send_stream(&conn, total, write_size).await {
+                tracing::debug!(error = %e, "baseline stream aborted");
+            }
+        });
+    }
+}
+
+fn split_request(buf: &[u8; REQUEST_LEN]) -> (u64, u64) {
+    let mut total = [0u8; 8];
+    let mut write_size = [0u8; 8];
+    total.copy_from_slice(&buf[..8]);
+    write_size.copy_from_slice(&buf[8..]);
+    (u64::from_be_bytes(total), u64::from_be_bytes(write_size))
+}
+
+async fn send_stream(
+    conn: &quinn::Connection,
+    total: u64,
+    write_size: u64,
+) -> Result<(), BenchError> {
+    let mut send = conn.open_uni().await?;
+    // Bounded by MAX_WRITE_SIZE (checked by the caller), so it fits in usize.
+    let chunk = vec![0x5a_u8; usize::try_from(write_size).unwrap_or(0)];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(write_size);
+        // n <= write_size == chunk.len()
+        let len = usize::try_from(n).unwrap_or(chunk.len());
+        send.write_all(&chunk[..len]).await?;
+        left -= n;
+    }
+    send.finish().map_err(|_| BenchError::StreamClosed)?;
+    // Keep the stream (and thus the connection handle) until the peer has read everything.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+/// Bare quinn handshakes per second: `concurrency` connectors, each with its own client
+/// endpoint, run fresh connections back to back (full handshakes, no resumption) against
+/// `server` until `duration` has passed; each connection is closed right after the client
+/// sees it established. Returns completed handshakes / wall time until the last connector
+/// stopped.
+pub async fn handshakes_per_s(
+    tls: &BenchTls,
+    server: &BaselineServer,
+    transport: Transport,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<f64, BenchError> {
+    let concurrency = concurrency.max(1);
+    let mut endpoints = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        endpoints.push(tls.client_endpoint(Resumption::Full, transport)?);
+    }
+    let addr = server.addr();
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for endpoint in endpoints {
+        tasks.spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
+                done += 1;
+                conn.close(VarInt::from_u32(0), b"done");
+            }
+            endpoint.close(VarInt::from_u32(0), b"done");
+            Ok::<u64, BenchError>(done)
+        });
+    }
+    let mut total = 0u64;
+    while let Some(joined) = tasks.join_next().await {
+        total += joined.map_err(|_| BenchError::TaskFailed)??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(total as f64 / elapsed)
+}
+
+/// Duration of one bare quinn handshake on a fresh client endpoint (new UDP socket, empty
+/// session cache, so a full handshake): the clock runs from `connect()` to the client seeing
+/// the connection established. The endpoint is bound before the clock starts.
+pub async fn handshake_once(
+    tls: &BenchTls,
+    server: &BaselineServer,
+    transport: Transport,
+) -> Result<Duration, BenchError> {
+    let endpoint = tls.client_endpoint(Resumption::Full, transport)?;
+    let start = Instant::now();
+    let conn = endpoint.connect(server.addr(), SERVER_NAME)?.await?;
+    let took = start.elapsed();
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.close(VarInt::from_u32(0), b"done");
+    Ok(took)
+}
+
+/// Durations of `repeats` handshakes as in [`handshake_once`], after one untimed warm-up.
+pub async fn handshake_durations(
+    tls: &BenchTls,
+    server: &BaselineServer,
+    transport: Transport,
+    repeats: usize,
+) -> Result<Vec<Duration>, BenchError> {
+    handshake_once(tls, server, transport).await?;
+    let mut out = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        out.push(handshake_once(tls, server, transport).await?);
+    }
+    Ok(out)
+}
+
+/// Median bare quinn handshake time in milliseconds over `repeats` handshakes (see
+/// [`handshake_durations`]).
+pub async fn handshake_ms(
+    tls: &BenchTls,
+    server: &BaselineServer,
+    transport: Transport,
+    repeats: usize,
+) -> Result<f64, BenchError> {
+    let mut ms: Vec<f64> = handshake_durations(tls, server, transport, repeats.max(1))
+        .await?
+        .iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
+    Ok(super::median(&mut ms))
+}
+
+/// Bare quinn bulk transfer: a fresh connection; the client asks (on a uni stream) for
+/// `total_bytes`, the server sends them on one uni stream in `write_size` writes
+/// (`write_all`), the client reads to the end (`read_chunk`, zero copy). Returns bytes per
+/// second from the request to the last byte read. The handshake is not timed.
+pub async fn stream_bytes_per_s(
+    tls: &BenchTls,
+    server: &BaselineServer,
+    transport: Transport,
+    total_bytes: u64,
+    write_size: u64,
+) -> Result<f64, BenchError> {
+    if write_size == 0 || write_size > MAX_WRITE_SIZE || total_bytes > MAX_STREAM_TOTAL {
+        return Err(BenchError::BadParameter(
+            "write size must be 1..=1 MiB and total at most 1 TiB",
+        ));
+    }
+    let endpoint = tls.client_endpoint(Resumption::Full, transport)?;
+    let conn = endpoint.connect(server.addr(), SERVER_NAME)?.await?;
+    let start = Instant::now();
+    let mut request = conn.open_uni().await?;
+    let mut buf = [0u8; REQUEST_LEN];
+    buf[..8].copy_from_slice(&total_bytes.to_be_bytes());
+    buf[8..].copy_from_slice(&write_size.to_be_bytes());
+    request.write_all(&buf).await?;
+    request.finish().map_err(|_| BenchError::StreamClosed)?;
+    let mut recv = conn.accept_uni().await?;
+    let mut got = 0u64;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        got += chunk.bytes.len() as u64;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    conn.close(VarInt::from_u32(0), b"done");
+    endpoint.close(VarInt::from_u32(0), b"done");
+    if got != total_bytes {
+        return Err(BenchError::ShortStream {
+            expected: total_bytes,
+            got,
+        });
+    }
+    Ok(got as f64 / elapsed)
+}
