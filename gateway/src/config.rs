@@ -79,6 +79,9 @@ pub struct Config {
     /// Shard groups and their per-shard resource limits (file only).
     #[arg(skip)]
     pub shards: ShardsConfig,
+    /// Per-connection limits of hub and shard QUIC connections (file only).
+    #[arg(skip)]
+    pub connection: ConnectionConfig,
     /// Shard supervision: heartbeats, restarts, drain.
     #[command(flatten)]
     pub supervision: SupervisionConfig,
@@ -97,6 +100,7 @@ impl Default for Config {
             hub: HubConfig::default(),
             advertise: AdvertiseConfig::default(),
             shards: ShardsConfig::default(),
+            connection: ConnectionConfig::default(),
             supervision: SupervisionConfig::default(),
             tokens: TokensConfig::default(),
             logging: LoggingConfig::default(),
@@ -127,12 +131,24 @@ impl Default for HubConfig {
 }
 
 /// `[advertise]`: endpoint rewriting, e.g. to put an impairment proxy in front of shards.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdvertiseConfig {
     /// Map of a shard's bound address (`"127.0.0.1:5000"`) to the address advertised to
     /// clients in tickets instead. Empty by default (shards are advertised as bound).
     pub rewrite: BTreeMap<String, String>,
+    /// TLS server name put in every ticket endpoint (clients verify the shard certificate
+    /// against it). Default `"localhost"` (a SAN of the development certificate).
+    pub server_name: String,
+}
+
+impl Default for AdvertiseConfig {
+    fn default() -> Self {
+        Self {
+            rewrite: BTreeMap::new(),
+            server_name: "localhost".to_owned(),
+        }
+    }
 }
 
 impl AdvertiseConfig {
@@ -220,6 +236,51 @@ impl Default for ShardLimits {
     }
 }
 
+/// `[connection]`: limits applied to every client connection of the hub and of the shards.
+///
+/// The stream limits and the idle timeout are QUIC transport parameters (the peer cannot
+/// exceed them); `max_frame` bounds every control frame body before it is buffered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionConfig {
+    /// Concurrent client-opened bidirectional streams per connection (shard: the session
+    /// stream plus control streams; hub: the hub stream plus publish streams). Default 100.
+    pub max_streams: u32,
+    /// Concurrent client-opened unidirectional streams per connection. The protocol has
+    /// none, so the default is 0 (a client opening one is stopped by QUIC flow control).
+    pub max_uni_streams: u32,
+    /// Largest control-frame body accepted from a client, bytes (announced in
+    /// `Attached.limits.max_frame`). Default 65 536; 4 096..=16 MiB.
+    pub max_frame: u32,
+    /// A connection without any packet for this long is closed (QUIC `max_idle_timeout`,
+    /// announced in `Attached.limits.idle_timeout_ms`). Default 30s; ≥ 1s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Shard connections send a QUIC PING this often, so an attached session survives quiet
+    /// periods; `0s` disables. Hub connections never do: an unused hub connection closes
+    /// after `idle_timeout` unless the client keeps it alive. Default 10s; < idle_timeout.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// After the handshake, a client must send its first frame (`Hello` to the hub, `Attach`
+    /// to a shard) within this time, or the connection is closed (`PROTOCOL_VIOLATION`).
+    /// Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub attach_timeout: Duration,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 100,
+            max_uni_streams: 0,
+            max_frame: 64 * 1024,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive_interval: Duration::from_secs(10),
+            attach_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// `[supervision]`: how the hub watches and restarts shards.
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -293,7 +354,19 @@ pub struct TokensConfig {
     #[arg(long = "token-rotation-grace", id = "tokens.rotation_grace", value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     #[serde(with = "humantime_serde")]
     pub rotation_grace: Duration,
+    /// Deployment id, bound into every token as additional authenticated data: a token
+    /// sealed by one deployment never opens in another, even under the same keyring.
+    #[arg(
+        long = "deployment-id",
+        id = "tokens.deployment_id",
+        value_name = "ID",
+        default_value = DEFAULT_DEPLOYMENT_ID
+    )]
+    pub deployment_id: String,
 }
+
+/// Default [`TokensConfig::deployment_id`] (also `token inspect`'s default `--aad`).
+pub const DEFAULT_DEPLOYMENT_ID: &str = "sibyl-dev";
 
 impl Default for TokensConfig {
     fn default() -> Self {
@@ -302,6 +375,7 @@ impl Default for TokensConfig {
             clock_skew: Duration::from_secs(30),
             rotation_interval: Duration::from_secs(24 * 3600),
             rotation_grace: Duration::from_secs(3600),
+            deployment_id: DEFAULT_DEPLOYMENT_ID.to_owned(),
         }
     }
 }
@@ -502,6 +576,38 @@ impl Config {
                 "tokens.rotation_grace",
                 "must be ≥ tokens.lifetime (or tokens issued before a rotation die early)",
             ));
+        }
+        if t.deployment_id.is_empty() || t.deployment_id.len() > 128 {
+            return Err(invalid("tokens.deployment_id", "must be 1..=128 bytes"));
+        }
+        let a = &self.advertise;
+        if a.server_name.is_empty() || a.server_name.len() > 253 {
+            return Err(invalid("advertise.server_name", "must be 1..=253 bytes"));
+        }
+        let c = &self.connection;
+        if !(1..=10_000).contains(&c.max_streams) {
+            return Err(invalid("connection.max_streams", "must be in 1..=10000"));
+        }
+        if c.max_uni_streams > 10_000 {
+            return Err(invalid("connection.max_uni_streams", "must be ≤ 10000"));
+        }
+        if !(4096..=16 << 20).contains(&c.max_frame) {
+            return Err(invalid(
+                "connection.max_frame",
+                "must be in 4096..=16777216 (an Attach with a full token must fit)",
+            ));
+        }
+        if c.idle_timeout < Duration::from_secs(1) {
+            return Err(invalid("connection.idle_timeout", "must be ≥ 1s"));
+        }
+        if !c.keep_alive_interval.is_zero() && c.keep_alive_interval >= c.idle_timeout {
+            return Err(invalid(
+                "connection.keep_alive_interval",
+                "must be < connection.idle_timeout (or 0s to disable)",
+            ));
+        }
+        if c.attach_timeout.is_zero() {
+            return Err(invalid("connection.attach_timeout", "must be > 0"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.filter).is_err() {
             return Err(invalid(

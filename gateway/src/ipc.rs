@@ -120,6 +120,16 @@ pub struct ShardInit {
     pub cert: PathBuf,
     /// Server private key (PEM).
     pub key: PathBuf,
+    /// Per-connection limits of the shard's QUIC connections.
+    #[serde(default)]
+    pub connection: crate::config::ConnectionConfig,
+    /// Deployment id: the AAD tokens are sealed with (`tokens.deployment_id`).
+    #[serde(default = "default_deployment_id")]
+    pub deployment_id: String,
+}
+
+fn default_deployment_id() -> String {
+    crate::config::DEFAULT_DEPLOYMENT_ID.to_owned()
 }
 
 impl std::fmt::Debug for ShardInit {
@@ -380,6 +390,8 @@ mod tests {
             ca_cert: "/d/ca.pem".into(),
             cert: "/d/server.pem".into(),
             key: "/d/server.key".into(),
+            connection: crate::config::ConnectionConfig::default(),
+            deployment_id: "test".into(),
         }
     }
 

@@ -18,12 +18,23 @@
 //! - [`ipc`]: the hub ↔ shard control channel.
 //! - [`shard`]: the shard process runtime.
 //! - [`limits`]: rlimits and cgroup v2 limits.
+//! - [`quic`]: shared QUIC setup (transport config, endpoint, bounded frame reads).
+//! - [`hub`]: the hub's admission endpoint (`Hello` → `Ticket` | `Refused`).
+//! - [`session`]: shard-side connections (`Attach` → `Attached`, `GoAway` on drain).
+//!
+//! ```text
+//! client ──QUIC──▶ hub::HubServer ── hub::Hub::handle_hello (keys, keyring, Supervisor loads)
+//! client ──QUIC──▶ session::SessionServer (in each shard) ── session::check_attach
+//! ```
 #![warn(missing_docs)]
 pub mod apikeys;
 pub mod config;
 pub mod datadir;
+pub mod hub;
 pub mod ipc;
 pub mod limits;
+pub mod quic;
+pub mod session;
 pub mod shard;
 pub mod store;
 pub mod supervisor;

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -11,7 +12,9 @@ use tracing::{info, warn};
 
 use sibyl_gateway::apikeys::ApiKeyStore;
 use sibyl_gateway::config::Config;
+use sibyl_gateway::config::DEFAULT_DEPLOYMENT_ID;
 use sibyl_gateway::datadir::{self, DataDir};
+use sibyl_gateway::hub::{self, Hub, HubServer, HubSettings};
 use sibyl_gateway::ipc::{self, HubToShard, ShardIpc};
 use sibyl_gateway::supervisor::{Supervisor, SupervisorOptions, shutdown_bound};
 
@@ -156,8 +159,9 @@ enum TokenCmd {
         /// Keyring file.
         #[arg(long, value_name = "FILE")]
         keys: PathBuf,
-        /// Additional authenticated data the token was sealed with.
-        #[arg(long, default_value = "")]
+        /// Additional authenticated data the token was sealed with: the deployment id
+        /// (`tokens.deployment_id`, default `sibyl-dev`).
+        #[arg(long, default_value = DEFAULT_DEPLOYMENT_ID)]
         aad: String,
         /// Clock skew tolerated on expiry / not-before.
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -240,20 +244,38 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        // QUIC seam: the hub's endpoint will be built on this socket.
+        // QUIC seam: the hub's endpoint is built on this socket.
         let hub_socket = std::net::UdpSocket::bind(config.hub.listen)
             .with_context(|| format!("binding hub address {}", config.hub.listen))?;
         let hub_addr = hub_socket.local_addr()?;
         let exe = std::env::current_exe().context("locating the gateway binary")?;
         let dir = boot.dir.clone();
-        let supervisor = Supervisor::start(SupervisorOptions {
+        let (hub_tls, _reload) =
+            sibyl_certs::ServerTlsBuilder::new(&dir.certs.server_cert, &dir.certs.server_key)
+                .build()
+                .context("loading the hub certificate")?;
+        let api_keys = ApiKeyStore::load(&dir.api_keys)?;
+        let supervisor = Arc::new(Supervisor::start(SupervisorOptions {
             exe,
             config: config.clone(),
             keyring: boot.keyring.to_bytes(),
             ca_cert: dir.certs.ca_cert.clone(),
             cert: dir.certs.server_cert.clone(),
             key: dir.certs.server_key.clone(),
-        });
+        }));
+        let hub = Arc::new(Hub::new(
+            HubSettings::from_config(&config),
+            api_keys,
+            boot.keyring.clone(),
+            supervisor.clone(),
+        ));
+        let server = HubServer::start(hub.clone(), hub_socket, hub_tls, &config)
+            .context("starting the hub's QUIC endpoint")?;
+        let _watch = hub::watch_api_keys(
+            Arc::downgrade(&hub),
+            dir.api_keys.clone(),
+            hub::API_KEYS_CHECK_INTERVAL,
+        );
         print_banner(&config, &dir, hub_addr, &boot.ca_fingerprint, boot.dev_api_key.as_deref());
         info!(addr = %hub_addr, "hub started");
 
@@ -269,6 +291,7 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                     match keyring.rotate(config.tokens.rotation_grace).and_then(|id| keyring.save(&dir.keyring).map(|()| id)) {
                         Ok(id) => {
                             info!(key_id = %id, "token keyring rotated");
+                            hub.set_keyring(keyring.clone());
                             supervisor.update_keyring(keyring.to_bytes());
                         }
                         Err(e) => warn!("token keyring rotation failed: {e}"),
@@ -276,11 +299,20 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        // Stop admitting (new Hellos get DRAINING) while the shards drain.
+        hub.begin_drain();
         let bound = shutdown_bound(&config);
-        if tokio::time::timeout(bound, supervisor.shutdown()).await.is_err() {
-            warn!("shards did not stop within {bound:?}");
+        match Arc::try_unwrap(supervisor) {
+            Ok(supervisor) => {
+                if tokio::time::timeout(bound, supervisor.shutdown()).await.is_err() {
+                    warn!("shards did not stop within {bound:?}");
+                }
+            }
+            // The hub released its handle in begin_drain; nothing else keeps one. Should
+            // that ever change, drain without waiting for the exits.
+            Err(supervisor) => supervisor.drain_all(),
         }
-        drop(hub_socket);
+        server.shutdown(Duration::from_secs(1)).await;
         info!("hub stopped");
         Ok(ExitCode::SUCCESS)
     })

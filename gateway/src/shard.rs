@@ -22,6 +22,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::ipc::{HubToShard, IpcError, Load, ShardInit, ShardIpc, ShardToHub};
+use crate::session::{SessionError, SessionServer};
 
 /// Why a shard stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,9 @@ pub enum ShardError {
     /// Signal handler installation failed.
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    /// The QUIC session endpoint could not start.
+    #[error("session endpoint: {0}")]
+    Session(#[from] SessionError),
 }
 
 /// How a shard ended without error.
@@ -122,7 +126,9 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
         addr: SocketAddr::new(rt.init.bind_ip, 0),
         source,
     })?;
-    // QUIC seam: build the quinn endpoint from `rt.socket` here.
+    // QUIC seam: the session endpoint takes the bound socket.
+    let keyring = rt.keyring.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let server = SessionServer::start(&rt.init, rt.socket, rt.stats.clone(), &keyring)?;
     ipc.send(&ShardToHub::Ready {
         udp_port: addr.port(),
     })
@@ -136,12 +142,16 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
             _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(rt.stats.load())).await?,
             msg = ipc.recv() => match msg? {
                 Some(HubToShard::Drain { within }) => {
-                    drain(&rt, &mut ipc, within).await?;
+                    drain(&rt.init, server, &mut ipc, within).await?;
                     ipc.send(&ShardToHub::Exiting { reason: "drained".into() }).await?;
                     return Ok(ShardExit::Drained);
                 }
                 Some(HubToShard::KeyringUpdate { keyring }) => {
                     info!(group = rt.init.group, shard = rt.init.shard, "keyring updated");
+                    // QUIC seam: the session endpoint opens tokens with the new keyring.
+                    if let Err(e) = server.update_keyring(&keyring) {
+                        warn!(group = rt.init.group, shard = rt.init.shard, "keyring update refused: {e}");
+                    }
                     *rt.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
                 }
                 Some(HubToShard::Init(_)) => return Err(ShardError::Unexpected("second Init")),
@@ -151,7 +161,7 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
                 }
             },
             _ = sigterm.recv() => {
-                drain(&rt, &mut ipc, Duration::from_secs(10)).await?;
+                drain(&rt.init, server, &mut ipc, Duration::from_secs(10)).await?;
                 let _ = ipc.send(&ShardToHub::Exiting { reason: "SIGTERM".into() }).await;
                 return Ok(ShardExit::Terminated);
             }
@@ -160,16 +170,22 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
 }
 
 /// Stops accepting and tells clients to go away, within `within`.
-async fn drain(rt: &ShardRuntime, ipc: &mut ShardIpc, within: Duration) -> Result<(), ShardError> {
+async fn drain(
+    init: &ShardInit,
+    server: SessionServer,
+    ipc: &mut ShardIpc,
+    within: Duration,
+) -> Result<(), ShardError> {
     ipc.send(&ShardToHub::Draining).await?;
     info!(
-        group = rt.init.group,
-        shard = rt.init.shard,
+        group = init.group,
+        shard = init.shard,
         within_ms = within.as_millis() as u64,
+        connections = server.live_connections(),
         "draining"
     );
-    // QUIC seam: send GoAway to every connection and wait (bounded by `within`) for them
-    // to close. With no connections there is nothing to wait for.
+    // QUIC seam: GoAway to every session, then wait (bounded by `within`) for them to close.
+    server.drain(within).await;
     Ok(())
 }
 
@@ -179,8 +195,12 @@ mod tests {
     use crate::config::ShardLimits;
     use crate::ipc::HubIpc;
 
-    fn init() -> ShardInit {
-        ShardInit {
+    /// A shard init with real dev certificates and keyring in a temporary directory (kept
+    /// alive by the returned guard).
+    fn init() -> (ShardInit, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = sibyl_certs::init_dir(&dir.path().join("certs"), &Default::default()).unwrap();
+        let init = ShardInit {
             shard: 0,
             group: 0,
             generation: 1,
@@ -190,11 +210,14 @@ mod tests {
             token_lifetime: Duration::from_secs(60),
             token_clock_skew: Duration::from_secs(1),
             log_filter: "info".into(),
-            keyring: vec![1],
-            ca_cert: "ca.pem".into(),
-            cert: "server.pem".into(),
-            key: "server.key".into(),
-        }
+            keyring: sibyl_tokens::Keyring::generate().unwrap().to_bytes(),
+            ca_cert: paths.ca_cert,
+            cert: paths.server_cert,
+            key: paths.server_key,
+            connection: crate::config::ConnectionConfig::default(),
+            deployment_id: "test".into(),
+        };
+        (init, dir)
     }
 
     fn pair() -> (HubIpc, ShardIpc) {
@@ -205,7 +228,8 @@ mod tests {
     #[tokio::test]
     async fn ready_heartbeat_then_drain() {
         let (mut hub, shard) = pair();
-        let task = tokio::spawn(run_shard(init(), shard));
+        let (init, _dir) = init();
+        let task = tokio::spawn(run_shard(init, shard));
         let Some(ShardToHub::Ready { udp_port }) = hub.recv().await.unwrap() else {
             panic!()
         };
@@ -241,7 +265,8 @@ mod tests {
     #[tokio::test]
     async fn exits_when_the_hub_goes_away() {
         let (hub, shard) = pair();
-        let task = tokio::spawn(run_shard(init(), shard));
+        let (init, _dir) = init();
+        let task = tokio::spawn(run_shard(init, shard));
         drop(hub);
         // Either Ready fails to send (broken pipe) or the recv sees EOF: both end the shard.
         let r = task.await.unwrap();
@@ -254,8 +279,10 @@ mod tests {
     #[tokio::test]
     async fn second_init_is_refused() {
         let (mut hub, shard) = pair();
-        let task = tokio::spawn(run_shard(init(), shard));
-        hub.send(&HubToShard::Init(Box::new(init()))).await.unwrap();
+        let (first, _dir) = init();
+        let second = first.clone();
+        let task = tokio::spawn(run_shard(first, shard));
+        hub.send(&HubToShard::Init(Box::new(second))).await.unwrap();
         assert!(matches!(
             task.await.unwrap(),
             Err(ShardError::Unexpected(_))

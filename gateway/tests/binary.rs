@@ -355,7 +355,7 @@ fn token_inspect_prints_claims_or_refuses() {
         Duration::from_secs(600),
     )
     .unwrap();
-    let text = sibyl_tokens::to_text(&ring.seal(&claims, b"").unwrap());
+    let text = sibyl_tokens::to_text(&ring.seal(&claims, b"sibyl-dev").unwrap());
 
     let inspect = |token: &str| {
         Command::new(BIN)
@@ -398,7 +398,7 @@ fn token_inspect_prints_claims_or_refuses() {
         Duration::from_secs(60),
     )
     .unwrap();
-    let out = inspect(&sibyl_tokens::to_text(&ring.seal(&old, b"").unwrap()));
+    let out = inspect(&sibyl_tokens::to_text(&ring.seal(&old, b"sibyl-dev").unwrap()));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused (stale)"));
 

@@ -388,6 +388,8 @@ impl Driver {
             ca_cert: self.opts.ca_cert.clone(),
             cert: self.opts.cert.clone(),
             key: self.opts.key.clone(),
+            connection: cfg.connection.clone(),
+            deployment_id: cfg.tokens.deployment_id.clone(),
         };
         let _ = msg_tx.send(HubToShard::Init(Box::new(init)));
         tokio::spawn(async move {

@@ -1,0 +1,438 @@
+//! The hub's admission endpoint: `Hello` → `Ticket` | `Refused` over QUIC.
+//!
+//! ```text
+//! quinn::Endpoint (hub socket) ──accept──▶ one task per connection:
+//!   first bidi stream ── FrameDecoder (bounded, attach_timeout) ──▶ Hello
+//!     └─ Hub::handle_hello(hello, now)   (no I/O: keys, keyring, shard loads all in memory)
+//!          ├─ admission::negotiate_version / ApiKeyStore::verify / admission::scopes_for
+//!          ├─ ShardDirectory (Supervisor) ──▶ admission::choose_group
+//!          └─ Claims ──Keyring::seal(AAD = deployment id)──▶ Ticket{endpoints by least conns}
+//!   ◀── Ticket (stream finished; the connection stays open until idle) | Refused (then
+//!       the connection is closed with the refusal code)
+//! ```
+//!
+//! [`Hub`] holds the admission state and is usable without any socket ([`Hub::handle_hello`]
+//! takes `now`); [`HubServer`] is the thin quinn driver.
+
+pub mod admission;
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use quinn::Endpoint;
+use sibyl_proto::frame::{Endpoint as TicketEndpoint, Hello, ProduceError, Refused, Ticket};
+use sibyl_proto::{DecodeLimits, ErrorCode, Frame, FrameDecoder};
+use sibyl_tokens::{Claims, Keyring, SessionSecret, TokenId};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::apikeys::ApiKeyStore;
+use crate::config::{AdvertiseConfig, Config};
+use crate::quic::{self, QuicSetupError, Role, StreamError};
+use crate::supervisor::{ShardInfo, Supervisor};
+
+pub use admission::GroupCandidate;
+
+/// Where the hub learns which shards are ready and how loaded they are.
+pub trait ShardDirectory: Send + Sync {
+    /// Ready shards of `group`, fewest connections first.
+    fn ready_by_least_connections(&self, group: u32) -> Vec<ShardInfo>;
+}
+
+impl ShardDirectory for Supervisor {
+    fn ready_by_least_connections(&self, group: u32) -> Vec<ShardInfo> {
+        self.by_least_connections(group)
+    }
+}
+
+/// Hub settings taken from [`Config`] at start.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// Shard groups, in configuration order.
+    pub groups: Vec<u32>,
+    /// Token lifetime.
+    pub token_lifetime: Duration,
+    /// AAD tokens are sealed with (the deployment id).
+    pub deployment_id: String,
+    /// Endpoint rewriting and the TLS server name put in tickets.
+    pub advertise: AdvertiseConfig,
+    /// Rate class written into tokens.
+    pub rate_class: String,
+}
+
+impl HubSettings {
+    /// The settings of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            groups: config.shards.groups.iter().map(|g| g.id).collect(),
+            token_lifetime: config.tokens.lifetime,
+            deployment_id: config.tokens.deployment_id.clone(),
+            advertise: config.advertise.clone(),
+            rate_class: "default".to_owned(),
+        }
+    }
+}
+
+/// The hub's admission state: API keys, the sealing keyring and the shard directory, all in
+/// memory. Shared by every connection task.
+pub struct Hub {
+    settings: HubSettings,
+    keys: RwLock<ApiKeyStore>,
+    keyring: RwLock<Keyring>,
+    directory: RwLock<Option<Arc<dyn ShardDirectory>>>,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("settings", &self.settings)
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub admitting with `keys`, sealing with `keyring`, routing to `directory`.
+    pub fn new(
+        settings: HubSettings,
+        keys: ApiKeyStore,
+        keyring: Keyring,
+        directory: Arc<dyn ShardDirectory>,
+    ) -> Self {
+        Self {
+            settings,
+            keys: RwLock::new(keys),
+            keyring: RwLock::new(keyring),
+            directory: RwLock::new(Some(directory)),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Replaces the sealing keyring (after a rotation).
+    pub fn set_keyring(&self, keyring: Keyring) {
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keyring;
+    }
+
+    /// Replaces the API keys (after the store file changed).
+    pub fn set_api_keys(&self, keys: ApiKeyStore) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// Stops admitting: every later `Hello` gets `Refused{DRAINING}`. Releases the shard
+    /// directory (so the caller can shut the supervisor down).
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.directory
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// Whether [`Hub::begin_drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The ready shards of every configured group.
+    fn candidates(&self) -> Option<Vec<GroupCandidate>> {
+        let dir = self.directory.read().unwrap_or_else(|p| p.into_inner());
+        let dir = dir.as_ref()?;
+        Some(
+            self.settings
+                .groups
+                .iter()
+                .map(|&group| GroupCandidate {
+                    group,
+                    shards: dir.ready_by_least_connections(group),
+                })
+                .collect(),
+        )
+    }
+
+    /// Answers one `Hello` as of `now` (Unix seconds). No I/O: everything it reads is in
+    /// memory. See the module docs for the order of checks.
+    pub fn handle_hello(&self, hello: &Hello, now: u64) -> Result<Ticket, Refused> {
+        if self.is_draining() {
+            return Err(admission::refused(
+                ErrorCode::Draining,
+                "the hub is shutting down",
+            ));
+        }
+        let version = admission::negotiate_version(&hello.versions)?;
+        admission::check_client_id(&hello.client_id)?;
+        let scopes = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            let record = keys.verify(&hello.api_key).map_err(|_| {
+                admission::refused(ErrorCode::Unauthenticated, "unknown or revoked API key")
+            })?;
+            admission::scopes_for(record, &hello.wants)?
+        };
+        let Some(candidates) = self.candidates() else {
+            return Err(admission::refused(
+                ErrorCode::Draining,
+                "the hub is shutting down",
+            ));
+        };
+        let chosen = admission::choose_group(&candidates).ok_or_else(admission::no_ready_shard)?;
+        let internal = |what: &str| admission::refused(ErrorCode::Internal, what.to_owned());
+        let session_secret =
+            SessionSecret::generate().map_err(|_| internal("randomness unavailable"))?;
+        let token_id = TokenId::generate().map_err(|_| internal("randomness unavailable"))?;
+        let expires_at = now.saturating_add(self.settings.token_lifetime.as_secs());
+        let secret_bytes = *session_secret.as_bytes();
+        let claims = Claims {
+            token_id,
+            client_id: hello.client_id.clone(),
+            shard_group: chosen.group,
+            session_secret,
+            scopes,
+            rate_class: self.settings.rate_class.clone(),
+            issued_at: now,
+            not_before: now,
+            expires_at,
+        };
+        let token = self
+            .keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .seal(&claims, self.settings.deployment_id.as_bytes())
+            .map_err(|e| match e {
+                sibyl_tokens::SealError::TooLong { .. } => admission::refused(
+                    ErrorCode::LimitExceeded,
+                    "the token would be too large (shorter client_id or fewer streams)",
+                ),
+                _ => internal("cannot seal the token"),
+            })?;
+        let endpoints = chosen
+            .shards
+            .iter()
+            .map(|s| TicketEndpoint {
+                addr: self.settings.advertise.rewrite(s.addr).to_string(),
+                server_name: self.settings.advertise.server_name.clone(),
+            })
+            .collect();
+        Ok(Ticket {
+            version,
+            token,
+            session_secret: secret_bytes,
+            shard_group: chosen.group,
+            expires_at,
+            endpoints,
+        })
+    }
+}
+
+/// Per-connection settings of the hub's driver.
+#[derive(Debug, Clone, Copy)]
+struct ConnSettings {
+    limits: DecodeLimits,
+    first_frame_within: Duration,
+}
+
+/// The running hub endpoint: an accept task spawning one task per connection.
+#[derive(Debug)]
+pub struct HubServer {
+    endpoint: Endpoint,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl HubServer {
+    /// Starts serving on `socket` (already bound) with `tls` (ALPN `sibyl/1`). Must be called
+    /// inside a tokio runtime.
+    pub fn start(
+        hub: Arc<Hub>,
+        socket: UdpSocket,
+        tls: Arc<rustls::ServerConfig>,
+        config: &Config,
+    ) -> Result<Self, QuicSetupError> {
+        let transport = quic::transport_config(&config.connection, Role::Hub);
+        let endpoint = quic::endpoint(socket, quic::server_config(tls, transport)?)?;
+        let conn = ConnSettings {
+            limits: quic::decode_limits(&config.connection),
+            first_frame_within: config.connection.attach_timeout,
+        };
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), hub, conn));
+        Ok(Self { endpoint, accept })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Closes every connection (`DRAINING`) and waits, at most `within`, for the peers to
+    /// be told.
+    pub async fn shutdown(self, within: Duration) {
+        self.endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::Draining.to_u32()),
+            b"hub stopped",
+        );
+        self.accept.abort();
+        let _ = self.accept.await;
+        let _ = tokio::time::timeout(within, self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, hub: Arc<Hub>, conn: ConnSettings) {
+    // Connection tasks live in the set so that aborting this task aborts them too.
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    tasks.spawn(serve_connection(hub.clone(), incoming, conn));
+                }
+                None => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.shutdown().await;
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn serve_connection(hub: Arc<Hub>, incoming: quinn::Incoming, cs: ConnSettings) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!("hub handshake failed: {e}");
+            return;
+        }
+    };
+    let peer = conn.remote_address();
+    let first = tokio::time::timeout(cs.first_frame_within, conn.accept_bi()).await;
+    let (mut send, mut recv) = match first {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%peer, "hub connection ended before Hello: {e}");
+            return;
+        }
+        Err(_) => {
+            quic::close(&conn, ErrorCode::Idle, "no Hello in time");
+            return;
+        }
+    };
+    let hello = match quic::read_first_frame(&mut recv, cs.limits, cs.first_frame_within).await {
+        Ok(Frame::Hello(h)) => h,
+        Ok(other) => return close_on(&conn, &StreamError::Unexpected(other.frame_type())),
+        Err(e) => return close_on(&conn, &e),
+    };
+    let flush = cs.first_frame_within;
+    match hub.handle_hello(&hello, unix_now()) {
+        Ok(ticket) => {
+            debug!(%peer, client_id = %hello.client_id, group = ticket.shard_group, "ticket issued");
+            if quic::write_frame(&mut send, &Frame::Ticket(ticket))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = send.finish();
+            serve_after_ticket(&conn, cs).await;
+        }
+        Err(refused) => {
+            info!(%peer, client_id = %hello.client_id, code = %refused.code, reason = %refused.reason, "hello refused");
+            let code = refused.code;
+            if quic::write_frame(&mut send, &Frame::Refused(refused))
+                .await
+                .is_ok()
+            {
+                quic::finish_and_flush(&mut send, flush).await;
+            }
+            quic::close(&conn, code, "refused");
+        }
+    }
+}
+
+fn close_on(conn: &quinn::Connection, e: &StreamError) {
+    if let Some(code) = e.close_code() {
+        debug!(peer = %conn.remote_address(), %code, "closing hub connection: {e}");
+        quic::close(conn, code, &e.to_string());
+    }
+}
+
+/// After a ticket the connection stays open (for publish streams) until the client closes
+/// it or it idles out. Publishing is not served yet: a `PublishOpen` is answered with
+/// `ProduceError{seq: 0, NOT_FOUND}`; any other first frame closes the connection.
+async fn serve_after_ticket(conn: &quinn::Connection, cs: ConnSettings) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let mut dec = FrameDecoder::new(cs.limits);
+        let first =
+            tokio::time::timeout(cs.first_frame_within, quic::read_frame(&mut recv, &mut dec))
+                .await
+                .unwrap_or(Err(StreamError::Timeout(cs.first_frame_within)));
+        match first {
+            Ok(Some(Frame::PublishOpen(open))) => {
+                let err = ProduceError {
+                    seq: 0,
+                    code: ErrorCode::NotFound,
+                    reason: format!(
+                        "stream {:?}: publishing is not available on this hub",
+                        open.stream
+                    ),
+                };
+                if quic::write_frame(&mut send, &Frame::ProduceError(err))
+                    .await
+                    .is_ok()
+                {
+                    let _ = send.finish();
+                }
+            }
+            Ok(Some(other)) => {
+                return close_on(conn, &StreamError::Unexpected(other.frame_type()));
+            }
+            Ok(None) => return close_on(conn, &StreamError::Ended),
+            Err(e) => return close_on(conn, &e),
+        }
+    }
+}
+
+/// How often [`watch_api_keys`] looks at the API-key store file.
+pub const API_KEYS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reloads the API-key store at `path` into `hub` whenever the file's modification time or
+/// length changes (checked every `every`, off the admission path), so that keys created or
+/// revoked with `sibyl-gateway keys api-key` take effect without a restart. A file that
+/// fails to load keeps the previous keys in service. Ends when the hub is dropped.
+pub fn watch_api_keys(
+    hub: std::sync::Weak<Hub>,
+    path: std::path::PathBuf,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let stamp = |m: &std::fs::Metadata| (m.modified().ok(), m.len());
+    tokio::spawn(async move {
+        let mut last = tokio::fs::metadata(&path).await.ok().map(|m| stamp(&m));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(hub) = hub.upgrade() else { return };
+            let now = tokio::fs::metadata(&path).await.ok().map(|m| stamp(&m));
+            if now == last {
+                continue;
+            }
+            last = now;
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || ApiKeyStore::load(&p)).await {
+                Ok(Ok(keys)) => {
+                    info!(path = %path.display(), keys = keys.records().len(), "API keys reloaded");
+                    hub.set_api_keys(keys);
+                }
+                Ok(Err(e)) => warn!("API keys not reloaded: {e}"),
+                Err(e) => warn!("API keys not reloaded: {e}"),
+            }
+        }
+    })
+}

@@ -1,0 +1,414 @@
+//! Shard-side client connections: `Attach` → `Attached`, `GoAway` on drain.
+//!
+//! ```text
+//! quinn::Endpoint (ShardRuntime.socket) ──accept──▶ one task per connection:
+//!   draining? ──▶ close(DRAINING)
+//!   first bidi stream = session stream ── FrameDecoder (bounded, attach_timeout) ──▶ Attach
+//!     └─ attach::check_attach(keyring, AAD, skew, group, exporter, now) ─▶ close(code) | ok
+//!   ◀── Attached{session_id, limits, server_time}; ShardStats.connections += 1
+//!   loop: session stream (any frame = PROTOCOL_VIOLATION, garbage = its code),
+//!         control streams (first frame bounded), drain signal ──▶ GoAway(DRAINING), close
+//! SessionServer::drain(within): refuse new, GoAway to all, wait for none left (bounded),
+//!   endpoint.close + wait_idle (bounded)
+//! ```
+//!
+//! A frame error closes only the connection it happened on, with [`FrameError::code`]
+//! (via [`StreamError::close_code`]); every other connection keeps being served.
+//!
+//! [`FrameError::code`]: sibyl_proto::FrameError::code
+
+pub mod attach;
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use sibyl_proto::frame::{Attached, GoAway, SessionLimits, SubError};
+use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN};
+use sibyl_proto::{DecodeLimits, ErrorCode, Frame, FrameDecoder};
+use sibyl_tokens::{Keyring, OpenOptions};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::config::ConnectionConfig;
+use crate::ipc::ShardInit;
+use crate::quic::{self, QuicSetupError, Role, StreamError};
+use crate::shard::ShardStats;
+
+pub use attach::{AttachContext, AttachRefusal, check_attach};
+
+/// How long a `GoAway` may take to be acknowledged before the connection is closed anyway.
+const GOAWAY_FLUSH: Duration = Duration::from_secs(2);
+
+/// Why the session server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// TLS or endpoint setup failed.
+    #[error(transparent)]
+    Setup(#[from] QuicSetupError),
+    /// The keyring delivered by the hub does not decode.
+    #[error("keyring: {0}")]
+    Keyring(#[from] sibyl_tokens::KeyringError),
+}
+
+struct Shared {
+    group: u32,
+    shard: u32,
+    aad: Vec<u8>,
+    open: OpenOptions,
+    conn: ConnectionConfig,
+    limits: DecodeLimits,
+    keyring: RwLock<Arc<Keyring>>,
+    stats: Arc<ShardStats>,
+    drain: watch::Sender<bool>,
+    live: AtomicU64,
+    none_live: Notify,
+}
+
+impl Shared {
+    fn keyring(&self) -> Arc<Keyring> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn is_draining(&self) -> bool {
+        *self.drain.borrow()
+    }
+}
+
+/// Decrements a counter on drop (and wakes drain when no connection is left).
+struct LiveGuard(Arc<Shared>);
+
+impl LiveGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.live.fetch_add(1, Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_live.notify_waiters();
+        }
+    }
+}
+
+/// Counts an attached session in [`ShardStats::connections`] while alive.
+struct AttachedGuard(Arc<ShardStats>);
+
+impl AttachedGuard {
+    fn new(stats: &Arc<ShardStats>) -> Self {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for AttachedGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The shard's QUIC endpoint and its connection tasks.
+pub struct SessionServer {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SessionServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionServer")
+            .field("group", &self.shared.group)
+            .field("shard", &self.shared.shard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionServer {
+    /// Starts serving on `socket` with the certificate of `init` and the keyring `keyring`
+    /// (`Keyring::to_bytes` form). Must be called inside a tokio runtime.
+    pub fn start(
+        init: &ShardInit,
+        socket: UdpSocket,
+        stats: Arc<ShardStats>,
+        keyring: &[u8],
+    ) -> Result<Self, SessionError> {
+        let keyring = Keyring::from_bytes(keyring)?;
+        let transport = quic::transport_config(&init.connection, Role::Shard);
+        let server = quic::server_config_from_files(&init.cert, &init.key, transport)?;
+        let endpoint = quic::endpoint(socket, server)?;
+        let (drain, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            group: init.group,
+            shard: init.shard,
+            aad: init.deployment_id.as_bytes().to_vec(),
+            open: OpenOptions::default().with_clock_skew(init.token_clock_skew),
+            conn: init.connection.clone(),
+            limits: quic::decode_limits(&init.connection),
+            keyring: RwLock::new(Arc::new(keyring)),
+            stats,
+            drain,
+            live: AtomicU64::new(0),
+            none_live: Notify::new(),
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(Self {
+            shared,
+            endpoint,
+            accept,
+        })
+    }
+
+    /// Replaces the keyring tokens are opened with (on `KeyringUpdate`). Bytes that do not
+    /// decode leave the current keyring in service.
+    pub fn update_keyring(&self, bytes: &[u8]) -> Result<(), SessionError> {
+        let k = Keyring::from_bytes(bytes)?;
+        *self
+            .shared
+            .keyring
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(k);
+        Ok(())
+    }
+
+    /// Connections currently open (attached or not).
+    pub fn live_connections(&self) -> u64 {
+        self.shared.live.load(Ordering::SeqCst)
+    }
+
+    /// Drains: new connections are closed with `DRAINING`, every attached session gets
+    /// `GoAway{DRAINING, reconnect_after_ms: 0}` and is then closed with `DRAINING`. Returns
+    /// when no connection is left or `within` has passed (then the endpoint is closed).
+    pub async fn drain(self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        self.shared.drain.send_replace(true);
+        loop {
+            let notified = self.shared.none_live.notified();
+            if self.shared.live.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                warn!(
+                    group = self.shared.group,
+                    shard = self.shared.shard,
+                    left = self.shared.live.load(Ordering::SeqCst),
+                    "drain deadline reached; closing the remaining connections"
+                );
+                break;
+            }
+        }
+        self.endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::Draining.to_u32()),
+            b"shard draining",
+        );
+        self.accept.abort();
+        let _ = self.accept.await;
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(200));
+        let _ = tokio::time::timeout(left, self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    let guard = LiveGuard::new(&shared);
+                    tasks.spawn(serve(shared.clone(), incoming, guard));
+                }
+                None => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.shutdown().await;
+}
+
+fn unix_now() -> (u64, u64) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (
+        d.as_secs(),
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+    )
+}
+
+fn close_on(conn: &Connection, e: &StreamError) {
+    if let Some(code) = e.close_code() {
+        debug!(peer = %conn.remote_address(), %code, "closing session: {e}");
+        quic::close(conn, code, &e.to_string());
+    }
+}
+
+async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, _live: LiveGuard) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!("shard handshake failed: {e}");
+            return;
+        }
+    };
+    if shared.is_draining() {
+        quic::close(&conn, ErrorCode::Draining, "shard draining");
+        return;
+    }
+    let within = shared.conn.attach_timeout;
+    let (mut send, mut recv) = match tokio::time::timeout(within, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!("connection ended before Attach: {e}");
+            return;
+        }
+        Err(_) => return close_on(&conn, &StreamError::Timeout(within)),
+    };
+    let mut dec = FrameDecoder::new(shared.limits);
+    let first = tokio::time::timeout(within, quic::read_frame(&mut recv, &mut dec))
+        .await
+        .unwrap_or(Err(StreamError::Timeout(within)));
+    let attach = match first {
+        Ok(Some(Frame::Attach(a))) => a,
+        Ok(Some(other)) => return close_on(&conn, &StreamError::Unexpected(other.frame_type())),
+        Ok(None) => return close_on(&conn, &StreamError::Ended),
+        Err(e) => return close_on(&conn, &e),
+    };
+    let mut exporter = [0u8; EXPORTER_LEN];
+    if conn
+        .export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
+        .is_err()
+    {
+        quic::close(&conn, ErrorCode::Internal, "TLS exporter unavailable");
+        return;
+    }
+    let keyring = shared.keyring();
+    let ctx = AttachContext {
+        keyring: &keyring,
+        aad: &shared.aad,
+        open: shared.open,
+        group: shared.group,
+    };
+    let (now_s, now_ms) = unix_now();
+    let claims = match check_attach(&ctx, &attach, &exporter, now_s) {
+        Ok(c) => c,
+        Err(refusal) => {
+            info!(peer = %conn.remote_address(), code = %refusal.code, reason = %refusal.reason, "attach refused");
+            quic::close(&conn, refusal.code, &refusal.reason);
+            return;
+        }
+    };
+    let mut session_id = [0u8; 8];
+    if getrandom::fill(&mut session_id).is_err() {
+        quic::close(&conn, ErrorCode::Internal, "randomness unavailable");
+        return;
+    }
+    let attached = Attached {
+        session_id: u64::from_be_bytes(session_id),
+        limits: SessionLimits {
+            max_streams: shared.conn.max_streams,
+            max_frame: shared.conn.max_frame,
+            idle_timeout_ms: u64::try_from(shared.conn.idle_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+        },
+        server_time: now_ms,
+    };
+    let session_id = attached.session_id;
+    if quic::write_frame(&mut send, &Frame::Attached(attached))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _attached = AttachedGuard::new(&shared.stats);
+    debug!(client_id = %claims.client_id, session_id, "attached");
+    session(&shared, &conn, send, recv, dec).await;
+}
+
+/// The attached session: watches the session stream, serves control streams, and sends
+/// `GoAway` when the shard drains.
+async fn session(
+    shared: &Shared,
+    conn: &Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    mut dec: FrameDecoder,
+) {
+    let mut drain_rx = shared.drain.subscribe();
+    let mut session_open = true;
+    loop {
+        tokio::select! {
+            draining = async { drain_rx.wait_for(|d| *d).await.is_ok() } => {
+                if draining {
+                    go_away(conn, &mut send).await;
+                }
+                return;
+            }
+            r = quic::read_frame(&mut recv, &mut dec), if session_open => match r {
+                Ok(Some(f)) => return close_on(conn, &StreamError::Unexpected(f.frame_type())),
+                // The client finished its half of the session stream; nothing more can
+                // arrive on it, the session goes on.
+                Ok(None) => session_open = false,
+                Err(e) => return close_on(conn, &e),
+            },
+            s = conn.accept_bi() => match s {
+                Ok((s, r)) => {
+                    if let Err(e) = control_stream(shared, s, r).await {
+                        return close_on(conn, &e);
+                    }
+                }
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+/// A control stream's first frame. Subscriptions are not served yet: `Subscribe` is
+/// answered with `SubError{NOT_FOUND}` and the stream finished.
+async fn control_stream(
+    shared: &Shared,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), StreamError> {
+    let within = shared.conn.attach_timeout;
+    match quic::read_first_frame(&mut recv, shared.limits, within).await? {
+        Frame::Subscribe(sub) => {
+            let err = SubError {
+                code: ErrorCode::NotFound,
+                reason: format!(
+                    "stream {:?}: subscriptions are not served by this shard yet",
+                    sub.stream
+                ),
+            };
+            if quic::write_frame(&mut send, &Frame::SubError(err))
+                .await
+                .is_ok()
+            {
+                let _ = send.finish();
+            }
+            Ok(())
+        }
+        other => Err(StreamError::Unexpected(other.frame_type())),
+    }
+}
+
+async fn go_away(conn: &Connection, send: &mut SendStream) {
+    let frame = Frame::GoAway(GoAway {
+        code: ErrorCode::Draining,
+        reason: "shard draining".to_owned(),
+        reconnect_after_ms: 0,
+    });
+    if quic::write_frame(send, &frame).await.is_ok() {
+        quic::finish_and_flush(send, GOAWAY_FLUSH).await;
+    }
+    quic::close(conn, ErrorCode::Draining, "shard draining");
+}
