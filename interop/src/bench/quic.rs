@@ -216,7 +216,8 @@ impl BenchTls {
 #[derive(Debug)]
 pub struct BaselineServer {
     endpoint: Endpoint,
-    addr: SocketAddr,
+    bound_addr: SocketAddr,
+    connect_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -228,15 +229,24 @@ impl Drop for BaselineServer {
 }
 
 impl BaselineServer {
-    /// Binds and starts serving. Must be called inside a tokio runtime.
+    /// Binds 127.0.0.1:0 and starts serving. Must be called inside a tokio runtime.
     pub fn start(tls: &BenchTls, transport: Transport) -> Result<Self, BenchError> {
+        Self::start_on(tls, transport, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    }
+
+    /// Binds `bind` (e.g. a fixed loopback port an impairment proxy forwards to) and starts
+    /// serving. Must be called inside a tokio runtime.
+    pub fn start_on(
+        tls: &BenchTls,
+        transport: Transport,
+        bind: SocketAddr,
+    ) -> Result<Self, BenchError> {
         let crypto = QuicServerConfig::try_from(tls.server_crypto())
             .map_err(|_| BenchError::NoInitialCipherSuite)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(transport.config());
-        let endpoint = Endpoint::server(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .map_err(BenchError::Io)?;
-        let addr = endpoint.local_addr().map_err(BenchError::Io)?;
+        let endpoint = Endpoint::server(config, bind).map_err(BenchError::Io)?;
+        let bound_addr = endpoint.local_addr().map_err(BenchError::Io)?;
         let accept = endpoint.clone();
         let task = tokio::spawn(async move {
             while let Some(incoming) = accept.accept().await {
@@ -249,14 +259,27 @@ impl BaselineServer {
         });
         Ok(Self {
             endpoint,
-            addr,
+            bound_addr,
+            connect_addr: bound_addr,
             task,
         })
     }
 
-    /// The server's address.
+    /// Makes clients connect to `addr` (e.g. an impairment proxy in front of this server)
+    /// instead of the bound address.
+    pub fn connect_via(&mut self, addr: SocketAddr) {
+        self.connect_addr = addr;
+    }
+
+    /// The address clients connect to: the bound address unless
+    /// [`connect_via`](Self::connect_via) changed it.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.connect_addr
+    }
+
+    /// The address the server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.bound_addr
     }
 }
 

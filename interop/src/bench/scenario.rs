@@ -2,6 +2,7 @@
 //! Sibyl half and the baseline per repeat and reduces them to a [`Summary`].
 
 use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use super::quic::{self, BaselineServer, BenchTls, Transport};
@@ -156,6 +157,14 @@ pub struct Settings {
     /// `quic::transport_config()` (for before/after comparisons of the tuning only).
     #[arg(long)]
     pub quinn_default_transport: bool,
+    /// Bind the baseline server here instead of 127.0.0.1:0 (loopback), e.g. as the
+    /// upstream of `sibyl-netem`.
+    #[arg(long)]
+    pub server_bind: Option<SocketAddr>,
+    /// Make baseline clients connect here (e.g. a `sibyl-netem` listening address) instead
+    /// of the baseline server's own address.
+    #[arg(long)]
+    pub connect_via: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -284,7 +293,23 @@ pub async fn run<S: SibylHalf>(
     sibyl: &mut S,
 ) -> Result<Summary, BenchError> {
     let transport = settings.transport();
-    let server = BaselineServer::start(tls, transport)?;
+    let bind = settings
+        .server_bind
+        .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    if !bind.ip().is_loopback() {
+        return Err(BenchError::BadParameter(
+            "--server-bind must be a loopback address",
+        ));
+    }
+    let mut server = BaselineServer::start_on(tls, transport, bind)?;
+    if let Some(via) = settings.connect_via {
+        if !via.ip().is_loopback() {
+            return Err(BenchError::BadParameter(
+                "--connect-via must be a loopback address",
+            ));
+        }
+        server.connect_via(via);
+    }
     let with_sibyl = settings.scenario.with_sibyl();
     let mut figures = Figures::new();
     let mut baseline = Figures::new();
