@@ -18,6 +18,7 @@
 //! - [`ipc`]: the hub ↔ shard control channel.
 //! - [`shard`]: the shard process runtime.
 //! - [`limits`]: rlimits and cgroup v2 limits.
+//! - [`storelink`]: how shards read the hub's store (Unix socket, framed; per-partition caches).
 //! - [`quic`]: shared QUIC setup (transport config, endpoint, bounded frame reads).
 //! - [`hub`]: the hub's admission endpoint (`Hello` → `Ticket` | `Refused`).
 //! - [`session`]: shard-side connections (`Attach` → `Attached`, `GoAway` on drain).
@@ -37,6 +38,7 @@ pub mod quic;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod storelink;
 pub mod supervisor;
 
 pub use config::{Config, ConfigError};

@@ -1,0 +1,546 @@
+//! The shard side: a multiplexed, reconnecting client of the hub's store link.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::BufReader;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::batch::RecordBatch;
+use super::codec::{self, MAX_FRAME_LEN, RemoteError, Request, Response, ServerMsg, StreamInfo};
+use super::server::{LinkReadError, read_frame, write_loop};
+
+/// Why a store link call failed. Say whose fault it is and whether to retry with
+/// [`is_retryable`](Self::is_retryable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The hub answered with a store error (see [`RemoteError`] for whose fault).
+    #[error("store: {0}")]
+    Store(#[from] RemoteError),
+    /// The hub sent bytes that are not a valid answer; the link was reset.
+    #[error("store link protocol violation: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The link is down (hub gone, reconnecting); retry after a while.
+    #[error("store link down: {reason}")]
+    Down {
+        /// Why.
+        reason: String,
+    },
+    /// No answer within [`LinkConfig::request_timeout`].
+    #[error("store link request timed out")]
+    Timeout,
+}
+
+impl LinkError {
+    /// True when the same call may succeed later without the caller changing it.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Store(RemoteError::Unavailable { .. }) => true,
+            Self::Store(_) => false,
+            Self::Protocol { .. } | Self::Down { .. } | Self::Timeout => true,
+        }
+    }
+
+    fn down(reason: impl Into<String>) -> Self {
+        Self::Down {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// How long a call waits for its answer. Default 30 s.
+    pub request_timeout: Duration,
+    /// First reconnect delay after the link drops. Default 20 ms.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay. Default 2 s.
+    pub backoff_max: Duration,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Reconnect delays: doubling from `initial` up to `max`, reset on success (I/O-free).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// A backoff starting at `initial`, capped at `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial.min(max),
+        }
+    }
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    /// Back to `initial` (after a successful connect).
+    pub fn reset(&mut self) {
+        self.next = self.initial.min(self.max);
+    }
+}
+
+type Reply = Result<ServerMsg, LinkError>;
+type WatchKey = (String, u32);
+
+struct WatchSlot {
+    tx: watch::Sender<u64>,
+    /// Id of the `WatchTail` on the current connection, if registered.
+    remote: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    conn: Option<mpsc::Sender<Vec<u8>>>,
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    watches: HashMap<WatchKey, WatchSlot>,
+    watch_ids: HashMap<u64, WatchKey>,
+}
+
+struct Inner {
+    path: PathBuf,
+    cfg: LinkConfig,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+    /// Signalled when the connection drops.
+    dropped: tokio::sync::Notify,
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock; recover the data if one ever did.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Relaxed)
+    }
+}
+
+/// A shard's handle on the hub's store: cheap to clone, multiplexed over one Unix socket
+/// (request ids, answers in any order), reconnecting with [`Backoff`] in a background task
+/// that ends when the last clone is dropped.
+///
+/// While the link is down, calls fail fast with [`LinkError::Down`]; tail watches survive
+/// and are re-registered on reconnect.
+#[derive(Clone)]
+pub struct StoreLink {
+    inner: Arc<Inner>,
+    _shutdown: Arc<watch::Sender<()>>,
+}
+
+impl std::fmt::Debug for StoreLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLink")
+            .field("path", &self.inner.path)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreLink {
+    /// [`connect_with`](Self::connect_with) the default [`LinkConfig`].
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, LinkError> {
+        Self::connect_with(path, LinkConfig::default()).await
+    }
+
+    /// Connects to the hub's socket at `path` (fails if the first connect fails) and starts
+    /// the background task. Must be called inside a tokio runtime.
+    pub async fn connect_with(path: impl AsRef<Path>, cfg: LinkConfig) -> Result<Self, LinkError> {
+        let path = path.as_ref().to_owned();
+        let stream = UnixStream::connect(&path)
+            .await
+            .map_err(|e| LinkError::down(format!("connect {}: {e}", path.display())))?;
+        let inner = Arc::new(Inner {
+            path,
+            cfg,
+            next_id: AtomicU64::new(1),
+            state: Mutex::new(State::default()),
+            dropped: tokio::sync::Notify::new(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(());
+        attach(&inner, stream);
+        tokio::spawn(drive(inner.clone(), shutdown_rx));
+        Ok(Self {
+            inner,
+            _shutdown: Arc::new(shutdown),
+        })
+    }
+
+    /// True while the socket is connected.
+    pub fn is_connected(&self) -> bool {
+        self.inner.state().conn.is_some()
+    }
+
+    /// Every stream of the store and its partition count.
+    pub async fn streams(&self) -> Result<Vec<StreamInfo>, LinkError> {
+        match self.call(|id| Request::Streams { id }).await? {
+            ServerMsg::Response(Response::Streams { streams, .. }) => Ok(streams),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `(earliest, next)` of a partition.
+    pub async fn bounds(&self, stream: &str, partition: u32) -> Result<(u64, u64), LinkError> {
+        let req = |id| Request::Bounds {
+            id,
+            stream: stream.to_owned(),
+            partition,
+        };
+        match self.call(req).await? {
+            ServerMsg::Response(Response::Bounds { earliest, next, .. }) => Ok((earliest, next)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The first offset whose record has a timestamp `>= ts_ms`, or `next` if none.
+    pub async fn offset_for_timestamp(
+        &self,
+        stream: &str,
+        partition: u32,
+        ts_ms: u64,
+    ) -> Result<u64, LinkError> {
+        let req = |id| Request::OffsetForTimestamp {
+            id,
+            stream: stream.to_owned(),
+            partition,
+            ts_ms,
+        };
+        match self.call(req).await? {
+            ServerMsg::Response(Response::Offset { offset, .. }) => Ok(offset),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads records from `from` on (semantics of [`Store::read`](crate::store::Store::read);
+    /// the hub also caps the answer, by default at 65 536 records / 4 MiB). At the tail the
+    /// batch is empty.
+    pub async fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<RecordBatch, LinkError> {
+        let req = |id| Request::Read {
+            id,
+            stream: stream.to_owned(),
+            partition,
+            from,
+            max_records,
+            max_bytes,
+        };
+        match self.call(req).await? {
+            ServerMsg::Batch { records, .. } => {
+                let batch = RecordBatch::from_records(records);
+                if batch.partition() != partition || batch.base_offset() != from {
+                    return Err(LinkError::Protocol {
+                        reason: "batch does not start at the requested offset".into(),
+                    });
+                }
+                Ok(batch)
+            }
+            ServerMsg::Response(Response::ReadEmpty { next, .. }) => {
+                Ok(RecordBatch::empty(partition, next))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Watches a partition's `next` offset. The receiver starts at 0 until the hub answers,
+    /// then follows the partition (only growing; intermediate values may be skipped). All
+    /// watchers of a partition on this link share one hub-side watch, dropped after the last
+    /// receiver is gone. The receiver is closed if the hub refuses the watch (no such stream
+    /// or partition); it survives reconnects.
+    pub fn watch_tail(&self, stream: &str, partition: u32) -> watch::Receiver<u64> {
+        let mut st = self.inner.state();
+        let key = (stream.to_owned(), partition);
+        if let Some(slot) = st.watches.get(&key) {
+            return slot.tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(0);
+        let mut slot = WatchSlot { tx, remote: None };
+        if let Some(conn) = st.conn.clone() {
+            let id = self.inner.id();
+            if register(&conn, id, &key) {
+                slot.remote = Some(id);
+                st.watch_ids.insert(id, key.clone());
+            }
+        }
+        st.watches.insert(key, slot);
+        rx
+    }
+
+    async fn call(&self, req: impl FnOnce(u64) -> Request) -> Result<ServerMsg, LinkError> {
+        let id = self.inner.id();
+        let mut frame = Vec::new();
+        codec::encode_request(&req(id), &mut frame).map_err(|e| {
+            LinkError::Store(RemoteError::Refused {
+                reason: format!("request does not encode: {e}"),
+            })
+        })?;
+        let (tx, rx) = oneshot::channel();
+        let conn = {
+            let mut st = self.inner.state();
+            let conn = st
+                .conn
+                .clone()
+                .ok_or_else(|| LinkError::down("reconnecting"))?;
+            st.pending.insert(id, tx);
+            conn
+        };
+        let _guard = PendingGuard {
+            inner: &self.inner,
+            id,
+        };
+        conn.send(frame)
+            .await
+            .map_err(|_| LinkError::down("connection closed"))?;
+        match tokio::time::timeout(self.inner.cfg.request_timeout, rx).await {
+            Err(_) => Err(LinkError::Timeout),
+            Ok(Err(_)) => Err(LinkError::down("connection closed")),
+            Ok(Ok(reply)) => match reply? {
+                ServerMsg::Response(Response::Error { error, .. }) => Err(LinkError::Store(error)),
+                msg => Ok(msg),
+            },
+        }
+    }
+}
+
+/// Removes a call's pending entry however the call ends (answer, timeout, cancellation).
+struct PendingGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.state().pending.remove(&self.id);
+    }
+}
+
+fn unexpected(msg: &ServerMsg) -> LinkError {
+    let what = match msg {
+        ServerMsg::Batch { .. } => "a batch".to_owned(),
+        ServerMsg::Response(r) => format!("{r:?}"),
+    };
+    LinkError::Protocol {
+        reason: format!("unexpected answer: {what}"),
+    }
+}
+
+/// Queues a `WatchTail`; false if the connection's queue is full or gone (the watch is then
+/// registered on the next connection).
+fn register(conn: &mpsc::Sender<Vec<u8>>, id: u64, key: &WatchKey) -> bool {
+    let mut f = Vec::new();
+    let req = Request::WatchTail {
+        id,
+        stream: key.0.clone(),
+        partition: key.1,
+    };
+    codec::encode_request(&req, &mut f).is_ok() && conn.try_send(f).is_ok()
+}
+
+/// Installs a fresh connection: starts its writer, re-registers live watches, and spawns its
+/// reader.
+fn attach(inner: &Arc<Inner>, stream: UnixStream) {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(1024);
+    tokio::spawn(async move {
+        let _ = write_loop(wr, rx).await;
+    });
+    {
+        let mut guard = inner.state();
+        let st = &mut *guard;
+        st.watches.retain(|_, s| s.tx.receiver_count() > 0);
+        st.watch_ids.clear();
+        for (key, slot) in st.watches.iter_mut() {
+            let id = inner.id();
+            slot.remote = None;
+            if register(&tx, id, key) {
+                slot.remote = Some(id);
+                st.watch_ids.insert(id, key.clone());
+            }
+        }
+        st.conn = Some(tx);
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let mut rd = BufReader::with_capacity(64 << 10, rd);
+        let reason = loop {
+            let body = match read_frame(&mut rd, MAX_FRAME_LEN).await {
+                Ok(Some(b)) => b,
+                Ok(None) => break "hub closed the link".to_owned(),
+                Err(LinkReadError::Io(e)) => break format!("i/o: {e}"),
+                Err(LinkReadError::Codec(e)) => break format!("hub sent garbage: {e}"),
+            };
+            match codec::decode_server_msg(&body) {
+                Ok(msg) => dispatch(&inner, msg),
+                Err(e) => break format!("hub sent garbage: {e}"),
+            }
+        };
+        detach(&inner, &reason);
+    });
+}
+
+/// Marks the link down and fails every pending call.
+fn detach(inner: &Inner, reason: &str) {
+    tracing::warn!(reason, "store link down");
+    let mut st = inner.state();
+    st.conn = None;
+    for (_, p) in st.pending.drain() {
+        let _ = p.send(Err(LinkError::down(reason)));
+    }
+    st.watch_ids.clear();
+    for s in st.watches.values_mut() {
+        s.remote = None;
+    }
+    drop(st);
+    inner.dropped.notify_one();
+}
+
+fn dispatch(inner: &Inner, msg: ServerMsg) {
+    let mut guard = inner.state();
+    let st = &mut *guard;
+    let id = match &msg {
+        ServerMsg::Batch { id, .. } => *id,
+        ServerMsg::Response(r) => match r {
+            Response::Watching { id, next } | Response::Tail { watch: id, next } => {
+                let (id, next) = (*id, *next);
+                let Some(key) = st.watch_ids.get(&id) else {
+                    return;
+                };
+                let Some(slot) = st.watches.get(key) else {
+                    return;
+                };
+                if slot.tx.receiver_count() == 0 {
+                    let key = key.clone();
+                    st.watches.remove(&key);
+                    st.watch_ids.remove(&id);
+                    if let Some(conn) = &st.conn {
+                        let mut f = Vec::new();
+                        if codec::encode_request(&Request::Unwatch { watch: id }, &mut f).is_ok() {
+                            let _ = conn.try_send(f);
+                        }
+                    }
+                    return;
+                }
+                slot.tx.send_if_modified(|v| {
+                    let grew = next > *v;
+                    *v = (*v).max(next);
+                    grew
+                });
+                return;
+            }
+            Response::Error { id, .. } if st.watch_ids.contains_key(id) => {
+                // The hub refused a watch: close its receivers.
+                if let Some(key) = st.watch_ids.remove(id) {
+                    st.watches.remove(&key);
+                }
+                return;
+            }
+            Response::Streams { id, .. }
+            | Response::Bounds { id, .. }
+            | Response::Offset { id, .. }
+            | Response::ReadEmpty { id, .. }
+            | Response::Error { id, .. } => *id,
+        },
+    };
+    if let Some(p) = st.pending.remove(&id) {
+        let _ = p.send(Ok(msg));
+    }
+}
+
+/// Reconnects after each drop until the last handle is gone.
+async fn drive(inner: Arc<Inner>, mut shutdown: watch::Receiver<()>) {
+    let mut backoff = Backoff::new(inner.cfg.backoff_initial, inner.cfg.backoff_max);
+    loop {
+        // Wait for the current connection to drop (`notify_one` keeps the signal if it came
+        // before we wait).
+        tokio::select! {
+            _ = shutdown.changed() => { close(&inner); return; }
+            _ = inner.dropped.notified() => {}
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => { close(&inner); return; }
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+            match UnixStream::connect(&inner.path).await {
+                Ok(s) => {
+                    tracing::info!(path = %inner.path.display(), "store link reconnected");
+                    attach(&inner, s);
+                    backoff.reset();
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "store link reconnect failed"),
+            }
+        }
+    }
+}
+
+/// Last handle dropped: close the connection (the reader ends on EOF).
+fn close(inner: &Inner) {
+    let mut st = inner.state();
+    st.conn = None;
+    st.watches.clear();
+    st.watch_ids.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(20), Duration::from_millis(100));
+        let got: Vec<_> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(got, vec![20, 40, 80, 100, 100]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn retryability_follows_whose_fault() {
+        assert!(LinkError::Timeout.is_retryable());
+        assert!(LinkError::down("x").is_retryable());
+        let unavailable = RemoteError::Unavailable {
+            reason: "io".into(),
+        };
+        assert!(LinkError::Store(unavailable).is_retryable());
+        let oor = RemoteError::OffsetOutOfRange {
+            requested: 1,
+            earliest: 2,
+            next: 3,
+        };
+        assert!(!LinkError::Store(oor).is_retryable());
+    }
+}

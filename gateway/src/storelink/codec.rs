@@ -1,0 +1,829 @@
+//! The store link's wire format (I/O-free).
+//!
+//! Every frame is `len u32 BE | tag u8 | body`, where `len` counts the tag and the body and is
+//! bounded ([`MAX_FRAME_LEN`], or [`MAX_REQUEST_LEN`] for what the hub accepts) before any
+//! allocation:
+//!
+//! ```text
+//! tag 0x01  Request   shard → hub   CBOR (sibyl_proto::cbor) of [`Request`]
+//! tag 0x02  Response  hub → shard   CBOR of [`Response`]
+//! tag 0x03  Batch     hub → shard   id u64 BE | a whole client-facing `Records` frame
+//!                                   (type 0x41 | len u32 BE | body, sibyl_proto::frame::data)
+//! ```
+//!
+//! A `Batch` carries the records of a `Read` as the very frame a shard sends its clients, so a
+//! shard can forward it with no per-record re-encoding.
+
+use serde::{Deserialize, Serialize};
+use sibyl_proto::codec::{Codec, DecodeLimits, FrameError, Reader, put_varint};
+use sibyl_proto::frame::data::Records;
+use sibyl_proto::frame::{Frame, FrameBody};
+
+use crate::store::Record;
+
+/// Largest frame (tag + body) either side sends: 8 MiB. A `Read` answer is capped well under
+/// it by the hub ([`ServerConfig::max_read_bytes`](super::ServerConfig::max_read_bytes)),
+/// and a single record (at most 1 MiB payload + 4 KiB key by default) always fits.
+pub const MAX_FRAME_LEN: usize = 8 << 20;
+/// Largest request frame the hub accepts (requests carry a stream name and a few integers).
+pub const MAX_REQUEST_LEN: usize = 64 << 10;
+
+const LEN_LEN: usize = 4;
+const TAG_REQUEST: u8 = 0x01;
+const TAG_RESPONSE: u8 = 0x02;
+const TAG_BATCH: u8 = 0x03;
+
+/// Why bytes from the peer could not be decoded (the peer sent garbage), or, when encoding,
+/// why a message cannot be sent (the caller's misuse).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The announced frame length exceeds the bound.
+    #[error("frame of {len} bytes exceeds the {max}-byte bound")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// An empty frame, or a batch frame too short for its request id.
+    #[error("frame too short")]
+    Short,
+    /// A tag this side does not accept.
+    #[error("unexpected frame tag {0:#04x}")]
+    UnexpectedTag(u8),
+    /// A CBOR body that does not decode to a message.
+    #[error("malformed message: {0}")]
+    Cbor(#[from] sibyl_proto::cbor::CborError),
+    /// A batch body that is not a valid `Records` body.
+    #[error("malformed record batch: {0}")]
+    Batch(#[from] FrameError),
+    /// Encoding only: an empty batch or offsets not strictly increasing (caller misuse).
+    #[error("a batch needs at least one record and strictly increasing offsets")]
+    InvalidBatch,
+}
+
+/// A stream as listed by [`Request::Streams`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Stream name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: u32,
+}
+
+/// Shard → hub. Every request carries an `id` chosen by the shard; answers carry it back and
+/// may arrive in any order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// List the streams → [`Response::Streams`].
+    Streams {
+        /// Request id.
+        id: u64,
+    },
+    /// `(earliest, next)` of a partition → [`Response::Bounds`].
+    Bounds {
+        /// Request id.
+        id: u64,
+        /// Stream name.
+        stream: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// First offset with a timestamp `>= ts_ms` → [`Response::Offset`].
+    OffsetForTimestamp {
+        /// Request id.
+        id: u64,
+        /// Stream name.
+        stream: String,
+        /// Partition.
+        partition: u32,
+        /// Unix milliseconds.
+        ts_ms: u64,
+    },
+    /// Records from `from` on → a batch frame, or [`Response::ReadEmpty`] at the tail.
+    Read {
+        /// Request id.
+        id: u64,
+        /// Stream name.
+        stream: String,
+        /// Partition.
+        partition: u32,
+        /// First offset wanted.
+        from: u64,
+        /// At most this many records (the hub may return fewer).
+        max_records: u32,
+        /// About this many bytes (at least one record is returned if any is available).
+        max_bytes: u32,
+    },
+    /// Push [`Response::Tail`] whenever the partition's `next` grows; answered by
+    /// [`Response::Watching`]. The request id names the watch.
+    WatchTail {
+        /// Request id, and the watch id of later `Tail` pushes.
+        id: u64,
+        /// Stream name.
+        stream: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// Stop a watch (no answer).
+    Unwatch {
+        /// The `WatchTail` request id.
+        watch: u64,
+    },
+}
+
+/// Hub → shard control messages (batches travel in their own binary frame).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// Answer to [`Request::Streams`].
+    Streams {
+        /// Request id.
+        id: u64,
+        /// Streams, sorted by name.
+        streams: Vec<StreamInfo>,
+    },
+    /// Answer to [`Request::Bounds`].
+    Bounds {
+        /// Request id.
+        id: u64,
+        /// Earliest stored offset.
+        earliest: u64,
+        /// Offset the next record will get.
+        next: u64,
+    },
+    /// Answer to [`Request::OffsetForTimestamp`].
+    Offset {
+        /// Request id.
+        id: u64,
+        /// The offset.
+        offset: u64,
+    },
+    /// Answer to a [`Request::Read`] at the partition's tail: no records yet.
+    ReadEmpty {
+        /// Request id.
+        id: u64,
+        /// The requested offset, which is the partition's `next`.
+        next: u64,
+    },
+    /// Answer to [`Request::WatchTail`]: the watch is active.
+    Watching {
+        /// Request id (the watch id).
+        id: u64,
+        /// The partition's current `next`.
+        next: u64,
+    },
+    /// Pushed when a watched partition's `next` grows. Coalesced: only the latest value is
+    /// sent.
+    Tail {
+        /// The watch id.
+        watch: u64,
+        /// The partition's new `next`.
+        next: u64,
+    },
+    /// A request failed.
+    Error {
+        /// Request id.
+        id: u64,
+        /// Why.
+        error: RemoteError,
+    },
+}
+
+/// A request's failure as reported by the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// No stream of that name (caller's problem).
+    #[error("no such stream `{stream}`")]
+    NoSuchStream {
+        /// The stream asked for.
+        stream: String,
+    },
+    /// The stream has no such partition (caller's problem).
+    #[error("stream `{stream}` has no partition {partition} (it has {partitions})")]
+    NoSuchPartition {
+        /// The stream.
+        stream: String,
+        /// The partition asked for.
+        partition: u32,
+        /// How many it has.
+        partitions: u32,
+    },
+    /// The offset is outside `[earliest, next]` (caller's problem: re-seek).
+    #[error("offset {requested} out of range [{earliest}, {next}]")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        requested: u64,
+        /// The earliest offset still stored.
+        earliest: u64,
+        /// The next offset to be written.
+        next: u64,
+    },
+    /// The record at `offset` is damaged and never served; reading can continue at
+    /// `resume_at` if known (the caller decides whether to skip).
+    #[error("corrupt record at offset {offset} (resume at {resume_at:?})")]
+    Corrupt {
+        /// The first unreadable offset.
+        offset: u64,
+        /// Next readable offset, if known.
+        resume_at: Option<u64>,
+    },
+    /// The hub's store failed (I/O error, poisoned partition): retry later.
+    #[error("store unavailable: {reason}")]
+    Unavailable {
+        /// What failed.
+        reason: String,
+    },
+    /// The hub refused the request (a limit of the link): the shard's misuse.
+    #[error("request refused: {reason}")]
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl From<&crate::store::StoreError> for RemoteError {
+    fn from(e: &crate::store::StoreError) -> Self {
+        use crate::store::StoreError as E;
+        match e {
+            E::NoSuchStream { stream } => Self::NoSuchStream {
+                stream: stream.clone(),
+            },
+            E::NoSuchPartition {
+                stream,
+                partition,
+                partitions,
+            } => Self::NoSuchPartition {
+                stream: stream.clone(),
+                partition: *partition,
+                partitions: *partitions,
+            },
+            E::OffsetOutOfRange {
+                requested,
+                earliest,
+                next,
+                ..
+            } => Self::OffsetOutOfRange {
+                requested: *requested,
+                earliest: *earliest,
+                next: *next,
+            },
+            E::Corrupt {
+                offset, resume_at, ..
+            } => Self::Corrupt {
+                offset: *offset,
+                resume_at: *resume_at,
+            },
+            E::InvalidName { .. } => Self::Refused {
+                reason: e.to_string(),
+            },
+            other => Self::Unavailable {
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// A decoded hub → shard frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
+pub enum ServerMsg {
+    /// A control message.
+    Response(Response),
+    /// The records answering `Read` request `id`.
+    Batch {
+        /// Request id.
+        id: u64,
+        /// The records.
+        records: Records,
+    },
+}
+
+fn put_frame(
+    out: &mut Vec<u8>,
+    tag: u8,
+    body: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>,
+) -> Result<(), CodecError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; LEN_LEN]);
+    out.push(tag);
+    if let Err(e) = body(out) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let len = out.len() - start - LEN_LEN;
+    if len > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(CodecError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    // The bound above keeps `len` within u32.
+    out[start..start + LEN_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Appends a request frame to `out`.
+pub fn encode_request(req: &Request, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    put_frame(out, TAG_REQUEST, |o| {
+        sibyl_proto::cbor::to_writer(req, o).map_err(CodecError::from)
+    })
+}
+
+/// Appends a response frame to `out`.
+pub fn encode_response(resp: &Response, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    put_frame(out, TAG_RESPONSE, |o| {
+        sibyl_proto::cbor::to_writer(resp, o).map_err(CodecError::from)
+    })
+}
+
+/// Appends a batch frame holding an already built `Records` batch.
+pub fn encode_batch(id: u64, records: &Records, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    put_frame(out, TAG_BATCH, |o| {
+        o.extend_from_slice(&id.to_be_bytes());
+        o.push(Records::TYPE.to_u8());
+        let len = u32::try_from(records.body_len()).map_err(|_| CodecError::TooLarge {
+            len: records.body_len(),
+            max: MAX_FRAME_LEN,
+        })?;
+        o.extend_from_slice(&len.to_be_bytes());
+        records.encode(o);
+        Ok(())
+    })
+}
+
+/// Appends a batch frame built straight from store records (the hub's read path: one pass,
+/// no intermediate batch). `records` must be non-empty with strictly increasing offsets, as
+/// [`Store::read`](crate::store::Store::read) returns them; otherwise nothing is written and
+/// [`CodecError::Batch`] is returned.
+pub fn encode_store_batch(
+    id: u64,
+    partition: u32,
+    records: &[Record],
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    let bad = || CodecError::InvalidBatch;
+    let (Some(first), Ok(count)) = (records.first(), u32::try_from(records.len())) else {
+        return Err(bad());
+    };
+    let base = first.offset;
+    if records.windows(2).any(|w| w[1].offset <= w[0].offset) {
+        return Err(bad());
+    }
+    let size: usize = records
+        .iter()
+        .map(|r| 8 + 8 + 8 + 8 + r.key.len() + r.payload.len())
+        .sum();
+    put_frame(out, TAG_BATCH, |o| {
+        o.reserve(8 + 5 + 16 + size);
+        o.extend_from_slice(&id.to_be_bytes());
+        o.push(Records::TYPE.to_u8());
+        let len_at = o.len();
+        o.extend_from_slice(&[0; 4]);
+        let body_at = o.len();
+        o.extend_from_slice(&partition.to_be_bytes());
+        o.extend_from_slice(&base.to_be_bytes());
+        o.extend_from_slice(&count.to_be_bytes());
+        for r in records {
+            put_varint(r.offset - base, o);
+            o.extend_from_slice(&r.timestamp_ms.to_be_bytes());
+            put_varint(r.key.len() as u64, o);
+            o.extend_from_slice(&r.key);
+            put_varint(r.payload.len() as u64, o);
+            o.extend_from_slice(&r.payload);
+        }
+        let body_len = o.len() - body_at;
+        let len = u32::try_from(body_len).map_err(|_| CodecError::TooLarge {
+            len: body_len,
+            max: MAX_FRAME_LEN,
+        })?;
+        o[len_at..body_at].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    })
+}
+
+/// The body length announced by the 4-byte header `header`, checked against `max`.
+pub fn frame_len(header: [u8; 4], max: usize) -> Result<usize, CodecError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(CodecError::Short);
+    }
+    Ok(len)
+}
+
+/// Splits the first frame off `buf`: `Ok(None)` when `buf` holds an incomplete frame (read
+/// more), `Ok(Some((body, consumed)))` for a complete one, an error for an oversized one.
+pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, CodecError> {
+    let Some(header) = buf.get(..LEN_LEN) else {
+        return Ok(None);
+    };
+    let mut h = [0u8; LEN_LEN];
+    h.copy_from_slice(header);
+    let len = frame_len(h, max)?;
+    Ok(buf
+        .get(LEN_LEN..LEN_LEN + len)
+        .map(|body| (body, LEN_LEN + len)))
+}
+
+/// Decodes a frame body (tag included) the hub received.
+pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
+    match body.split_first() {
+        None => Err(CodecError::Short),
+        Some((&TAG_REQUEST, rest)) => Ok(sibyl_proto::cbor::from_slice(rest)?),
+        Some((&tag, _)) => Err(CodecError::UnexpectedTag(tag)),
+    }
+}
+
+/// Limits for batches on the link: bounded by the frame length alone.
+fn link_limits() -> DecodeLimits {
+    DecodeLimits {
+        max_batch_payload: MAX_FRAME_LEN as u32,
+        // Each record takes at least 11 bytes (delta, timestamp, two lengths).
+        max_batch_records: (MAX_FRAME_LEN / 11) as u32,
+        ..DecodeLimits::default()
+    }
+}
+
+/// Decodes a frame body (tag included) the shard received.
+pub fn decode_server_msg(body: &[u8]) -> Result<ServerMsg, CodecError> {
+    match body.split_first() {
+        None => Err(CodecError::Short),
+        Some((&TAG_RESPONSE, rest)) => {
+            Ok(ServerMsg::Response(sibyl_proto::cbor::from_slice(rest)?))
+        }
+        Some((&TAG_BATCH, rest)) => {
+            let (id, rest) = rest.split_at_checked(8).ok_or(CodecError::Short)?;
+            let mut idb = [0u8; 8];
+            idb.copy_from_slice(id);
+            let mut r = Reader::new(rest);
+            let frame = Frame::decode_with_limits(&mut r, &link_limits())?;
+            if r.remaining() != 0 {
+                return Err(FrameError::TrailingBytes {
+                    ty: Records::TYPE.to_u8(),
+                }
+                .into());
+            }
+            let Frame::Records(records) = frame else {
+                return Err(CodecError::UnexpectedTag(frame.frame_type().to_u8()));
+            };
+            Ok(ServerMsg::Batch {
+                id: u64::from_be_bytes(idb),
+                records,
+            })
+        }
+        Some((&tag, _)) => Err(CodecError::UnexpectedTag(tag)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rec(offset: u64, key: &[u8], payload: &[u8]) -> Record {
+        Record {
+            offset,
+            timestamp_ms: 1_700_000_000_000 + offset,
+            key: key.to_vec(),
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn one_frame(buf: &[u8]) -> &[u8] {
+        let (body, used) = split_frame(buf, MAX_FRAME_LEN).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        body
+    }
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::Streams { id: 1 },
+            Request::Bounds {
+                id: 2,
+                stream: "s".into(),
+                partition: 3,
+            },
+            Request::OffsetForTimestamp {
+                id: 3,
+                stream: "s".into(),
+                partition: 0,
+                ts_ms: 99,
+            },
+            Request::Read {
+                id: u64::MAX,
+                stream: "orders".into(),
+                partition: 7,
+                from: 1 << 40,
+                max_records: 10,
+                max_bytes: 1 << 20,
+            },
+            Request::WatchTail {
+                id: 5,
+                stream: "s".into(),
+                partition: 1,
+            },
+            Request::Unwatch { watch: 5 },
+        ]
+    }
+
+    fn all_responses() -> Vec<Response> {
+        vec![
+            Response::Streams {
+                id: 1,
+                streams: vec![StreamInfo {
+                    name: "a".into(),
+                    partitions: 4,
+                }],
+            },
+            Response::Bounds {
+                id: 2,
+                earliest: 3,
+                next: 9,
+            },
+            Response::Offset { id: 3, offset: 4 },
+            Response::ReadEmpty { id: 4, next: 10 },
+            Response::Watching { id: 5, next: 11 },
+            Response::Tail { watch: 5, next: 12 },
+            Response::Error {
+                id: 6,
+                error: RemoteError::Corrupt {
+                    offset: 7,
+                    resume_at: Some(9),
+                },
+            },
+            Response::Error {
+                id: 7,
+                error: RemoteError::OffsetOutOfRange {
+                    requested: 1,
+                    earliest: 2,
+                    next: 3,
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for r in all_requests() {
+            let mut buf = Vec::new();
+            encode_request(&r, &mut buf).unwrap();
+            assert_eq!(decode_request(one_frame(&buf)).unwrap(), r);
+            // A shard never accepts its own requests.
+            assert!(matches!(
+                decode_server_msg(one_frame(&buf)),
+                Err(CodecError::UnexpectedTag(TAG_REQUEST))
+            ));
+        }
+        for r in all_responses() {
+            let mut buf = Vec::new();
+            encode_response(&r, &mut buf).unwrap();
+            assert_eq!(
+                decode_server_msg(one_frame(&buf)).unwrap(),
+                ServerMsg::Response(r)
+            );
+            assert!(matches!(
+                decode_request(one_frame(&buf)),
+                Err(CodecError::UnexpectedTag(TAG_RESPONSE))
+            ));
+        }
+    }
+
+    #[test]
+    fn store_batch_is_the_records_layout() {
+        let recs = vec![
+            rec(10, b"k", b"a"),
+            rec(11, b"", &[7; 300]),
+            rec(12, b"kk", b""),
+        ];
+        let mut direct = Vec::new();
+        encode_store_batch(42, 3, &recs, &mut direct).unwrap();
+        let built = Records::new(
+            3,
+            recs.iter().map(|r| sibyl_proto::frame::data::RecordRef {
+                offset: r.offset,
+                timestamp: r.timestamp_ms,
+                key: &r.key,
+                payload: &r.payload,
+            }),
+        )
+        .unwrap();
+        let mut via = Vec::new();
+        encode_batch(42, &built, &mut via).unwrap();
+        assert_eq!(direct, via);
+        let ServerMsg::Batch { id, records } = decode_server_msg(one_frame(&direct)).unwrap()
+        else {
+            panic!("not a batch");
+        };
+        assert_eq!((id, &records), (42, &built));
+        // The bytes after the id are a whole client-facing frame.
+        let body = one_frame(&direct);
+        let frame = Frame::decode_with_limits(&mut Reader::new(&body[9..]), &link_limits());
+        assert_eq!(frame.unwrap(), Frame::Records(built));
+    }
+
+    #[test]
+    fn store_batch_refuses_misuse() {
+        let mut out = vec![1, 2];
+        assert!(matches!(
+            encode_store_batch(1, 0, &[], &mut out),
+            Err(CodecError::InvalidBatch)
+        ));
+        assert!(matches!(
+            encode_store_batch(1, 0, &[rec(5, b"", b""), rec(5, b"", b"")], &mut out),
+            Err(CodecError::InvalidBatch)
+        ));
+        assert_eq!(out, vec![1, 2], "nothing written on error");
+    }
+
+    #[test]
+    fn incomplete_is_not_an_error() {
+        let mut buf = Vec::new();
+        encode_request(&all_requests()[3], &mut buf).unwrap();
+        for cut in 0..buf.len() {
+            assert!(
+                split_frame(&buf[..cut], MAX_FRAME_LEN).unwrap().is_none(),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn lengths_are_bounded_before_allocation() {
+        let big = ((MAX_REQUEST_LEN + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            split_frame(&big, MAX_REQUEST_LEN),
+            Err(CodecError::TooLarge { len, .. }) if len == MAX_REQUEST_LEN + 1
+        ));
+        assert!(matches!(
+            frame_len(u32::MAX.to_be_bytes(), MAX_FRAME_LEN),
+            Err(CodecError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            frame_len([0; 4], MAX_FRAME_LEN),
+            Err(CodecError::Short)
+        ));
+        // Encoding refuses what the peer would refuse.
+        let huge = vec![rec(0, b"", &vec![0; MAX_FRAME_LEN])];
+        let mut out = Vec::new();
+        assert!(matches!(
+            encode_store_batch(1, 0, &huge, &mut out),
+            Err(CodecError::TooLarge { .. })
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(matches!(decode_request(&[]), Err(CodecError::Short)));
+        assert!(matches!(
+            decode_request(&[9, 1]),
+            Err(CodecError::UnexpectedTag(9))
+        ));
+        assert!(matches!(
+            decode_request(&[TAG_REQUEST, 0xff]),
+            Err(CodecError::Cbor(_))
+        ));
+        assert!(matches!(
+            decode_server_msg(&[TAG_BATCH, 0, 0]),
+            Err(CodecError::Short)
+        ));
+        // A batch frame with trailing bytes, and a truncated one.
+        let mut buf = Vec::new();
+        encode_store_batch(1, 0, &[rec(0, b"k", b"v")], &mut buf).unwrap();
+        let mut body = one_frame(&buf).to_vec();
+        body.push(0);
+        assert!(matches!(
+            decode_server_msg(&body),
+            Err(CodecError::Batch(_))
+        ));
+        body.truncate(body.len() - 2);
+        assert!(matches!(
+            decode_server_msg(&body),
+            Err(CodecError::Batch(_))
+        ));
+        // A control frame in the batch slot.
+        let mut b = vec![TAG_BATCH];
+        b.extend_from_slice(&7u64.to_be_bytes());
+        let open = sibyl_proto::frame::PartitionOpen {
+            sub_id: 1,
+            partition: 2,
+            epoch: 3,
+        };
+        b.extend_from_slice(&Frame::from(open).to_vec());
+        assert!(matches!(
+            decode_server_msg(&b),
+            Err(CodecError::UnexpectedTag(0x40))
+        ));
+    }
+
+    fn arb_name() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{0,20}"
+    }
+
+    fn arb_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            any::<u64>().prop_map(|id| Request::Streams { id }),
+            (any::<u64>(), arb_name(), any::<u32>()).prop_map(|(id, stream, partition)| {
+                Request::Bounds {
+                    id,
+                    stream,
+                    partition,
+                }
+            }),
+            (any::<u64>(), arb_name(), any::<u32>(), any::<u64>()).prop_map(
+                |(id, stream, partition, ts_ms)| Request::OffsetForTimestamp {
+                    id,
+                    stream,
+                    partition,
+                    ts_ms,
+                }
+            ),
+            (
+                any::<u64>(),
+                arb_name(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(|(id, stream, partition, from, max_records, max_bytes)| {
+                    Request::Read {
+                        id,
+                        stream,
+                        partition,
+                        from,
+                        max_records,
+                        max_bytes,
+                    }
+                }),
+            (any::<u64>(), arb_name(), any::<u32>()).prop_map(|(id, stream, partition)| {
+                Request::WatchTail {
+                    id,
+                    stream,
+                    partition,
+                }
+            }),
+            any::<u64>().prop_map(|watch| Request::Unwatch { watch }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(reqs in proptest::collection::vec(arb_request(), 1..8)) {
+            let mut buf = Vec::new();
+            for r in &reqs {
+                encode_request(r, &mut buf).unwrap();
+            }
+            let mut at = 0;
+            for r in &reqs {
+                let (body, used) = split_frame(&buf[at..], MAX_REQUEST_LEN).unwrap().unwrap();
+                prop_assert_eq!(&decode_request(body).unwrap(), r);
+                at += used;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn batches_round_trip(
+            id in any::<u64>(),
+            partition in any::<u32>(),
+            base in 0u64..1 << 50,
+            gaps in proptest::collection::vec(1u64..1000, 1..40),
+            payload in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut off = base;
+            let recs: Vec<Record> = gaps.iter().map(|g| {
+                let r = rec(off, &payload[..payload.len() / 3], &payload);
+                off += g;
+                r
+            }).collect();
+            let mut buf = Vec::new();
+            encode_store_batch(id, partition, &recs, &mut buf).unwrap();
+            let ServerMsg::Batch { id: got, records } = decode_server_msg(one_frame(&buf)).unwrap() else {
+                panic!("not a batch");
+            };
+            prop_assert_eq!(got, id);
+            prop_assert_eq!(records.partition(), partition);
+            let back: Vec<_> = records.iter().map(|r| (r.offset, r.timestamp, r.key.to_vec(), r.payload.to_vec())).collect();
+            let want: Vec<_> = recs.iter().map(|r| (r.offset, r.timestamp_ms, r.key.clone(), r.payload.clone())).collect();
+            prop_assert_eq!(back, want);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = split_frame(&bytes, MAX_FRAME_LEN);
+            let _ = decode_request(&bytes);
+            let _ = decode_server_msg(&bytes);
+            let mut b = vec![TAG_BATCH];
+            b.extend_from_slice(&bytes);
+            let _ = decode_server_msg(&b);
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! The store link: how shard processes read the hub's embedded store.
+//!
+//! ```text
+//!  hub process                                  shard process
+//!  Store ◀─ spawn_blocking ─ StoreLinkServer ◀══ Unix socket ══▶ StoreLink ◀─ CachedReader ◀─ subscriptions
+//!   │ subscribe_tail           (one task per    u32 len | tag | body   (multiplexed,   │ ShardCache:
+//!   └──────── Tail pushes ──── shard link)      requests: CBOR           reconnecting)  │ PartitionCache per
+//!                                               batches: Records frame                  │ (stream, partition)
+//! ```
+//!
+//! - [`codec`]: the wire format (I/O-free): [`Request`], [`Response`], batch frames that carry
+//!   a client-facing `Records` frame, every length bounded before allocation.
+//! - [`StoreLinkServer`]: binds `<data>/run/store.sock` (mode 0600), serves each shard link on
+//!   its own task; reads and time lookups run on blocking threads, a bounded number per link;
+//!   tail watches push coalesced `Tail` notifications. A malformed frame closes that link only.
+//! - [`StoreLink`]: the shard's client: request ids, a pending map, reconnect with [`Backoff`],
+//!   tail watches as `tokio::sync::watch` receivers.
+//! - [`ShardCache`] / [`PartitionCache`] (I/O-free): the most recent contiguous records of each
+//!   partition, bounded per partition and per shard (LRU across partitions).
+//! - [`CachedReader`]: cache first, then one shared fetch through the link per miss position.
+
+pub mod batch;
+pub mod cache;
+mod client;
+pub mod codec;
+mod reader;
+mod server;
+
+pub use batch::RecordBatch;
+pub use cache::{CacheConfig, CacheStats, PartitionCache, ShardCache};
+pub use client::{Backoff, LinkConfig, LinkError, StoreLink};
+pub use codec::{CodecError, RemoteError, Request, Response, StreamInfo};
+pub use reader::{CachedReader, ReaderConfig};
+pub use server::{ServerConfig, StoreLinkServer};
+
+/// File name of the hub's store socket inside `<data>/run/`.
+pub const SOCKET_FILE: &str = "store.sock";
+
+/// The conventional socket path for a data directory: `<data>/run/store.sock`.
+pub fn socket_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("run").join(SOCKET_FILE)
+}

@@ -1,0 +1,175 @@
+//! [`CachedReader`]: reads through the shard's caches, then the link.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use super::batch::RecordBatch;
+use super::cache::{CacheConfig, CacheStats, ShardCache};
+use super::client::{LinkError, StoreLink};
+
+/// How much a cache miss fetches from the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaderConfig {
+    /// Records per fetch (at least what the caller asked for). Default 16 384.
+    pub fetch_records: u32,
+    /// Bytes per fetch (at least what the caller asked for). Default 1 MiB.
+    pub fetch_bytes: u32,
+}
+
+impl Default for ReaderConfig {
+    fn default() -> Self {
+        Self {
+            fetch_records: 16 * 1024,
+            fetch_bytes: 1 << 20,
+        }
+    }
+}
+
+type Waiters = Vec<oneshot::Sender<Result<RecordBatch, LinkError>>>;
+type FetchKey = (String, u32, u64);
+
+struct Shared {
+    link: StoreLink,
+    cfg: ReaderConfig,
+    cache: Mutex<ShardCache>,
+    inflight: Mutex<HashMap<FetchKey, Waiters>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code panics while holding these locks; recover the data if one ever did.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The shard's read path: one [`ShardCache`] and one [`StoreLink`] shared by every
+/// subscription of the shard (clone it freely).
+///
+/// A read is served from the cache when it can be; otherwise one fetch of
+/// [`ReaderConfig::fetch_records`] / [`fetch_bytes`](ReaderConfig::fetch_bytes) goes to the hub
+/// and fills the cache. Concurrent misses at the same position share that one fetch, so N
+/// subscribers at a partition's tail cost one hub read per append, not N.
+#[derive(Clone)]
+pub struct CachedReader {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CachedReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedReader")
+            .field("link", &self.shared.link)
+            .field("cfg", &self.shared.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes the in-flight entry if the fetching call is cancelled; waiters then retry.
+struct InflightGuard<'a> {
+    shared: &'a Shared,
+    key: Option<FetchKey>,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            lock(&self.shared.inflight).remove(&k);
+        }
+    }
+}
+
+impl CachedReader {
+    /// A reader over `link` with a cache bounded by `cache`.
+    pub fn new(link: StoreLink, cache: CacheConfig, cfg: ReaderConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                link,
+                cfg,
+                cache: Mutex::new(ShardCache::new(cache)),
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The underlying link (bounds, time lookups, tail watches).
+    pub fn link(&self) -> &StoreLink {
+        &self.shared.link
+    }
+
+    /// Cache counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        lock(&self.shared.cache).stats()
+    }
+
+    /// Bytes the cache holds.
+    pub fn cache_bytes(&self) -> usize {
+        lock(&self.shared.cache).bytes()
+    }
+
+    /// Reads like [`StoreLink::read`] (an empty batch at the tail), from the cache when
+    /// possible.
+    pub async fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<RecordBatch, LinkError> {
+        let (max_r, max_b) = (max_records.max(1) as usize, max_bytes as usize);
+        let sh = &*self.shared;
+        loop {
+            if let Some(b) = lock(&sh.cache).get(stream, partition, from, max_r, max_b) {
+                return Ok(b);
+            }
+            let key = (stream.to_owned(), partition, from);
+            let wait = {
+                let mut inflight = lock(&sh.inflight);
+                match inflight.get_mut(&key) {
+                    Some(w) => {
+                        let (tx, rx) = oneshot::channel();
+                        w.push(tx);
+                        Some(rx)
+                    }
+                    None => {
+                        inflight.insert(key.clone(), Vec::new());
+                        None
+                    }
+                }
+            };
+            if let Some(rx) = wait {
+                match rx.await {
+                    Ok(Ok(b)) => return Ok(b.slice(from, max_r, max_b).unwrap_or(b)),
+                    Ok(Err(e)) => return Err(e),
+                    // The fetching call was cancelled: try again.
+                    Err(_) => continue,
+                }
+            }
+            let mut guard = InflightGuard {
+                shared: sh,
+                key: Some(key),
+            };
+            let r = sh
+                .link
+                .read(
+                    stream,
+                    partition,
+                    from,
+                    sh.cfg.fetch_records.max(max_records),
+                    sh.cfg.fetch_bytes.max(max_bytes),
+                )
+                .await;
+            if let Ok(b) = &r {
+                lock(&sh.cache).insert(stream, b.clone());
+            }
+            let waiters = guard
+                .key
+                .take()
+                .and_then(|k| lock(&sh.inflight).remove(&k))
+                .unwrap_or_default();
+            for w in waiters {
+                let _ = w.send(r.clone());
+            }
+            return r.map(|b| b.slice(from, max_r, max_b).unwrap_or(b));
+        }
+    }
+}

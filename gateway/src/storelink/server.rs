@@ -1,0 +1,420 @@
+//! The hub side: serves the store to shard processes over a Unix socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use super::codec::{self, CodecError, MAX_REQUEST_LEN, RemoteError, Request, Response, StreamInfo};
+use crate::store::Store;
+
+/// Limits of the hub side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Store calls (reads, time lookups) running at once per shard link; further requests
+    /// wait, which stops reading that link's socket. Default 16.
+    pub max_inflight_per_link: usize,
+    /// Tail watches per shard link; more are refused. Default 65 536.
+    pub max_watches_per_link: usize,
+    /// Records per `Read` answer, whatever the shard asks. Default 65 536.
+    pub max_read_records: u32,
+    /// Approximate bytes per `Read` answer, whatever the shard asks (one record larger than
+    /// this is still served). Default 4 MiB, well under the 8 MiB frame bound.
+    pub max_read_bytes: u32,
+    /// Shard links open at once; more connections are closed at accept. Default 1024.
+    pub max_links: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_inflight_per_link: 16,
+            max_watches_per_link: 65_536,
+            max_read_records: 65_536,
+            max_read_bytes: 4 << 20,
+            max_links: 1024,
+        }
+    }
+}
+
+/// The hub's store link listener. Dropping it stops accepting, closes every shard link and
+/// removes the socket file.
+#[derive(Debug)]
+pub struct StoreLinkServer {
+    path: PathBuf,
+    accept: JoinHandle<()>,
+    _shutdown: watch::Sender<()>,
+}
+
+impl StoreLinkServer {
+    /// [`bind_with`](Self::bind_with) the default [`ServerConfig`].
+    pub fn bind(path: &Path, store: Arc<Store>) -> io::Result<Self> {
+        Self::bind_with(path, store, ServerConfig::default())
+    }
+
+    /// Listens on `path` (a Unix socket, mode 0600; its directory is created with mode 0700
+    /// if missing; a stale socket at `path` is removed, any other file is an error) and
+    /// serves each shard connection on its own task. Must be called inside a tokio runtime.
+    pub fn bind_with(path: &Path, store: Arc<Store>, cfg: ServerConfig) -> io::Result<Self> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let (shutdown, shutdown_rx) = watch::channel(());
+        let accept = tokio::spawn(accept_loop(listener, store, cfg, shutdown_rx));
+        tracing::info!(path = %path.display(), "store link listening");
+        Ok(Self {
+            path: path.to_owned(),
+            accept,
+            _shutdown: shutdown,
+        })
+    }
+
+    /// The socket path shards connect to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StoreLinkServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    store: Arc<Store>,
+    cfg: ServerConfig,
+    shutdown: watch::Receiver<()>,
+) {
+    let links = Arc::new(Semaphore::new(cfg.max_links));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "store link accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = links.clone().try_acquire_owned() else {
+            tracing::warn!("store link: too many shard links, closing a new one");
+            continue;
+        };
+        let (store, mut shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                r = serve_link(stream, store, cfg) => if let Err(e) = r {
+                    tracing::warn!(error = %e, "store link closed");
+                },
+                _ = shutdown.changed() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Why a shard link was closed by the hub.
+#[derive(Debug, thiserror::Error)]
+enum LinkClosed {
+    #[error("peer sent garbage: {0}")]
+    Garbage(#[from] CodecError),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads one frame body (tag included), `Ok(None)` at a clean end of stream.
+pub(crate) async fn read_frame(
+    rd: &mut BufReader<OwnedReadHalf>,
+    max: usize,
+) -> Result<Option<Vec<u8>>, LinkReadError> {
+    let mut h = [0u8; 4];
+    match rd.read_exact(&mut h[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    rd.read_exact(&mut h[1..]).await?;
+    let len = codec::frame_len(h, max)?;
+    let mut body = vec![0u8; len];
+    rd.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+/// A frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkReadError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Writes queued frames, coalescing whatever is queued into one flush.
+pub(crate) async fn write_loop(
+    wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    let mut w = BufWriter::with_capacity(64 << 10, wr);
+    while let Some(f) = rx.recv().await {
+        w.write_all(&f).await?;
+        while let Ok(f) = rx.try_recv() {
+            w.write_all(&f).await?;
+        }
+        w.flush().await?;
+    }
+    Ok(())
+}
+
+fn response_frame(resp: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Responses are a few integers and names of bounded length: far below the frame bound.
+    if let Err(e) = codec::encode_response(resp, &mut out) {
+        tracing::error!(error = %e, "store link: response does not encode");
+    }
+    out
+}
+
+fn error_frame(id: u64, error: RemoteError) -> Vec<u8> {
+    response_frame(&Response::Error { id, error })
+}
+
+async fn serve_link(
+    stream: UnixStream,
+    store: Arc<Store>,
+    cfg: ServerConfig,
+) -> Result<(), LinkClosed> {
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(cfg.max_inflight_per_link + 64);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let inflight = Arc::new(Semaphore::new(cfg.max_inflight_per_link));
+    let mut watches = WatchSet(HashMap::new());
+    let result = loop {
+        let body = match read_frame(&mut rd, MAX_REQUEST_LEN).await {
+            Ok(Some(b)) => b,
+            Ok(None) => break Ok(()),
+            Err(LinkReadError::Io(e)) => break Err(LinkClosed::Io(e)),
+            Err(LinkReadError::Codec(e)) => break Err(LinkClosed::Garbage(e)),
+        };
+        let req = match codec::decode_request(&body) {
+            Ok(r) => r,
+            Err(e) => break Err(LinkClosed::Garbage(e)),
+        };
+        if handle(req, &store, &cfg, &tx, &inflight, &mut watches)
+            .await
+            .is_err()
+        {
+            // The writer is gone: the link is down.
+            break Ok(());
+        }
+    };
+    writer.abort();
+    result
+}
+
+/// Abort handles of a link's watch tasks, aborted when the link ends.
+struct WatchSet(HashMap<u64, AbortHandle>);
+
+impl Drop for WatchSet {
+    fn drop(&mut self) {
+        for h in self.0.values() {
+            h.abort();
+        }
+    }
+}
+
+struct WriterGone;
+
+async fn handle(
+    req: Request,
+    store: &Arc<Store>,
+    cfg: &ServerConfig,
+    tx: &mpsc::Sender<Vec<u8>>,
+    inflight: &Arc<Semaphore>,
+    watches: &mut WatchSet,
+) -> Result<(), WriterGone> {
+    let send = |f: Vec<u8>| async move { tx.send(f).await.map_err(|_| WriterGone) };
+    match req {
+        Request::Streams { id } => {
+            let streams = store
+                .streams()
+                .into_iter()
+                .map(|(name, c)| StreamInfo {
+                    name,
+                    partitions: c.partitions,
+                })
+                .collect();
+            send(response_frame(&Response::Streams { id, streams })).await
+        }
+        Request::Bounds {
+            id,
+            stream,
+            partition,
+        } => {
+            // In memory: a partition mutex held for a few instructions.
+            let f = match store.bounds(&stream, partition) {
+                Ok((earliest, next)) => response_frame(&Response::Bounds { id, earliest, next }),
+                Err(e) => error_frame(id, RemoteError::from(&e)),
+            };
+            send(f).await
+        }
+        Request::OffsetForTimestamp {
+            id,
+            stream,
+            partition,
+            ts_ms,
+        } => {
+            let permit = inflight.clone().acquire_owned().await;
+            let (store, tx) = (store.clone(), tx.clone());
+            tokio::spawn(async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    store.offset_for_timestamp(&stream, partition, ts_ms)
+                })
+                .await;
+                let f = match r {
+                    Ok(Ok(offset)) => response_frame(&Response::Offset { id, offset }),
+                    Ok(Err(e)) => error_frame(id, RemoteError::from(&e)),
+                    Err(e) => error_frame(id, unavailable(&e)),
+                };
+                let _ = tx.send(f).await;
+                drop(permit);
+            });
+            Ok(())
+        }
+        Request::Read {
+            id,
+            stream,
+            partition,
+            from,
+            max_records,
+            max_bytes,
+        } => {
+            let permit = inflight.clone().acquire_owned().await;
+            let (store, tx) = (store.clone(), tx.clone());
+            let max_records = max_records.clamp(1, cfg.max_read_records.max(1)) as usize;
+            let max_bytes = max_bytes.min(cfg.max_read_bytes) as usize;
+            tokio::spawn(async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    read_frame_blocking(
+                        &store,
+                        id,
+                        &stream,
+                        partition,
+                        from,
+                        max_records,
+                        max_bytes,
+                    )
+                })
+                .await;
+                let f = r.unwrap_or_else(|e| error_frame(id, unavailable(&e)));
+                let _ = tx.send(f).await;
+                drop(permit);
+            });
+            Ok(())
+        }
+        Request::WatchTail {
+            id,
+            stream,
+            partition,
+        } => {
+            if watches.0.len() >= cfg.max_watches_per_link || watches.0.contains_key(&id) {
+                let reason = format!(
+                    "watch id in use or more than {} watches",
+                    cfg.max_watches_per_link
+                );
+                return send(error_frame(id, RemoteError::Refused { reason })).await;
+            }
+            let mut rx = match store.subscribe_tail(&stream, partition) {
+                Ok(rx) => rx,
+                Err(e) => return send(error_frame(id, RemoteError::from(&e))).await,
+            };
+            let next = *rx.borrow_and_update();
+            send(response_frame(&Response::Watching { id, next })).await?;
+            let tx = tx.clone();
+            let task = tokio::spawn(async move {
+                // `watch` keeps only the latest value, and at most one Tail per watch waits for
+                // the writer: bursts of appends coalesce, nothing queues without bound.
+                while rx.changed().await.is_ok() {
+                    let next = *rx.borrow_and_update();
+                    if tx
+                        .send(response_frame(&Response::Tail { watch: id, next }))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            watches.0.insert(id, task.abort_handle());
+            Ok(())
+        }
+        Request::Unwatch { watch } => {
+            if let Some(h) = watches.0.remove(&watch) {
+                h.abort();
+            }
+            Ok(())
+        }
+    }
+}
+
+fn unavailable(e: &tokio::task::JoinError) -> RemoteError {
+    RemoteError::Unavailable {
+        reason: format!("store task failed: {e}"),
+    }
+}
+
+/// Runs one read on a blocking thread and encodes its answer.
+fn read_frame_blocking(
+    store: &Store,
+    id: u64,
+    stream: &str,
+    partition: u32,
+    from: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Vec<u8> {
+    match store.read(stream, partition, from, max_records, max_bytes) {
+        Ok(recs) if recs.is_empty() => response_frame(&Response::ReadEmpty { id, next: from }),
+        Ok(recs) => {
+            let mut out = Vec::new();
+            match codec::encode_store_batch(id, partition, &recs, &mut out) {
+                Ok(()) => out,
+                Err(e) => error_frame(
+                    id,
+                    RemoteError::Unavailable {
+                        reason: format!("batch does not fit the link: {e}"),
+                    },
+                ),
+            }
+        }
+        Err(e) => error_frame(id, RemoteError::from(&e)),
+    }
+}
