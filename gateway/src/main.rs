@@ -276,13 +276,15 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             dir.api_keys.clone(),
             hub::API_KEYS_CHECK_INTERVAL,
         );
+        // Installed before the banner, so a SIGTERM sent once the banner is seen drains.
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         print_banner(&config, &dir, hub_addr, &boot.ca_fingerprint, boot.dev_api_key.as_deref());
         info!(addr = %hub_addr, "hub started");
 
         let mut keyring = boot.keyring;
         let mut rotate = tokio::time::interval(config.tokens.rotation_interval);
         rotate.tick().await;
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r?; info!("interrupt: shutting down"); break; }

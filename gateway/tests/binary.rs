@@ -398,7 +398,9 @@ fn token_inspect_prints_claims_or_refuses() {
         Duration::from_secs(60),
     )
     .unwrap();
-    let out = inspect(&sibyl_tokens::to_text(&ring.seal(&old, b"sibyl-dev").unwrap()));
+    let out = inspect(&sibyl_tokens::to_text(
+        &ring.seal(&old, b"sibyl-dev").unwrap(),
+    ));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused (stale)"));
 

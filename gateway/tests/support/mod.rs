@@ -1,0 +1,340 @@
+//! Shared helpers of the `quic_*` tests: start a real `sibyl-gateway` (hub + shard processes)
+//! on a temporary data dir, read its banner and log, and a raw quinn client trusting the
+//! gateway's dev CA that speaks sibyl-proto frames directly. Only processes started here are
+//! signalled, by pid.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
+use sibyl_certs::{ClientTlsBuilder, Trust};
+use sibyl_proto::frame::{Action, Attach, Hello, Profile, Refused, Ticket, Want};
+use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL};
+use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sibyl-gateway");
+/// Generous bound for anything to happen on a loaded 2-core machine; never a timing assertion.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Two groups (0 and 1) of one shard each: the smallest layout with a "wrong group".
+pub const TWO_GROUPS: &str =
+    "[[shards.groups]]\nid = 0\nshards = 1\n[[shards.groups]]\nid = 1\nshards = 1\n";
+
+/// A `shard ready` log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub group: u32,
+    pub shard: u32,
+    pub pid: i32,
+    pub addr: SocketAddr,
+}
+
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+}
+
+pub fn parse_ready(line: &str) -> Option<Ready> {
+    if !line.contains("shard ready") {
+        return None;
+    }
+    Some(Ready {
+        group: field(line, "group")?.parse().ok()?,
+        shard: field(line, "shard")?.parse().ok()?,
+        pid: field(line, "pid")?.parse().ok()?,
+        addr: field(line, "addr")?.parse().ok()?,
+    })
+}
+
+/// A running gateway: the hub process, its output lines and what the banner said.
+pub struct Gateway {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+    pub dir: tempfile::TempDir,
+    pub hub: SocketAddr,
+    pub dev_key: String,
+    /// Shards seen ready so far (latest per slot last).
+    pub ready: Vec<Ready>,
+}
+
+impl Gateway {
+    /// Starts the hub with `config` (TOML) and waits for the banner and `shards` shards.
+    pub fn start(config: &str, shards: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--heartbeat-interval", "100ms", "--drain-deadline", "5s"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx2.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut gw = Self {
+            child,
+            lines,
+            log: Vec::new(),
+            dir,
+            hub: SocketAddr::from(([0, 0, 0, 0], 0)),
+            dev_key: String::new(),
+            ready: Vec::new(),
+        };
+        gw.hub = gw.until(|l| l.trim().strip_prefix("hub address:")?.trim().parse().ok());
+        gw.dev_key = gw.until(|l| Some(l.trim().strip_prefix("dev API key:")?.trim().to_owned()));
+        while gw.ready.len() < shards {
+            let r = gw.until(parse_ready);
+            gw.ready.push(r);
+        }
+        gw
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data().join("certs").join("ca.pem")
+    }
+
+    /// The latest ready shard of `group`.
+    pub fn shard_of(&self, group: u32) -> Ready {
+        self.ready
+            .iter()
+            .rev()
+            .find(|r| r.group == group)
+            .cloned()
+            .unwrap_or_else(|| panic!("no ready shard of group {group}"))
+    }
+
+    /// Reads lines until `f` returns Some, bounded by PATIENCE. Blocking: call it from a
+    /// multi-threaded runtime through `block_in_place`, or outside any runtime.
+    pub fn until<T>(&mut self, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    let r = f(&l);
+                    self.log.push(l);
+                    if let Some(r) = r {
+                        return r;
+                    }
+                }
+                Err(_) => {
+                    let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+                    panic!("gave up waiting; output so far:\n{}", self.log.join("\n"));
+                }
+            }
+        }
+    }
+
+    /// Runs `sibyl-gateway keys api-key new` on this data dir; returns the key.
+    pub fn new_api_key(&self, name: &str, scope: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["keys", "api-key", "new", "--name", name, "--scope", scope])
+            .arg("--data-dir")
+            .arg(self.data())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A runtime for the async parts of a test (multi-threaded so that `block_in_place` can
+/// wait for log lines while quinn keeps running).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A quinn client endpoint trusting the gateway's dev CA.
+pub fn client(ca: &Path) -> Endpoint {
+    let tls = ClientTlsBuilder::new(Trust::CaFile(ca.to_owned()))
+        .build()
+        .unwrap();
+    let mut ep = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    ep
+}
+
+pub async fn connect(ep: &Endpoint, addr: SocketAddr) -> Connection {
+    tokio::time::timeout(PATIENCE, ep.connect(addr, "localhost").unwrap())
+        .await
+        .expect("handshake in time")
+        .expect("handshake")
+}
+
+pub fn hello(api_key: &str, wants: &[(&str, Action)]) -> Hello {
+    Hello {
+        client_id: "app-1".into(),
+        api_key: api_key.into(),
+        profile: Profile::default(),
+        wants: wants
+            .iter()
+            .map(|(s, a)| Want {
+                stream: (*s).into(),
+                action: *a,
+            })
+            .collect(),
+        versions: vec![1],
+    }
+}
+
+pub async fn send_frame(send: &mut SendStream, f: Frame) {
+    let mut buf = Vec::new();
+    f.encode(&mut buf);
+    send.write_all(&buf).await.unwrap();
+}
+
+/// Reads one frame; `None` if the stream or connection ended first.
+pub async fn recv_frame(recv: &mut RecvStream) -> Option<Frame> {
+    let mut dec = FrameDecoder::default();
+    let read = async {
+        loop {
+            if let Some(f) = dec.next_frame().unwrap() {
+                return Some(f);
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => dec.push(&c.bytes),
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("frame in time")
+}
+
+/// Sends `hello` on a new hub connection; returns the connection and the answer.
+pub async fn ask_hub(
+    ep: &Endpoint,
+    hub: SocketAddr,
+    h: Hello,
+) -> (Connection, Result<Ticket, Refused>) {
+    let conn = connect(ep, hub).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send_frame(&mut send, Frame::Hello(h)).await;
+    let answer = match recv_frame(&mut recv).await {
+        Some(Frame::Ticket(t)) => Ok(t),
+        Some(Frame::Refused(r)) => Err(r),
+        other => panic!("unexpected hub answer {other:?}"),
+    };
+    (conn, answer)
+}
+
+pub async fn ticket(ep: &Endpoint, gw: &Gateway) -> Ticket {
+    let (conn, t) = ask_hub(
+        ep,
+        gw.hub,
+        hello(&gw.dev_key, &[("prices", Action::Subscribe)]),
+    )
+    .await;
+    conn.close(0u32.into(), b"");
+    t.expect("ticket")
+}
+
+/// This connection's attach proof for `t`.
+pub fn proof(conn: &Connection, t: &Ticket) -> [u8; 32] {
+    let mut ex = [0u8; 32];
+    conn.export_keying_material(&mut ex, EXPORTER_LABEL, EXPORTER_CONTEXT)
+        .unwrap();
+    sibyl_proto::attach_proof(&t.session_secret, &ex)
+}
+
+pub fn attach_frame(t: &Ticket, proof: [u8; 32]) -> Frame {
+    Frame::Attach(Attach {
+        token: t.token.clone(),
+        proof,
+        client_id: "app-1".into(),
+        resume: None,
+    })
+}
+
+/// An open session stream and the shard's first answer.
+pub struct Session {
+    pub conn: Connection,
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub first: Option<Frame>,
+}
+
+/// Connects to `addr` and sends `attach` (or this connection's valid Attach when `None`).
+pub async fn attach(ep: &Endpoint, addr: SocketAddr, t: &Ticket, attach: Option<Frame>) -> Session {
+    let conn = connect(ep, addr).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let f = attach.unwrap_or_else(|| attach_frame(t, proof(&conn, t)));
+    send_frame(&mut send, f).await;
+    let first = recv_frame(&mut recv).await;
+    Session {
+        conn,
+        send,
+        recv,
+        first,
+    }
+}
+
+/// The application code the peer closed `conn` with (waits for the close).
+pub async fn close_code(conn: &Connection) -> ErrorCode {
+    let e = tokio::time::timeout(PATIENCE, conn.closed())
+        .await
+        .expect("connection closed in time");
+    match e {
+        ConnectionError::ApplicationClosed(c) => {
+            ErrorCode::from_u32(u32::try_from(c.error_code.into_inner()).unwrap())
+        }
+        other => panic!("closed without an application code: {other}"),
+    }
+}
+
+/// Sends raw bytes on a new connection's first bidi stream; returns the close code.
+pub async fn raw_first_stream(ep: &Endpoint, addr: SocketAddr, bytes: &[u8]) -> ErrorCode {
+    let conn = connect(ep, addr).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    close_code(&conn).await
+}
