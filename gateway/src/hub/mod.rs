@@ -436,3 +436,126 @@ pub fn watch_api_keys(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use sibyl_proto::frame::{Action, Profile, Want};
+    use sibyl_tokens::OpenOptions;
+
+    use super::*;
+    use crate::supervisor::ShardId;
+
+    const NOW: u64 = 1_700_000_000;
+
+    struct FakeDirectory(Mutex<Vec<ShardInfo>>);
+
+    impl ShardDirectory for FakeDirectory {
+        fn ready_by_least_connections(&self, group: u32) -> Vec<ShardInfo> {
+            let mut v: Vec<ShardInfo> = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.group == group)
+                .cloned()
+                .collect();
+            v.sort_by_key(|s| (s.connections, s.id.index));
+            v
+        }
+    }
+
+    fn shard(group: u32, index: u32, connections: u64) -> ShardInfo {
+        ShardInfo {
+            id: ShardId { group, index },
+            group,
+            generation: 1,
+            pid: 1,
+            addr: SocketAddr::from(([127, 0, 0, 1], 6000 + (group * 10 + index) as u16)),
+            connections,
+            subscriptions: 0,
+            rss_bytes: 0,
+        }
+    }
+
+    fn setup(shards: Vec<ShardInfo>) -> (Hub, Keyring, String) {
+        let mut keys = ApiKeyStore::default();
+        let key = keys
+            .create("t", &["prices*:subscribe".to_owned()], NOW)
+            .unwrap()
+            .key;
+        let ring = Keyring::generate().unwrap();
+        let mut config = Config::default();
+        config
+            .advertise
+            .rewrite
+            .insert("127.0.0.1:6010".into(), "10.0.0.1:7000".into());
+        let hub = Hub::new(
+            HubSettings::from_config(&config),
+            keys,
+            ring.clone(),
+            Arc::new(FakeDirectory(Mutex::new(shards))),
+        );
+        (hub, ring, key)
+    }
+
+    fn hello(key: &str) -> Hello {
+        Hello {
+            client_id: "app-1".into(),
+            api_key: key.into(),
+            profile: Profile::default(),
+            wants: vec![Want {
+                stream: "prices.eu".into(),
+                action: Action::Subscribe,
+            }],
+            versions: vec![1],
+        }
+    }
+
+    #[test]
+    fn ticket_carries_a_token_for_the_least_loaded_group() {
+        let (hub, ring, key) = setup(vec![shard(0, 0, 5), shard(1, 1, 2), shard(1, 0, 1)]);
+        let t = hub.handle_hello(&hello(&key), NOW).unwrap();
+        assert_eq!(t.shard_group, 1);
+        assert_eq!(t.version, 1);
+        assert_eq!(t.expires_at, NOW + 3600);
+        // Fewest connections first, rewritten through [advertise].
+        let addrs: Vec<&str> = t.endpoints.iter().map(|e| e.addr.as_str()).collect();
+        assert_eq!(addrs, ["10.0.0.1:7000", "127.0.0.1:6011"]);
+        assert!(t.endpoints.iter().all(|e| e.server_name == "localhost"));
+        let claims = ring
+            .open_at(&t.token, b"sibyl-dev", &OpenOptions::default(), NOW)
+            .unwrap();
+        assert_eq!(claims.shard_group, 1);
+        assert_eq!(claims.client_id, "app-1");
+        assert_eq!(claims.session_secret.as_bytes(), &t.session_secret);
+        assert!(claims.allows("prices.eu", sibyl_tokens::Action::Subscribe));
+        assert!(!claims.allows("prices.us", sibyl_tokens::Action::Subscribe));
+        // Another AAD (deployment) does not open it.
+        assert!(
+            ring.open_at(&t.token, b"", &OpenOptions::default(), NOW)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let (hub, _, key) = setup(vec![]);
+        assert_eq!(
+            hub.handle_hello(&hello(&key), NOW).unwrap_err().code,
+            ErrorCode::Overloaded
+        );
+        assert_eq!(
+            hub.handle_hello(&hello("sk_nope"), NOW).unwrap_err().code,
+            ErrorCode::Unauthenticated
+        );
+        let (hub, _, key) = setup(vec![shard(0, 0, 0)]);
+        hub.begin_drain();
+        assert_eq!(
+            hub.handle_hello(&hello(&key), NOW).unwrap_err().code,
+            ErrorCode::Draining
+        );
+    }
+}
