@@ -1,18 +1,24 @@
 //! [`Client`]: the connected client, its state watch and the supervisor task that reconnects.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
-use sibyl_proto::ErrorCode;
-use sibyl_proto::frame::{Endpoint, SessionLimits, Ticket};
+use sibyl_proto::frame::{Endpoint, Hello, PartitionOpen, SessionLimits, Ticket};
+use sibyl_proto::{ErrorCode, Frame};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{ClientBuilder, Prepared};
+use crate::config::{ClientBuilder, HubAddress, Prepared};
 use crate::driver::Driver;
-use crate::error::{ConnectError, TransportError};
+use crate::error::{ConnectError, ProtocolError, PublishError, TransportError};
+use crate::hub::{self, HubAnswer};
+use crate::publisher::{Publisher, PublisherConfig};
 use crate::shard::{SessionEnd, ShardSession};
+use crate::subscription::SubscribeBuilder;
+use crate::wire::{FrameReader, close_for};
 
 /// The connection state, as published on [`Client::watch_state`].
 #[derive(Debug, Clone)]
@@ -95,17 +101,45 @@ struct Shared {
     session: Option<SessionInfo>,
     /// The current shard connection (subscriptions open their streams on it).
     shard: Option<quinn::Connection>,
-    /// The hub connection of the current ticket (publishers open their streams on it).
+    /// The latest hub connection (publishers open their streams on it): the driver's (of the
+    /// latest ticket) or one a publisher re-established.
     hub: Option<quinn::Connection>,
+    /// `stable_id` of the driver's hub connection last taken into `hub`.
+    driver_hub: Option<usize>,
+}
+
+/// What re-establishing a hub connection for publishing needs (a fresh `Hello` exchange).
+#[derive(Debug)]
+struct HubParams {
+    quic: quinn::ClientConfig,
+    addr: HubAddress,
+    server_name: String,
+    hello: Hello,
+    timeout: Duration,
+}
+
+/// A partition uni stream whose `PartitionOpen` was read, routed to its subscription.
+#[derive(Debug)]
+pub(crate) struct PartitionStream {
+    /// `stable_id` of the shard connection it arrived on.
+    pub(crate) conn_id: usize,
+    pub(crate) open: PartitionOpen,
+    pub(crate) reader: FrameReader,
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(crate) struct Inner {
     /// The client's one QUIC endpoint (one UDP socket) for the hub and every shard.
     endpoint: quinn::Endpoint,
     client_id: String,
     shared: Mutex<Shared>,
     state: watch::Sender<ConnectionState>,
+    hub_params: HubParams,
+    /// Single flight for re-establishing the hub connection.
+    hub_refresh: tokio::sync::Mutex<()>,
+    /// Subscriptions by `sub_id`: where the dispatcher sends their partition streams.
+    router: Mutex<HashMap<u32, mpsc::UnboundedSender<PartitionStream>>>,
+    next_sub_id: AtomicU32,
 }
 
 impl Inner {
@@ -117,6 +151,126 @@ impl Inner {
 
     fn set_state(&self, s: ConnectionState) {
         self.state.send_replace(s);
+    }
+
+    fn router(&self) -> MutexGuard<'_, HashMap<u32, mpsc::UnboundedSender<PartitionStream>>> {
+        // As for `shared`: a poisoned map of senders is still consistent.
+        self.router.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn watch_state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.subscribe()
+    }
+
+    /// The attached session's shard connection and info, if attached.
+    pub(crate) fn shard(&self) -> Option<(quinn::Connection, SessionInfo)> {
+        let s = self.shared();
+        Some((s.shard.clone()?, s.session.clone()?))
+    }
+
+    /// Registers a subscription: a new `sub_id` (unique for this client) and the receiver of
+    /// its partition streams.
+    pub(crate) fn register_subscription(&self) -> (u32, mpsc::UnboundedReceiver<PartitionStream>) {
+        let id = self.next_sub_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.router().insert(id, tx);
+        (id, rx)
+    }
+
+    pub(crate) fn unregister_subscription(&self, sub_id: u32) {
+        self.router().remove(&sub_id);
+    }
+
+    /// A hub connection to open publish streams on: the latest one while it is open and is
+    /// not `stale` (the `stable_id` of a connection the caller lost); otherwise a fresh one,
+    /// by a new `Hello` → `Ticket` exchange (the ticket itself is not used: the shard session
+    /// keeps its own). One refresh at a time.
+    pub(crate) async fn hub_connection(
+        &self,
+        stale: Option<usize>,
+    ) -> Result<quinn::Connection, ConnectError> {
+        let _single = self.hub_refresh.lock().await;
+        {
+            let shared = self.shared();
+            if let Some(c) = &shared.hub
+                && c.close_reason().is_none()
+                && Some(c.stable_id()) != stale
+            {
+                return Ok(c.clone());
+            }
+        }
+        if matches!(*self.state.borrow(), ConnectionState::Closed) {
+            return Err(ConnectError::Shutdown);
+        }
+        let p = &self.hub_params;
+        let exchange = async {
+            let addr = p.addr.resolve().await?;
+            hub::exchange(
+                &self.endpoint,
+                p.quic.clone(),
+                addr,
+                &p.server_name,
+                p.hello.clone(),
+            )
+            .await
+        };
+        let (conn, answer) = tokio::time::timeout(p.timeout, exchange)
+            .await
+            .unwrap_or(Err(ConnectError::Timeout))?;
+        match answer {
+            HubAnswer::Ticket(_) => {
+                tracing::debug!("hub connection re-established for publishing");
+                self.shared().hub = Some(conn.clone());
+                Ok(conn)
+            }
+            HubAnswer::Refused(r) => {
+                conn.close(ErrorCode::NoError.to_u32().into(), b"refused");
+                Err(ConnectError::Refused {
+                    code: r.code,
+                    reason: r.reason,
+                    retry_after: r.retry_after_ms.map(Duration::from_millis),
+                })
+            }
+        }
+    }
+}
+
+/// Accepts the shard's partition uni streams on `conn`, reads each `PartitionOpen` and routes
+/// the stream to its subscription (unknown `sub_id`: stopped with `REVOKED`).
+async fn dispatch(conn: quinn::Connection, inner: Weak<Inner>) {
+    while let Ok(recv) = conn.accept_uni().await {
+        let (conn, inner) = (conn.clone(), inner.clone());
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(recv);
+            match reader.next().await {
+                Ok(Some(Frame::PartitionOpen(open))) => {
+                    let tx = inner
+                        .upgrade()
+                        .and_then(|i| i.router().get(&open.sub_id).cloned());
+                    let stream = PartitionStream {
+                        conn_id: conn.stable_id(),
+                        open,
+                        reader,
+                    };
+                    let unrouted = match tx {
+                        Some(tx) => tx.send(stream).err().map(|e| e.0),
+                        None => Some(stream),
+                    };
+                    if let Some(mut s) = unrouted {
+                        s.reader.stop(ErrorCode::Revoked);
+                    }
+                }
+                Ok(Some(other)) => {
+                    let e = ConnectError::from(ProtocolError::Unexpected {
+                        expected: "PartitionOpen",
+                        got: other.frame_type(),
+                    });
+                    close_for(&conn, &e);
+                }
+                Ok(None) => {}
+                Err(e) => close_for(&conn, &e),
+            }
+        });
     }
 }
 
@@ -154,6 +308,13 @@ impl Client {
             source: Arc::new(e),
         })?;
         let client_id = p.hello.client_id.clone();
+        let hub_params = HubParams {
+            quic: p.quic.clone(),
+            addr: p.hub.clone(),
+            server_name: p.hub_server_name.clone(),
+            hello: p.hello.clone(),
+            timeout: p.machine.attach_timeout,
+        };
         let mut driver = Driver::new(
             p.machine,
             endpoint.clone(),
@@ -177,6 +338,10 @@ impl Client {
             client_id,
             shared: Mutex::new(Shared::default()),
             state,
+            hub_params,
+            hub_refresh: tokio::sync::Mutex::new(()),
+            router: Mutex::new(HashMap::new()),
+            next_sub_id: AtomicU32::new(1),
         });
         publish(&inner, &driver, &session, ticket);
         let (commands, rx) = mpsc::unbounded_channel();
@@ -266,6 +431,30 @@ impl Client {
         rx.await.unwrap_or(Err(ConnectError::Shutdown))
     }
 
+    /// Opens a [`Publisher`] on `stream` with [`PublisherConfig::default`]: a publish stream on
+    /// the hub connection (`PublishOpen` → `PublishAccepted`). The API key needs publish
+    /// scope and the stream should be in the builder's
+    /// [`want_publish`](ClientBuilder::want_publish).
+    pub async fn publisher(&self, stream: impl Into<String>) -> Result<Publisher, PublishError> {
+        self.publisher_with(stream, PublisherConfig::default())
+            .await
+    }
+
+    /// Opens a [`Publisher`] on `stream` with `config`.
+    pub async fn publisher_with(
+        &self,
+        stream: impl Into<String>,
+        config: PublisherConfig,
+    ) -> Result<Publisher, PublishError> {
+        Publisher::open(self.inner.clone(), stream.into(), config).await
+    }
+
+    /// Starts building a [`Subscription`](crate::Subscription) to `stream`; finish with
+    /// [`SubscribeBuilder::open`].
+    pub fn subscribe(&self, stream: impl Into<String>) -> SubscribeBuilder {
+        SubscribeBuilder::new(self.inner.clone(), stream.into())
+    }
+
     /// Closes the shard and hub connections and waits for the background task to end.
     pub async fn close(self) {
         let _ = self.commands.send(Command::Close);
@@ -277,7 +466,12 @@ impl Client {
 }
 
 /// Records an attached session in the shared state and the watch.
-fn publish(inner: &Inner, driver: &Driver, s: &ShardSession, ticket: crate::client::TicketInfo) {
+fn publish(
+    inner: &Arc<Inner>,
+    driver: &Driver,
+    s: &ShardSession,
+    ticket: crate::client::TicketInfo,
+) {
     let info = SessionInfo {
         endpoint: s.endpoint.clone(),
         session_id: s.attached.session_id,
@@ -290,8 +484,14 @@ fn publish(inner: &Inner, driver: &Driver, s: &ShardSession, ticket: crate::clie
         let mut shared = inner.shared();
         shared.session = Some(info.clone());
         shared.shard = Some(s.conn.clone());
-        shared.hub = driver.hub_connection().cloned();
+        if let Some(h) = driver.hub_connection()
+            && shared.driver_hub != Some(h.stable_id())
+        {
+            shared.driver_hub = Some(h.stable_id());
+            shared.hub = Some(h.clone());
+        }
     }
+    tokio::spawn(dispatch(s.conn.clone(), Arc::downgrade(inner)));
     inner.set_state(ConnectionState::Attached {
         endpoint: info.endpoint,
         session_id: info.session_id,

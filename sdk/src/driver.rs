@@ -232,9 +232,9 @@ impl Driver {
                             endpoints = ticket.endpoints.len(),
                             "ticket"
                         );
-                        if let Some(old) = self.hub_conn.replace(conn) {
-                            old.close(ErrorCode::NoError.to_u32().into(), b"new ticket");
-                        }
+                        // The previous hub connection is not closed: publishers may still use
+                        // it; it closes when the last handle is dropped.
+                        self.hub_conn = Some(conn);
                         self.machine.handle_ticket(ticket, now, unix_now_s());
                     }
                     Ok((conn, HubAnswer::Refused(refused))) => {

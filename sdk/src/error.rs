@@ -237,6 +237,10 @@ pub enum ProtocolError {
         /// What was expected.
         expected: &'static str,
     },
+    /// A well-formed frame whose content breaks the protocol (an ack out of `seq` order, a
+    /// non-increasing `Assignment.epoch`, a `Records` batch of another partition).
+    #[error("protocol violation: {0}")]
+    Violation(String),
     /// A ticket endpoint address is not `ip:port`.
     #[error("ticket endpoint address {0:?} is not ip:port")]
     BadEndpoint(String),
@@ -250,7 +254,7 @@ impl ProtocolError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Frame(f) => f.code(),
-            Self::Unexpected { .. } => ErrorCode::ProtocolViolation,
+            Self::Unexpected { .. } | Self::Violation(_) => ErrorCode::ProtocolViolation,
             Self::StreamEnded { .. } => ErrorCode::MalformedFrame,
             Self::BadEndpoint(_) | Self::Exporter => ErrorCode::Internal,
         }
@@ -283,4 +287,121 @@ pub enum ConfigError {
         /// The allowed range.
         detail: &'static str,
     },
+}
+
+/// Why publishing failed. [`retryable`](Self::retryable) says whether sending the record again
+/// can help; [`code`](Self::code) gives the Sibyl code when the hub gave one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The hub refused: `ProduceError` for the record's batch, or for `PublishOpen`
+    /// (`NOT_FOUND` unknown stream, `FORBIDDEN` no publish scope / not in `Hello.wants`).
+    #[error("hub rejected: {code}: {reason}")]
+    Rejected {
+        /// The hub's code.
+        code: ErrorCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// The record does not fit in one `Produce` frame (caller misuse; nothing was sent).
+    #[error("record of {size} bytes exceeds the largest batch of {max} bytes")]
+    RecordTooLarge {
+        /// Encoded size of the record.
+        size: usize,
+        /// The limit (`min(max_batch_bytes, PublishAccepted.max_frame)`).
+        max: usize,
+    },
+    /// The partition does not exist (caller misuse; nothing was sent).
+    #[error("partition {partition} out of range (the stream has {partitions})")]
+    BadPartition {
+        /// The partition asked for.
+        partition: u32,
+        /// The stream's partition count.
+        partitions: u32,
+    },
+    /// The hub connection could not be (re-)established within the publisher's
+    /// `reconnect_timeout`, or the client is closed.
+    #[error("hub connection: {0}")]
+    Connect(#[from] ConnectError),
+    /// The hub sent garbage or broke the publish-stream protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The publisher was closed (or its task ended) before the record was acknowledged.
+    #[error("publisher closed")]
+    Closed,
+}
+
+impl PublishError {
+    /// True when sending the record again (later) can help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Rejected { code, .. } => code.retry() != Retry::Never,
+            Self::Connect(e) => e.retryable(),
+            Self::RecordTooLarge { .. }
+            | Self::BadPartition { .. }
+            | Self::Protocol(_)
+            | Self::Closed => false,
+        }
+    }
+
+    /// The Sibyl error code behind this error, if any.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Rejected { code, .. } => Some(*code),
+            Self::Connect(e) => e.code(),
+            Self::Protocol(p) => Some(p.code()),
+            Self::RecordTooLarge { .. } => Some(ErrorCode::LimitExceeded),
+            Self::BadPartition { .. } => Some(ErrorCode::NotFound),
+            Self::Closed => None,
+        }
+    }
+}
+
+/// Why a subscription failed. After an `Err` item the [`Subscription`](crate::Subscription)
+/// ends.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The shard refused or failed the subscription (`SubError`: `NOT_FOUND`, `FORBIDDEN`,
+    /// `LIMIT_EXCEEDED`, `GRANT_EXCEEDED`, …).
+    #[error("shard rejected the subscription: {code}: {reason}")]
+    Rejected {
+        /// The shard's code.
+        code: ErrorCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// The shard sent garbage or broke the subscription protocol (the connection is closed
+    /// with the matching code; the subscription ends).
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// No `Assignment` (or `SubError`) within the subscription's `open_timeout`.
+    #[error("timed out waiting for the first assignment")]
+    Timeout,
+    /// The subscription's configuration is invalid (caller misuse).
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+}
+
+impl SubscribeError {
+    /// True when subscribing again (later) can help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Rejected { code, .. } => code.retry() != Retry::Never,
+            Self::Timeout => true,
+            Self::Protocol(_) | Self::Config(_) | Self::Closed => false,
+        }
+    }
+
+    /// The Sibyl error code behind this error, if any.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Rejected { code, .. } => Some(*code),
+            Self::Protocol(p) => Some(p.code()),
+            _ => None,
+        }
+    }
 }

@@ -53,12 +53,24 @@ pub mod config;
 mod driver;
 pub mod error;
 mod hub;
+pub mod publisher;
 mod shard;
+pub mod subscription;
 mod wire;
 
 pub use client::{Client, ConnectionState, SessionInfo, TicketInfo};
 pub use config::{ClientBuilder, HubAddress, SDK_VERSION};
-pub use error::{ConfigError, ConnectError, ProtocolError, TlsError, TransportError};
+pub use error::{
+    ConfigError, ConnectError, ProtocolError, PublishError, SubscribeError, TlsError,
+    TransportError,
+};
+pub use publisher::{
+    Partitioner, Publisher, PublisherConfig, PublisherMetrics, RecordAck, SendFuture,
+};
 pub use sibyl_certs::{Trust, parse_fingerprint};
 pub use sibyl_proto::frame::{Endpoint, SessionLimits};
+pub use sibyl_proto::frame::{Grant, Mode, Start};
 pub use sibyl_proto::{ClientConfig, ErrorCode, Fault, Retry};
+pub use subscription::{
+    Record, SubscribeBuilder, Subscription, SubscriptionConfig, SubscriptionMetrics,
+};

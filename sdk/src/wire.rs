@@ -22,6 +22,12 @@ impl FrameReader {
         }
     }
 
+    /// Stops the receive stream (`STOP_SENDING` with `code`); a stream already finished or
+    /// reset needs nothing more.
+    pub(crate) fn stop(&mut self, code: sibyl_proto::ErrorCode) {
+        let _ = self.recv.stop(code.to_u32().into());
+    }
+
     /// The next whole frame, `Ok(None)` at a clean end of stream. A decode error is
     /// [`ProtocolError::Frame`] (close the connection with its code).
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ConnectError> {

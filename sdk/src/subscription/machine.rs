@@ -1,0 +1,782 @@
+//! The I/O-free state of one subscription: what the app has consumed, which partition stream is
+//! current, what to resume from, when to send `Position` and `Fetch`, and the grant bucket.
+//!
+//! Call order (one driver, `now` only moves forward):
+//!
+//! 1. [`begin_generation`](SubMachine::begin_generation) for every new control stream (the first
+//!    one and after each reconnect); send `Subscribe` with the `Start` it returns.
+//! 2. Feed the shard's frames: [`handle_assignment`](SubMachine::handle_assignment),
+//!    [`handle_grant`](SubMachine::handle_grant), and each partition stream's `PartitionOpen`
+//!    through [`open_partition`](SubMachine::open_partition).
+//! 3. A partition reader calls [`on_received`](SubMachine::on_received) (under the same lock as
+//!    its push into the app's queue) and [`reader_ended`](SubMachine::reader_ended).
+//! 4. The app side calls [`on_deliver`](SubMachine::on_deliver) for each record it takes out of
+//!    the queue: the machine drops offsets below the partition's next offset (duplicates).
+//! 5. The driver sends what [`poll_transmit`](SubMachine::poll_transmit) gives and sleeps until
+//!    [`poll_timeout`](SubMachine::poll_timeout).
+//!
+//! Invariant that makes delivery gap- and duplicate-free: per partition at most one reader is
+//! *current*; a reader pushes only while current (checked under the lock), so the queue holds
+//! each partition's batches in stream-switch order; the next offset handed to the app only ever
+//! grows, and every resume starts from it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use sibyl_proto::frame::{Assignment, Fetch, Grant, Mode, PartitionOpen, Position, Start};
+
+/// Identifies one partition-stream reader.
+pub(crate) type ReaderId = u64;
+
+/// The machine's tunables (see [`SubscriptionConfig`](crate::SubscriptionConfig)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MachineConfig {
+    pub(crate) mode: Mode,
+    pub(crate) position_interval: Duration,
+    /// Reactive mode: records to keep buffered-or-requested per partition.
+    pub(crate) fetch_records: u32,
+}
+
+/// What the driver must send on the control stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transmit {
+    Position(Position),
+    Fetch(Fetch),
+}
+
+/// Verdict on a partition stream's `PartitionOpen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Open {
+    /// Read it as reader `id`; stop the reader `replaces` (an older stream of the partition).
+    Accept {
+        id: ReaderId,
+        replaces: Option<ReaderId>,
+    },
+    /// Older than the latest assignment (or than the partition's current stream): stop it with
+    /// `REVOKED`.
+    Stale,
+}
+
+/// Verdict on a record the app is about to receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deliver {
+    /// Hand it to the app.
+    Deliver,
+    /// Its offset was already handed to the app: drop it.
+    Duplicate,
+}
+
+/// Peer misbehaviour the machine detects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum MachineError {
+    #[error("Assignment epoch {got} does not increase (latest {latest})")]
+    EpochNotIncreasing { latest: u64, got: u64 },
+}
+
+/// Counters of one subscription.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionMetrics {
+    /// Records handed to the application.
+    pub records_delivered: u64,
+    /// Records dropped because their offset had already been handed to the application
+    /// (re-sent after a reconnect or a reassignment).
+    pub duplicates_dropped: u64,
+    /// Re-subscriptions after the first (shard connection lost, `GoAway`, control stream lost).
+    pub reconnects: u64,
+    /// Assignments received (all generations).
+    pub assignments: u64,
+    /// Partition streams stopped as stale or replaced.
+    pub streams_stopped: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Part {
+    /// The next offset to hand to the app (`None`: not known yet).
+    next: Option<u64>,
+    /// The last `Position.next_offset` sent on the current control stream.
+    sent_position: Option<u64>,
+    /// In the latest assignment of the current generation.
+    assigned: bool,
+    /// The current reader and the epoch of its stream.
+    reader: Option<(ReaderId, u64)>,
+    /// Records pushed into the app's queue and not yet delivered or dropped.
+    buffered: u64,
+    /// Reactive mode: records asked for with `Fetch` and not yet received.
+    outstanding: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    grant: Grant,
+    expires: Instant,
+    /// Milli-records in the bucket.
+    milli_tokens: u128,
+    refilled_at: Instant,
+}
+
+impl Lease {
+    fn refill(&mut self, now: Instant) {
+        let us = now.saturating_duration_since(self.refilled_at).as_micros();
+        let add = us.saturating_mul(u128::from(self.grant.rate_records_per_s)) / 1000;
+        let cap = u128::from(self.grant.burst) * 1000;
+        self.milli_tokens = self.milli_tokens.saturating_add(add).min(cap);
+        self.refilled_at = now;
+    }
+
+    fn whole_tokens(&self) -> u64 {
+        u64::try_from(self.milli_tokens / 1000).unwrap_or(u64::MAX)
+    }
+
+    /// When one more whole token will be available (None: never, rate 0 or expired).
+    fn next_token_at(&self, now: Instant) -> Option<Instant> {
+        let rate = u128::from(self.grant.rate_records_per_s);
+        if rate == 0 || u128::from(self.grant.burst) == 0 {
+            return None;
+        }
+        let missing = 1000 - (self.milli_tokens % 1000);
+        let us = (missing * 1000).div_ceil(rate);
+        let at = now + Duration::from_micros(u64::try_from(us).unwrap_or(u64::MAX / 2));
+        (at < self.expires).then_some(at)
+    }
+}
+
+/// The subscription state machine. See the module docs for the call order.
+#[derive(Debug)]
+pub(crate) struct SubMachine {
+    cfg: MachineConfig,
+    start: Start,
+    generation: u64,
+    epoch: Option<u64>,
+    parts: BTreeMap<u32, Part>,
+    next_reader: ReaderId,
+    lease: Option<Lease>,
+    position_due: Option<Instant>,
+    last_position_at: Option<Instant>,
+    out: VecDeque<Transmit>,
+    /// Set when the app side changed something the driver must act on.
+    poke: bool,
+    metrics: SubscriptionMetrics,
+}
+
+impl SubMachine {
+    pub(crate) fn new(cfg: MachineConfig, start: Start) -> Self {
+        Self {
+            cfg,
+            start,
+            generation: 0,
+            epoch: None,
+            parts: BTreeMap::new(),
+            next_reader: 1,
+            lease: None,
+            position_due: None,
+            last_position_at: None,
+            out: VecDeque::new(),
+            poke: false,
+            metrics: SubscriptionMetrics::default(),
+        }
+    }
+
+    /// Starts a new control stream (first subscribe or resume). Every reader of the previous
+    /// generation stops being current. Returns the `start` to put in `Subscribe`: the original
+    /// start until any partition's next offset is known, then `Offsets` of every partition
+    /// seen.
+    pub(crate) fn begin_generation(&mut self) -> Start {
+        self.generation += 1;
+        if self.generation > 1 {
+            self.metrics.reconnects += 1;
+        }
+        self.epoch = None;
+        self.lease = None;
+        self.out.clear();
+        self.position_due = None;
+        for p in self.parts.values_mut() {
+            p.assigned = false;
+            p.reader = None;
+            p.outstanding = 0;
+            // The new Subscribe carries the position; only later changes need a Position.
+            p.sent_position = p.next;
+        }
+        self.resume_start()
+    }
+
+    /// The start a (re-)subscribe uses now.
+    pub(crate) fn resume_start(&self) -> Start {
+        let offsets: BTreeMap<u32, u64> = self
+            .parts
+            .iter()
+            .filter_map(|(&p, s)| s.next.map(|n| (p, n)))
+            .collect();
+        if offsets.is_empty() {
+            self.start.clone()
+        } else {
+            Start::Offsets(offsets)
+        }
+    }
+
+    /// A new `Assignment`: replaces the assigned set, learns start offsets of partitions never
+    /// seen, queues a final `Position` for revoked partitions. Returns the readers to stop
+    /// (streams of older epochs).
+    pub(crate) fn handle_assignment(
+        &mut self,
+        a: &Assignment,
+        now: Instant,
+    ) -> Result<Vec<ReaderId>, MachineError> {
+        if let Some(latest) = self.epoch
+            && a.epoch <= latest
+        {
+            return Err(MachineError::EpochNotIncreasing {
+                latest,
+                got: a.epoch,
+            });
+        }
+        self.epoch = Some(a.epoch);
+        self.metrics.assignments += 1;
+        for p in self.parts.values_mut() {
+            p.assigned = false;
+        }
+        for ap in &a.partitions {
+            let p = self.parts.entry(ap.partition).or_default();
+            p.assigned = true;
+            if p.next.is_none() {
+                p.next = Some(ap.start_offset);
+                p.sent_position = Some(ap.start_offset);
+            }
+        }
+        let mut stop = Vec::new();
+        for p in self.parts.values_mut() {
+            if let Some((id, e)) = p.reader
+                && e < a.epoch
+            {
+                stop.push(id);
+                p.reader = None;
+                p.outstanding = 0;
+            }
+        }
+        self.metrics.streams_stopped += stop.len() as u64;
+        // Revoked partitions: their final position goes out now.
+        let revoked_changed = self
+            .parts
+            .values()
+            .any(|p| !p.assigned && p.next.is_some() && p.next != p.sent_position);
+        if revoked_changed {
+            self.position_due = Some(now);
+        }
+        Ok(stop)
+    }
+
+    /// A partition stream opened with `open` (its `sub_id` already matched).
+    pub(crate) fn open_partition(&mut self, open: &PartitionOpen) -> Open {
+        if self.epoch.is_some_and(|e| open.epoch < e) {
+            self.metrics.streams_stopped += 1;
+            return Open::Stale;
+        }
+        let p = self.parts.entry(open.partition).or_default();
+        if let Some((_, e)) = p.reader
+            && e >= open.epoch
+        {
+            self.metrics.streams_stopped += 1;
+            return Open::Stale;
+        }
+        let id = self.next_reader;
+        self.next_reader += 1;
+        let replaces = p.reader.replace((id, open.epoch)).map(|(old, _)| old);
+        if replaces.is_some() {
+            p.outstanding = 0;
+            self.metrics.streams_stopped += 1;
+        }
+        Open::Accept { id, replaces }
+    }
+
+    /// True while `id` is the current reader of `partition`.
+    pub(crate) fn is_current(&self, id: ReaderId, partition: u32) -> bool {
+        self.parts
+            .get(&partition)
+            .and_then(|p| p.reader)
+            .is_some_and(|(r, _)| r == id)
+    }
+
+    /// Reader `id` is about to push `n` records of `partition`: true if it may (it is
+    /// current). Call under the lock that also covers the push.
+    pub(crate) fn on_received(&mut self, id: ReaderId, partition: u32, n: u64) -> bool {
+        if !self.is_current(id, partition) {
+            return false;
+        }
+        if let Some(p) = self.parts.get_mut(&partition) {
+            p.buffered += n;
+            p.outstanding = p.outstanding.saturating_sub(n);
+        }
+        true
+    }
+
+    /// Reader `id` ended (stream finished, reset, or stopped).
+    pub(crate) fn reader_ended(&mut self, id: ReaderId, partition: u32) {
+        if let Some(p) = self.parts.get_mut(&partition)
+            && p.reader.is_some_and(|(r, _)| r == id)
+        {
+            p.reader = None;
+            p.outstanding = 0;
+        }
+    }
+
+    /// The app is about to receive `offset` of `partition`.
+    pub(crate) fn on_deliver(&mut self, partition: u32, offset: u64, now: Instant) -> Deliver {
+        let p = self.parts.entry(partition).or_default();
+        p.buffered = p.buffered.saturating_sub(1);
+        if p.next.is_some_and(|n| offset < n) {
+            self.metrics.duplicates_dropped += 1;
+            return Deliver::Duplicate;
+        }
+        p.next = Some(offset.saturating_add(1));
+        let low = u64::from(self.cfg.fetch_records.max(1)) / 2;
+        if self.cfg.mode == Mode::Reactive && p.buffered + p.outstanding == low {
+            self.poke = true;
+        }
+        self.metrics.records_delivered += 1;
+        if self.position_due.is_none() {
+            self.poke = true;
+            let at = self
+                .last_position_at
+                .map_or(now, |t| t + self.cfg.position_interval);
+            self.position_due = Some(at.max(now));
+        }
+        Deliver::Deliver
+    }
+
+    /// True (once) when the driver should run `poll_transmit` / re-arm its timer because of
+    /// an [`on_deliver`](Self::on_deliver).
+    pub(crate) fn take_poke(&mut self) -> bool {
+        std::mem::take(&mut self.poke)
+    }
+
+    /// A `Grant` arrived at `now`; `server_now_ms` is the shard clock estimated at `now`.
+    pub(crate) fn handle_grant(&mut self, g: Grant, now: Instant, server_now_ms: u64) {
+        let ttl = Duration::from_millis(g.lease_expires_ms.saturating_sub(server_now_ms));
+        let expires = now + ttl;
+        let lease = match self.lease.take() {
+            Some(mut l) => {
+                l.refill(now);
+                l.grant = g;
+                l.expires = expires;
+                l.milli_tokens = l.milli_tokens.min(u128::from(g.burst) * 1000);
+                l
+            }
+            None => Lease {
+                grant: g,
+                expires,
+                milli_tokens: u128::from(g.burst) * 1000,
+                refilled_at: now,
+            },
+        };
+        self.lease = Some(lease);
+    }
+
+    /// The current grant, if one is held and unexpired at `now`.
+    pub(crate) fn grant(&self, now: Instant) -> Option<Grant> {
+        self.lease.filter(|l| now < l.expires).map(|l| l.grant)
+    }
+
+    /// The next frame to send on the control stream, if any.
+    pub(crate) fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        if self.out.is_empty() {
+            self.fill(now);
+        }
+        self.out.pop_front()
+    }
+
+    fn fill(&mut self, now: Instant) {
+        if self.generation == 0 {
+            return;
+        }
+        if self.position_due.is_some_and(|d| d <= now) {
+            self.position_due = None;
+            let mut any = false;
+            for (&partition, p) in &mut self.parts {
+                if let Some(n) = p.next
+                    && p.sent_position != Some(n)
+                {
+                    p.sent_position = Some(n);
+                    any = true;
+                    self.out.push_back(Transmit::Position(Position {
+                        partition,
+                        next_offset: n,
+                    }));
+                }
+            }
+            if any {
+                self.last_position_at = Some(now);
+            }
+        }
+        if self.cfg.mode == Mode::Reactive {
+            self.fill_fetches(now);
+        }
+    }
+
+    fn fill_fetches(&mut self, now: Instant) {
+        let target = u64::from(self.cfg.fetch_records.max(1));
+        let low = target / 2;
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        if now >= lease.expires {
+            return;
+        }
+        lease.refill(now);
+        for (&partition, p) in &mut self.parts {
+            // Fetch only on a partition assigned in this generation with a current stream.
+            if !p.assigned || p.reader.is_none() {
+                continue;
+            }
+            let have = p.buffered + p.outstanding;
+            if have > low {
+                continue;
+            }
+            let want = (target - have).min(lease.whole_tokens());
+            let Ok(max_records) = u32::try_from(want) else {
+                continue;
+            };
+            if max_records == 0 {
+                continue;
+            }
+            lease.milli_tokens -= u128::from(max_records) * 1000;
+            p.outstanding += u64::from(max_records);
+            self.out.push_back(Transmit::Fetch(Fetch {
+                partition,
+                max_records,
+            }));
+        }
+    }
+
+    /// When [`poll_transmit`](Self::poll_transmit) may next have something without any other
+    /// input (the position timer, or grant tokens for a blocked fetch).
+    pub(crate) fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let mut t = self.position_due;
+        if self.cfg.mode == Mode::Reactive
+            && let Some(l) = &self.lease
+            && now < l.expires
+        {
+            let target = u64::from(self.cfg.fetch_records.max(1));
+            let starved = self.parts.values().any(|p| {
+                p.assigned && p.reader.is_some() && p.buffered + p.outstanding <= target / 2
+            });
+            if starved && l.whole_tokens() == 0 {
+                let mut l = *l;
+                l.refill(now);
+                if let Some(at) = l.next_token_at(now) {
+                    t = Some(t.map_or(at, |x| x.min(at)));
+                }
+            }
+        }
+        t
+    }
+
+    /// The next offset to hand to the app, per partition seen.
+    pub(crate) fn positions(&self) -> BTreeMap<u32, u64> {
+        self.parts
+            .iter()
+            .filter_map(|(&p, s)| s.next.map(|n| (p, n)))
+            .collect()
+    }
+
+    /// The partitions of the latest assignment (current generation).
+    pub(crate) fn assigned(&self) -> Vec<u32> {
+        self.parts
+            .iter()
+            .filter(|(_, p)| p.assigned)
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
+    /// The latest assignment epoch of the current generation.
+    pub(crate) fn epoch(&self) -> Option<u64> {
+        self.epoch
+    }
+
+    pub(crate) fn metrics(&self) -> SubscriptionMetrics {
+        self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sibyl_proto::frame::AssignedPartition;
+
+    fn cfg(mode: Mode) -> MachineConfig {
+        MachineConfig {
+            mode,
+            position_interval: Duration::from_millis(200),
+            fetch_records: 100,
+        }
+    }
+
+    fn assignment(epoch: u64, parts: &[(u32, u64)]) -> Assignment {
+        Assignment {
+            sub_id: 1,
+            epoch,
+            partitions: parts
+                .iter()
+                .map(|&(partition, start_offset)| AssignedPartition {
+                    partition,
+                    start_offset,
+                    priority: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn open(partition: u32, epoch: u64) -> PartitionOpen {
+        PartitionOpen {
+            sub_id: 1,
+            partition,
+            epoch,
+        }
+    }
+
+    fn accept(m: &mut SubMachine, partition: u32, epoch: u64) -> ReaderId {
+        match m.open_partition(&open(partition, epoch)) {
+            Open::Accept { id, .. } => id,
+            Open::Stale => panic!("stale"),
+        }
+    }
+
+    fn drain(m: &mut SubMachine, now: Instant) -> Vec<Transmit> {
+        std::iter::from_fn(|| m.poll_transmit(now)).collect()
+    }
+
+    #[test]
+    fn first_subscribe_uses_the_callers_start_then_resumes_from_delivered_offsets() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Latest);
+        assert_eq!(m.begin_generation(), Start::Latest);
+        m.handle_assignment(&assignment(1, &[(0, 10), (1, 50)]), t0)
+            .unwrap();
+        let r0 = accept(&mut m, 0, 1);
+        assert!(m.on_received(r0, 0, 3));
+        for off in 10..13 {
+            assert_eq!(m.on_deliver(0, off, t0), Deliver::Deliver);
+        }
+        // Partition 1 delivered nothing: it resumes at the assignment's start offset.
+        let resume = m.begin_generation();
+        assert_eq!(resume, Start::Offsets(BTreeMap::from([(0, 13), (1, 50)])));
+        assert_eq!(m.metrics().reconnects, 1);
+        // The old reader is no longer current: its late pushes are refused.
+        assert!(!m.on_received(r0, 0, 1));
+    }
+
+    #[test]
+    fn replays_after_resume_are_dropped_without_gaps() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        for off in 0..5 {
+            assert_eq!(m.on_deliver(0, off, t0), Deliver::Deliver);
+        }
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 3)]), t0).unwrap();
+        // The shard deliberately replays 3 and 4.
+        let got: Vec<_> = (3..8).map(|o| m.on_deliver(0, o, t0)).collect();
+        assert_eq!(
+            got,
+            [
+                Deliver::Duplicate,
+                Deliver::Duplicate,
+                Deliver::Deliver,
+                Deliver::Deliver,
+                Deliver::Deliver
+            ]
+        );
+        assert_eq!(m.positions(), BTreeMap::from([(0, 8)]));
+        let mt = m.metrics();
+        assert_eq!((mt.records_delivered, mt.duplicates_dropped), (8, 2));
+        // Offsets absent from the log (a jump) are delivered: the SDK never skips.
+        assert_eq!(m.on_deliver(0, 20, t0), Deliver::Deliver);
+        assert_eq!(m.positions()[&0], 21);
+    }
+
+    #[test]
+    fn positions_are_sent_when_changed_at_most_once_per_interval() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0), (1, 0)]), t0)
+            .unwrap();
+        assert_eq!(drain(&mut m, t0), []);
+        assert_eq!(m.poll_timeout(t0), None);
+        m.on_deliver(0, 0, t0);
+        m.on_deliver(0, 1, t0);
+        assert_eq!(
+            drain(&mut m, t0),
+            [Transmit::Position(Position {
+                partition: 0,
+                next_offset: 2
+            })]
+        );
+        let t1 = t0 + Duration::from_millis(10);
+        m.on_deliver(1, 0, t1);
+        assert_eq!(m.poll_timeout(t1), Some(t0 + Duration::from_millis(200)));
+        assert_eq!(drain(&mut m, t1), []);
+        let t2 = t0 + Duration::from_millis(200);
+        assert_eq!(
+            drain(&mut m, t2),
+            [Transmit::Position(Position {
+                partition: 1,
+                next_offset: 1
+            })]
+        );
+        assert_eq!(m.poll_timeout(t2), None);
+    }
+
+    #[test]
+    fn reassignment_stops_stale_streams_and_sends_final_positions() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0), (1, 0)]), t0)
+            .unwrap();
+        let r0 = accept(&mut m, 0, 1);
+        let r1 = accept(&mut m, 1, 1);
+        m.on_deliver(1, 0, t0);
+        drain(&mut m, t0);
+        m.on_deliver(1, 1, t0);
+        // A stream of epoch 2 may arrive before the Assignment of epoch 2.
+        let r0b = match m.open_partition(&open(0, 2)) {
+            Open::Accept { id, replaces } => {
+                assert_eq!(replaces, Some(r0));
+                id
+            }
+            Open::Stale => panic!(),
+        };
+        assert!(!m.is_current(r0, 0));
+        let t1 = t0 + Duration::from_millis(5);
+        let stop = m.handle_assignment(&assignment(2, &[(0, 0)]), t1).unwrap();
+        assert_eq!(stop, vec![r1]);
+        assert!(m.is_current(r0b, 0));
+        assert_eq!(m.assigned(), vec![0]);
+        // Partition 1 was revoked: its final position goes out at once.
+        assert_eq!(
+            drain(&mut m, t1),
+            [Transmit::Position(Position {
+                partition: 1,
+                next_offset: 2
+            })]
+        );
+        // Old epochs are stale now; epochs must increase.
+        assert_eq!(m.open_partition(&open(1, 1)), Open::Stale);
+        assert_eq!(m.open_partition(&open(0, 2)), Open::Stale);
+        assert!(matches!(
+            m.handle_assignment(&assignment(2, &[]), t1),
+            Err(MachineError::EpochNotIncreasing { latest: 2, got: 2 })
+        ));
+        assert_eq!(m.metrics().streams_stopped, 4);
+    }
+
+    #[test]
+    fn reactive_fetches_only_within_the_grant_and_when_low() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Reactive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0), (1, 0)]), t0)
+            .unwrap();
+        let r0 = accept(&mut m, 0, 1);
+        // No grant yet: no fetch, no timer.
+        assert_eq!(drain(&mut m, t0), []);
+        assert_eq!(m.poll_timeout(t0), None);
+        m.handle_grant(
+            Grant {
+                rate_records_per_s: 1000,
+                burst: 150,
+                lease_expires_ms: 10_000,
+            },
+            t0,
+            5_000,
+        );
+        // Partition 1 has no stream yet: only partition 0 is fetched (burst 150 ≥ 100).
+        assert_eq!(
+            drain(&mut m, t0),
+            [Transmit::Fetch(Fetch {
+                partition: 0,
+                max_records: 100
+            })]
+        );
+        let _r1 = accept(&mut m, 1, 1);
+        // 50 tokens left for partition 1.
+        assert_eq!(
+            drain(&mut m, t0),
+            [Transmit::Fetch(Fetch {
+                partition: 1,
+                max_records: 50
+            })]
+        );
+        // Bucket empty: the timer says when the next token arrives (1 ms at 1000/s).
+        assert_eq!(m.poll_timeout(t0), Some(t0 + Duration::from_millis(1)));
+        // 60 records of partition 0 arrive and 40 are consumed: 20 buffered + 40 outstanding
+        // (> 50 low water), so no fetch for it; partition 1 (50 outstanding) is at low water
+        // and gets the 100 tokens refilled in 100 ms, up to its 50 wanted.
+        assert!(m.on_received(r0, 0, 60));
+        for o in 0..40 {
+            m.on_deliver(0, o, t0);
+        }
+        let t1 = t0 + Duration::from_millis(100);
+        let fetches: Vec<_> = drain(&mut m, t1)
+            .into_iter()
+            .filter(|t| matches!(t, Transmit::Fetch(_)))
+            .collect();
+        assert_eq!(
+            fetches,
+            [Transmit::Fetch(Fetch {
+                partition: 1,
+                max_records: 50
+            })]
+        );
+        // Partition 0 down to 20 buffered + 40 outstanding = 60 > 50; consume 20 more.
+        for o in 40..60 {
+            m.on_deliver(0, o, t1);
+        }
+        let t2 = t1 + Duration::from_millis(200);
+        let fetches: Vec<_> = drain(&mut m, t2)
+            .into_iter()
+            .filter(|t| matches!(t, Transmit::Fetch(_)))
+            .collect();
+        // 50 tokens left + 200 refilled, capped at burst 150; wants 100 − 40 outstanding = 60.
+        assert_eq!(
+            fetches,
+            [Transmit::Fetch(Fetch {
+                partition: 0,
+                max_records: 60
+            })]
+        );
+        // After the lease expires (5 s after t0) nothing is fetched.
+        let late = t0 + Duration::from_secs(6);
+        for o in 60..160 {
+            m.on_deliver(0, o, late);
+        }
+        assert!(m.grant(late).is_none());
+        assert!(
+            drain(&mut m, late)
+                .iter()
+                .all(|t| matches!(t, Transmit::Position(_)))
+        );
+    }
+
+    #[test]
+    fn predictive_mode_never_fetches() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        m.handle_grant(
+            Grant {
+                rate_records_per_s: 10,
+                burst: 10,
+                lease_expires_ms: 100,
+            },
+            t0,
+            0,
+        );
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        accept(&mut m, 0, 1);
+        assert_eq!(drain(&mut m, t0), []);
+        assert_eq!(m.grant(t0).map(|g| g.burst), Some(10));
+    }
+}
