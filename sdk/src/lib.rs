@@ -65,7 +65,7 @@ pub use error::{
     TransportError,
 };
 pub use publisher::{
-    Partitioner, Publisher, PublisherConfig, PublisherMetrics, RecordAck, SendFuture,
+    PartitionFn, Partitioner, Publisher, PublisherConfig, PublisherMetrics, RecordAck, SendFuture,
 };
 pub use sibyl_certs::{Trust, parse_fingerprint};
 pub use sibyl_proto::frame::{Endpoint, SessionLimits};

@@ -47,8 +47,11 @@ pub enum Partitioner {
     /// Round-robin over all partitions, whatever the key.
     RoundRobin,
     /// A caller function of `(key, partitions)`; its result is taken modulo `partitions`.
-    Custom(Arc<dyn Fn(&[u8], u32) -> u32 + Send + Sync>),
+    Custom(PartitionFn),
 }
+
+/// A custom partitioning function: `(key, partitions) -> partition`.
+pub type PartitionFn = Arc<dyn Fn(&[u8], u32) -> u32 + Send + Sync>;
 
 impl fmt::Debug for Partitioner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -4,6 +4,9 @@
 //! them with the real gateway.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod data;
+pub use data::{FakeLog, ShardData};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,7 +79,10 @@ pub fn unix_now() -> u64 {
 }
 
 /// Reads one frame from a stream (None at its end or on any error).
-async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Option<Frame> {
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+) -> Option<Frame> {
     loop {
         if let Some(f) = dec.next_frame().ok()? {
             return Some(f);
@@ -86,7 +92,7 @@ async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut FrameDecoder) -> Opt
     }
 }
 
-async fn write_frame(send: &mut quinn::SendStream, frame: impl Into<Frame>) {
+pub(crate) async fn write_frame(send: &mut quinn::SendStream, frame: impl Into<Frame>) {
     let mut buf = Vec::new();
     frame.into().encode(&mut buf);
     let _ = send.write_all(&buf).await;
@@ -104,6 +110,10 @@ pub enum HubReply {
 
 pub struct FakeHub {
     pub addr: SocketAddr,
+    /// The fake store publish streams append to (share it with shards to serve it).
+    pub log: FakeLog,
+    /// Publish-stream behaviour and observations.
+    pub publish: data::PublishSide,
     hellos: Arc<Mutex<Vec<Hello>>>,
     tickets: Arc<Mutex<Vec<Ticket>>>,
     endpoint: quinn::Endpoint,
@@ -113,16 +123,29 @@ impl FakeHub {
     pub const GROUP: u32 = 7;
 
     pub fn start(pki: &Pki, keys: &Keys, endpoints: Vec<Endpoint>, replies: Vec<HubReply>) -> Self {
+        Self::start_with_log(pki, keys, endpoints, replies, FakeLog::default())
+    }
+
+    /// A hub whose publish streams append to `log`.
+    pub fn start_with_log(
+        pki: &Pki,
+        keys: &Keys,
+        endpoints: Vec<Endpoint>,
+        replies: Vec<HubReply>,
+        log: FakeLog,
+    ) -> Self {
         let endpoint = server_endpoint(pki);
         let addr = endpoint.local_addr().unwrap();
         let hellos = Arc::new(Mutex::new(Vec::new()));
         let tickets = Arc::new(Mutex::new(Vec::new()));
+        let publish = data::PublishSide::default();
         let (ep, h, t, keys) = (
             endpoint.clone(),
             hellos.clone(),
             tickets.clone(),
             keys.clone(),
         );
+        let (plog, pside) = (log.clone(), publish.clone());
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
                 let Ok(conn) = incoming.await else { continue };
@@ -159,11 +182,13 @@ impl FakeHub {
                 }
                 let _ = send.finish();
                 // Keep `conn` alive: the client may keep it for publishing.
-                tokio::spawn(async move { conn.closed().await });
+                tokio::spawn(data::serve_publish(conn, plog.clone(), pside.clone()));
             }
         });
         Self {
             addr,
+            log,
+            publish,
             hellos,
             tickets,
             endpoint,
@@ -202,6 +227,8 @@ pub struct SeenAttach {
 
 pub struct FakeShard {
     pub addr: SocketAddr,
+    /// Subscription-serving observations.
+    pub data: ShardData,
     attaches: Arc<Mutex<Vec<SeenAttach>>>,
     sessions: Arc<Mutex<Vec<(quinn::Connection, quinn::SendStream)>>>,
     endpoint: quinn::Endpoint,
@@ -211,6 +238,17 @@ static SESSION_IDS: AtomicU64 = AtomicU64::new(100);
 
 impl FakeShard {
     pub fn start(pki: &Pki, keys: &Keys, mode: ShardMode) -> Self {
+        Self::start_with(pki, keys, mode, FakeLog::default(), ShardData::default())
+    }
+
+    /// A shard that serves subscriptions from `log` as `data` says.
+    pub fn start_with(
+        pki: &Pki,
+        keys: &Keys,
+        mode: ShardMode,
+        log: FakeLog,
+        data: ShardData,
+    ) -> Self {
         let endpoint = server_endpoint(pki);
         let addr = endpoint.local_addr().unwrap();
         let attaches = Arc::new(Mutex::new(Vec::new()));
@@ -221,9 +259,11 @@ impl FakeShard {
             sessions.clone(),
             keys.clone(),
         );
+        let d = data.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
                 let (seen, live, keys) = (seen.clone(), live.clone(), keys.clone());
+                let (log, d) = (log.clone(), d.clone());
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
                     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
@@ -257,6 +297,7 @@ impl FakeShard {
                             };
                             write_frame(&mut send, attached).await;
                             live.lock().unwrap().push((conn.clone(), send));
+                            data::serve_subscriptions(conn.clone(), log, d).await;
                             conn.closed().await;
                             return;
                         }
@@ -267,6 +308,7 @@ impl FakeShard {
         });
         Self {
             addr,
+            data,
             attaches,
             sessions,
             endpoint,
