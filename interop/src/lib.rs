@@ -7,3 +7,4 @@
 
 pub mod bench;
 pub mod netem;
+pub mod runner;
