@@ -1,6 +1,7 @@
 //! [`CachedReader`]: reads through the shard's caches, then the link.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
@@ -35,6 +36,7 @@ struct Shared {
     cfg: ReaderConfig,
     cache: Mutex<ShardCache>,
     inflight: Mutex<HashMap<FetchKey, Waiters>>,
+    fetches: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +88,7 @@ impl CachedReader {
                 cfg,
                 cache: Mutex::new(ShardCache::new(cache)),
                 inflight: Mutex::new(HashMap::new()),
+                fetches: AtomicU64::new(0),
             }),
         }
     }
@@ -98,6 +101,12 @@ impl CachedReader {
     /// Cache counters.
     pub fn cache_stats(&self) -> CacheStats {
         lock(&self.shared.cache).stats()
+    }
+
+    /// Reads sent to the hub so far (one per cache miss position, shared by concurrent
+    /// readers).
+    pub fn fetches(&self) -> u64 {
+        self.shared.fetches.load(Relaxed)
     }
 
     /// Bytes the cache holds.
@@ -148,6 +157,7 @@ impl CachedReader {
                 shared: sh,
                 key: Some(key),
             };
+            sh.fetches.fetch_add(1, Relaxed);
             let r = sh
                 .link
                 .read(

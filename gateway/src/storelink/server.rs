@@ -214,10 +214,10 @@ async fn serve_link(
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(cfg.max_inflight_per_link + 64);
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let _writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx)));
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight_per_link));
     let mut watches = WatchSet(HashMap::new());
-    let result = loop {
+    loop {
         let body = match read_frame(&mut rd, MAX_REQUEST_LEN).await {
             Ok(Some(b)) => b,
             Ok(None) => break Ok(()),
@@ -235,9 +235,16 @@ async fn serve_link(
             // The writer is gone: the link is down.
             break Ok(());
         }
-    };
-    writer.abort();
-    result
+    }
+}
+
+/// Aborts a task when dropped (also when the link's task is itself aborted at shutdown).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Abort handles of a link's watch tasks, aborted when the link ends.

@@ -1,0 +1,377 @@
+//! The store link end to end, in process: a real `Store` in a temp dir, a `StoreLinkServer`
+//! on a socket beside it, and `StoreLink` / `CachedReader` clients.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sibyl_gateway::store::{NewRecord, Store, StoreConfig, StreamConfig};
+use sibyl_gateway::storelink::{
+    CacheConfig, CachedReader, LinkConfig, LinkError, ReaderConfig, RemoteError, StoreLink,
+    StoreLinkServer, StreamInfo, socket_path,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Generous bound for anything asynchronous to happen (never a timing assertion).
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    server: StoreLinkServer,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(StoreConfig {
+            dir: dir.path().join("store"),
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    store
+        .create_stream(
+            "orders",
+            StreamConfig {
+                partitions: 2,
+                ..StreamConfig::default()
+            },
+        )
+        .unwrap();
+    let server = StoreLinkServer::bind(&socket_path(dir.path()), store.clone()).unwrap();
+    Fixture { dir, store, server }
+}
+
+fn append(store: &Store, partition: u32, from: u64, n: u64) {
+    let payloads: Vec<Vec<u8>> = (from..from + n)
+        .map(|i| format!("record-{i}").into_bytes())
+        .collect();
+    let recs: Vec<NewRecord<'_>> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| NewRecord {
+            timestamp_ms: 1_000 + from + i as u64,
+            key: b"k",
+            payload: p,
+        })
+        .collect();
+    let r = store.append("orders", partition, &recs).unwrap();
+    assert_eq!(r.base_offset, from);
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    format!("record-{i}").into_bytes()
+}
+
+#[tokio::test]
+async fn socket_is_private_and_stale_sockets_are_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture();
+    let mode = std::fs::metadata(f.server.path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let path = f.server.path().to_owned();
+    // A second server on the same path replaces the (now stale) socket.
+    std::mem::forget(f.server);
+    let again = StoreLinkServer::bind(&path, f.store.clone()).unwrap();
+    let link = StoreLink::connect(&path).await.unwrap();
+    assert_eq!(link.streams().await.unwrap().len(), 1);
+    drop(again);
+    assert!(!path.exists(), "dropping the server removes the socket");
+    // A regular file is never removed.
+    std::fs::write(&path, b"x").unwrap();
+    assert!(StoreLinkServer::bind(&path, f.store.clone()).is_err());
+    drop(f.dir);
+}
+
+#[tokio::test]
+async fn reads_bounds_lookups_and_errors() {
+    let f = fixture();
+    append(&f.store, 0, 0, 100);
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+
+    assert_eq!(
+        link.streams().await.unwrap(),
+        vec![StreamInfo {
+            name: "orders".into(),
+            partitions: 2
+        }]
+    );
+    assert_eq!(link.bounds("orders", 0).await.unwrap(), (0, 100));
+    assert_eq!(link.bounds("orders", 1).await.unwrap(), (0, 0));
+    assert_eq!(
+        link.offset_for_timestamp("orders", 0, 1_042).await.unwrap(),
+        42
+    );
+    assert_eq!(
+        link.offset_for_timestamp("orders", 0, 9_999).await.unwrap(),
+        100
+    );
+
+    // Ranges, in order, across the limits.
+    let b = link.read("orders", 0, 10, 5, 1 << 20).await.unwrap();
+    assert_eq!((b.base_offset(), b.next_offset(), b.len()), (10, 15, 5));
+    for (i, r) in b.iter().enumerate() {
+        let o = 10 + i as u64;
+        assert_eq!(
+            (r.offset, r.timestamp, r.key, r.payload),
+            (o, 1_000 + o, &b"k"[..], &payload(o)[..])
+        );
+    }
+    let mut at = 0;
+    let mut seen = 0;
+    while at < 100 {
+        let b = link.read("orders", 0, at, 1000, 300).await.unwrap();
+        assert!(!b.is_empty());
+        seen += b.len();
+        at = b.next_offset();
+    }
+    assert_eq!(seen, 100);
+    // At the tail: an empty batch.
+    let b = link.read("orders", 0, 100, 10, 1 << 20).await.unwrap();
+    assert!(b.is_empty());
+    assert_eq!(b.next_offset(), 100);
+
+    // Errors keep their type.
+    let e = link.read("orders", 0, 101, 10, 1 << 20).await.unwrap_err();
+    assert_eq!(
+        e,
+        LinkError::Store(RemoteError::OffsetOutOfRange {
+            requested: 101,
+            earliest: 0,
+            next: 100
+        })
+    );
+    assert!(!e.is_retryable());
+    let e = link.bounds("nope", 0).await.unwrap_err();
+    assert!(
+        matches!(e, LinkError::Store(RemoteError::NoSuchStream { ref stream }) if stream == "nope")
+    );
+    let e = link.read("orders", 9, 0, 10, 100).await.unwrap_err();
+    assert!(matches!(
+        e,
+        LinkError::Store(RemoteError::NoSuchPartition {
+            partition: 9,
+            partitions: 2,
+            ..
+        })
+    ));
+    // The link is still fine after errors.
+    assert_eq!(link.bounds("orders", 0).await.unwrap(), (0, 100));
+}
+
+#[tokio::test]
+async fn many_concurrent_reads_complete_out_of_order() {
+    let f = fixture();
+    append(&f.store, 0, 0, 2_000);
+    append(&f.store, 1, 0, 10);
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        let link = link.clone();
+        tasks.spawn(async move {
+            // Big and small reads interleaved, plus cheap bounds calls.
+            let (from, n) = if i % 2 == 0 { (i * 5, 1_000) } else { (i, 1) };
+            let b = link.read("orders", 0, from, n, 1 << 20).await.unwrap();
+            let want = (from..(from + u64::from(n)).min(2_000)).collect::<Vec<_>>();
+            assert_eq!(b.iter().map(|r| r.offset).collect::<Vec<_>>(), want);
+            assert!(b.iter().all(|r| r.payload == payload(r.offset)));
+            assert_eq!(link.bounds("orders", 1).await.unwrap(), (0, 10));
+        });
+    }
+    let all = tokio::time::timeout(PATIENCE, async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    });
+    all.await.expect("reads completed");
+}
+
+#[tokio::test]
+async fn tail_watch_sees_appends() {
+    let f = fixture();
+    append(&f.store, 1, 0, 3);
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+    let mut rx = link.watch_tail("orders", 1);
+    let mut rx2 = link.watch_tail("orders", 1);
+    let wait_for = |rx: &mut tokio::sync::watch::Receiver<u64>, want: u64| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(PATIENCE, rx.wait_for(|v| *v >= want))
+                .await
+                .expect("tail seen")
+                .map(|v| *v)
+                .unwrap()
+        }
+    };
+    assert_eq!(wait_for(&mut rx, 3).await, 3);
+    let store = f.store.clone();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..50 {
+            append(&store, 1, 3 + i, 1);
+        }
+    })
+    .await
+    .unwrap();
+    // Coalesced: only the final value is guaranteed to be seen.
+    assert_eq!(wait_for(&mut rx, 53).await, 53);
+    assert_eq!(wait_for(&mut rx2, 53).await, 53);
+    assert_eq!(*rx.borrow_and_update(), 53);
+
+    // A watch on a missing partition is closed.
+    let mut bad = link.watch_tail("orders", 7);
+    let closed = tokio::time::timeout(PATIENCE, async { while bad.changed().await.is_ok() {} });
+    closed.await.expect("refused watch closes");
+}
+
+#[tokio::test]
+async fn malformed_frame_closes_only_that_link() {
+    let f = fixture();
+    append(&f.store, 0, 0, 10);
+    let good = StoreLink::connect(f.server.path()).await.unwrap();
+    assert_eq!(good.bounds("orders", 0).await.unwrap(), (0, 10));
+
+    for garbage in [
+        // Length over the request bound.
+        u32::MAX.to_be_bytes().to_vec(),
+        // A well-framed body that is not a request.
+        vec![0, 0, 0, 3, 0x01, 0xff, 0xff],
+        // A wrong tag.
+        vec![0, 0, 0, 1, 0x03],
+    ] {
+        let mut raw = tokio::net::UnixStream::connect(f.server.path())
+            .await
+            .unwrap();
+        raw.write_all(&garbage).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(PATIENCE, raw.read(&mut buf))
+            .await
+            .expect("hub closes the bad link")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the hub answers garbage by closing");
+    }
+    // The other link keeps working.
+    assert_eq!(good.bounds("orders", 0).await.unwrap(), (0, 10));
+    let b = good.read("orders", 0, 0, 100, 1 << 20).await.unwrap();
+    assert_eq!(b.len(), 10);
+}
+
+#[tokio::test]
+async fn link_reconnects_and_keeps_watches() {
+    let f = fixture();
+    append(&f.store, 0, 0, 5);
+    let path = f.server.path().to_owned();
+    let cfg = LinkConfig {
+        backoff_initial: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(50),
+        ..LinkConfig::default()
+    };
+    let link = StoreLink::connect_with(&path, cfg).await.unwrap();
+    let rx = link.watch_tail("orders", 0);
+    let wait_for = |want: u64| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(PATIENCE, rx.wait_for(|v| *v >= want))
+                .await
+                .expect("tail seen")
+                .map(|v| *v)
+                .unwrap()
+        }
+    };
+    assert_eq!(wait_for(5).await, 5);
+
+    // The hub restarts its listener: every link drops.
+    drop(f.server);
+    let down = tokio::time::timeout(PATIENCE, async {
+        while link.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    down.await.expect("link noticed the drop");
+    let e = link.bounds("orders", 0).await.unwrap_err();
+    assert!(e.is_retryable(), "{e:?}");
+
+    let _server = StoreLinkServer::bind(&path, f.store.clone()).unwrap();
+    let up = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match link.bounds("orders", 0).await {
+                Ok(b) => return b,
+                Err(e) => {
+                    assert!(e.is_retryable(), "{e:?}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    });
+    assert_eq!(up.await.expect("reconnected"), (0, 5));
+    // The watch was re-registered on the new connection.
+    append(&f.store, 0, 5, 2);
+    assert_eq!(wait_for(7).await, 7);
+    drop(f.dir);
+}
+
+#[tokio::test]
+async fn cached_reader_serves_fan_out_from_one_fetch() {
+    let f = fixture();
+    append(&f.store, 0, 0, 1_000);
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+    let reader = CachedReader::new(link, CacheConfig::default(), ReaderConfig::default());
+
+    // First read misses and fetches ahead; the rest of the range is then a hit.
+    let b = reader.read("orders", 0, 0, 100, 1 << 20).await.unwrap();
+    assert_eq!((b.base_offset(), b.len()), (0, 100));
+    let s = reader.cache_stats();
+    assert_eq!((s.hits, s.misses), (0, 1));
+    let b = reader.read("orders", 0, 500, 100, 1 << 20).await.unwrap();
+    assert_eq!((b.base_offset(), b.len()), (500, 100));
+    assert!(b.iter().all(|r| r.payload == payload(r.offset)));
+    assert_eq!(reader.cache_stats().hits, 1);
+
+    // Fan-out at the tail: many subscribers read the same new position at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let reader = reader.clone();
+        tasks.spawn(async move { reader.read("orders", 0, 1_000, 10, 1 << 20).await.unwrap() });
+    }
+    while let Some(b) = tasks.join_next().await {
+        let b = b.unwrap();
+        assert!(b.is_empty() && b.next_offset() == 1_000);
+    }
+    append(&f.store, 0, 1_000, 20);
+    let fetches = reader.fetches();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let reader = reader.clone();
+        tasks.spawn(async move { reader.read("orders", 0, 1_000, 10, 1 << 20).await.unwrap() });
+    }
+    while let Some(b) = tasks.join_next().await {
+        let b = b.unwrap();
+        assert_eq!(
+            b.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            (1_000..1_010).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(
+        reader.fetches(),
+        fetches + 1,
+        "32 subscribers, one hub read"
+    );
+    // The tail data is cached now; bytes are bounded by the cache.
+    assert!(
+        reader
+            .read("orders", 0, 1_010, 100, 1 << 20)
+            .await
+            .unwrap()
+            .len()
+            == 10
+    );
+    assert!(reader.cache_bytes() > 0 && reader.cache_bytes() <= CacheConfig::default().total_bytes);
+    // Errors pass through.
+    assert!(matches!(
+        reader.read("orders", 0, 5_000, 1, 1).await,
+        Err(LinkError::Store(RemoteError::OffsetOutOfRange { .. }))
+    ));
+}
