@@ -22,9 +22,23 @@
 //!                        (cached ticket first, lost endpoint last, then the hub)
 //! ```
 //!
+//! Data plane (PROTOCOL.md §5.2, §6.2, §6.3):
+//!
+//! ```text
+//!  Publisher ── send() ─▶ window (max_inflight_bytes) ─▶ task: per-partition batches
+//!    (hub connection, publish stream)  Produce{seq} ─▶ ◀─ ProduceAck{seq, base_offset}
+//!    re-opens on a fresh hub connection after a loss and re-sends unacked batches
+//!    (at-least-once: a lost ack duplicates its batch in the log)
+//!  Subscription (futures::Stream) ◀─ bounded queue ◀─ partition readers ◀─ uni streams
+//!    driver: control stream Subscribe / Position / Fetch ─▶ ◀─ Grant, Assignment, SubError
+//!    SubMachine (I/O-free): dedupe by offset, resume Offsets, epochs, fetch within grant
+//! ```
+//!
 //! Modules: [`config`] (the builder), [`client`] (the connected client and its state),
-//! [`error`] (typed errors with [`ConnectError::retryable`]). Internals: `driver` (the machine
-//! driver), `hub` and `shard` (one exchange each), `wire` (frames over quinn streams).
+//! [`publisher`] ([`Publisher`], [`SendFuture`]), [`subscription`] ([`Subscription`] and its
+//! builder), [`error`] (typed errors with `retryable()`: [`ConnectError`], [`PublishError`],
+//! [`SubscribeError`]). Internals: `driver` (the machine driver), `hub` and `shard` (one
+//! exchange each), `wire` (frames over quinn streams), `subscription::machine` (I/O-free).
 //!
 //! ```no_run
 //! use sibyl_sdk::{Client, Trust};

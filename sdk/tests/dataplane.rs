@@ -226,6 +226,8 @@ async fn a_lost_ack_is_resent_on_a_new_stream_at_least_once() {
     let m = p.metrics();
     assert_eq!(m.reconnects, 1);
     assert!(m.batches_resent >= 1);
+    // The stream's connection was given up: the publisher re-opened on a fresh one.
+    assert_eq!(e.hub.hellos().len(), 2);
     // The second batch was appended but its ack lost: re-sent, it is in the log twice.
     let log = e.hub.log.records(STREAM, 0);
     assert_eq!(log.len(), 6);
