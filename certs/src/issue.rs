@@ -279,7 +279,7 @@ impl DevCa {
             .unwrap_or("localhost");
         dn.push(DnType::CommonName, cn);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
+        params.is_ca = IsCa::NoCa; // not ExplicitNoCa: DER forbids encoding the default cA=FALSE (strict parsers, e.g. Python cryptography, reject it)
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

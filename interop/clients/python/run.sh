@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Entry point of the Python interop client (the runner's client command). Needs setup.sh first.
+here="$(cd "$(dirname "$0")" && pwd)"
+if [ ! -x "$here/.venv/bin/python" ]; then
+    echo "python client: $here/.venv missing; run $here/setup.sh" >&2
+    exit 1
+fi
+exec "$here/.venv/bin/python" "$here/client.py" "$@"
