@@ -91,6 +91,17 @@ pub struct Config {
     /// Log output.
     #[command(flatten)]
     pub logging: LoggingConfig,
+    /// Streams created at start (`[[streams]]`, file only; idempotent). Default: `events`,
+    /// 4 partitions, `interval:5ms`.
+    #[arg(skip = default_streams())]
+    pub streams: Vec<StreamSpec>,
+    /// Subscription serving on the shards: grants and batch sizes (file only).
+    #[arg(skip)]
+    pub subscribe: SubscribeConfig,
+    /// Synthetic publishers run by the hub (`[[synthetic]]` or the repeatable
+    /// `--synthetic name=events,partitions=4,rate=10000,size=100,skew=0.0`).
+    #[arg(long = "synthetic", id = "synthetic", value_name = "SPEC", value_parser = SyntheticSpec::parse, action = clap::ArgAction::Append)]
+    pub synthetic: Vec<SyntheticSpec>,
 }
 
 impl Default for Config {
@@ -104,7 +115,194 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             tokens: TokensConfig::default(),
             logging: LoggingConfig::default(),
+            streams: default_streams(),
+            subscribe: SubscribeConfig::default(),
+            synthetic: Vec::new(),
         }
+    }
+}
+
+fn default_streams() -> Vec<StreamSpec> {
+    vec![StreamSpec {
+        name: "events".to_owned(),
+        partitions: 4,
+        durability: "interval:5ms".to_owned(),
+        retention_bytes: None,
+        retention_age: None,
+        max_payload: DEFAULT_MAX_PAYLOAD,
+    }]
+}
+
+/// Default and largest [`StreamSpec::max_payload`]: 1 MiB (the store's payload bound).
+pub const DEFAULT_MAX_PAYLOAD: u32 = 1 << 20;
+
+/// One `[[streams]]` entry: a stream the hub creates at start (or checks, if it exists).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSpec {
+    /// Stream name (`[A-Za-z0-9._-]`, 1..=128 bytes, not starting with `.`).
+    pub name: String,
+    /// Partitions (1..=4096). Default 1.
+    #[serde(default = "one")]
+    pub partitions: u32,
+    /// `"always"` (fsync before each ack), `"interval:5ms"` (ack after the write, fsync
+    /// within the interval) or `"never"`. Default `"always"`.
+    #[serde(default = "always")]
+    pub durability: String,
+    /// Delete the oldest segments while a partition holds more than this. Default: unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_bytes: Option<u64>,
+    /// Delete segments older than this (e.g. `"7d"`). Default: unset.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention_age: Option<Duration>,
+    /// Largest record payload a publisher may send, bytes (≤ 1 MiB). Default 1 MiB.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+fn always() -> String {
+    "always".to_owned()
+}
+fn default_max_payload() -> u32 {
+    DEFAULT_MAX_PAYLOAD
+}
+
+/// Parses a durability string: `always`, `never` or `interval:DURATION` (e.g.
+/// `interval:5ms`).
+pub fn parse_durability(s: &str) -> Result<crate::store::Durability, String> {
+    use crate::store::Durability;
+    match s {
+        "always" => Ok(Durability::Always),
+        "never" => Ok(Durability::Never),
+        _ => {
+            let d = s
+                .strip_prefix("interval:")
+                .ok_or_else(|| format!("{s:?} is not always, never or interval:DURATION"))?;
+            let d = humantime::parse_duration(d).map_err(|e| format!("{s:?}: {e}"))?;
+            if d.is_zero() || d > Duration::from_secs(60) {
+                return Err(format!("{s:?}: the interval must be in (0, 60s]"));
+            }
+            Ok(Durability::Interval(d))
+        }
+    }
+}
+
+impl StreamSpec {
+    /// The store configuration of this stream (after [`Config::validate`]).
+    pub fn stream_config(&self) -> Result<crate::store::StreamConfig, String> {
+        Ok(crate::store::StreamConfig {
+            partitions: self.partitions,
+            durability: parse_durability(&self.durability)?,
+            retention_bytes: self.retention_bytes,
+            retention_age: self.retention_age,
+        })
+    }
+}
+
+/// `[subscribe]`: how shards serve subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubscribeConfig {
+    /// Grant: sustained records per second per subscription. Default 10 000 000.
+    pub grant_rate: u64,
+    /// Grant: bucket depth in records. Default 1 000 000.
+    pub grant_burst: u64,
+    /// Grant lease; a new `Grant` is sent after half of it. Default 30s; ≥ 1s.
+    #[serde(with = "humantime_serde")]
+    pub grant_lease: Duration,
+    /// Largest `Records` batch, bytes of stored records (≤ 1 MiB). Default 256 KiB.
+    pub batch_bytes: u32,
+    /// Largest `Records` batch, records (1..=16384). Default 4096.
+    pub batch_records: u32,
+    /// A consumer-group hand-over waits at most this long for the previous owner's final
+    /// `Position` before it uses the last one it knows. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub handover_timeout: Duration,
+    /// Bytes of recent records the shard caches, all partitions together. Default 32 MiB.
+    pub cache_bytes: usize,
+}
+
+impl Default for SubscribeConfig {
+    fn default() -> Self {
+        Self {
+            grant_rate: 10_000_000,
+            grant_burst: 1_000_000,
+            grant_lease: Duration::from_secs(30),
+            batch_bytes: 256 << 10,
+            batch_records: 4096,
+            handover_timeout: Duration::from_secs(5),
+            cache_bytes: 32 << 20,
+        }
+    }
+}
+
+/// One synthetic publisher: the hub appends generated records straight into the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticSpec {
+    /// Stream to publish to (created with `partitions` and `interval:5ms` if missing).
+    pub name: String,
+    /// Partitions of the stream if it is created. Default 4.
+    #[serde(default = "four")]
+    pub partitions: u32,
+    /// Records per second, all partitions together. Default 10 000.
+    #[serde(default = "ten_thousand")]
+    pub rate: u64,
+    /// Payload bytes per record. Default 100.
+    #[serde(default = "hundred")]
+    pub size: u32,
+    /// Zipf-like partition skew exponent: 0 = uniform, 1 = partition k gets ∝ 1/(k+1).
+    /// Default 0.
+    #[serde(default)]
+    pub skew: f64,
+}
+
+fn four() -> u32 {
+    4
+}
+fn ten_thousand() -> u64 {
+    10_000
+}
+fn hundred() -> u32 {
+    100
+}
+
+impl SyntheticSpec {
+    /// Parses `name=events,partitions=4,rate=10000,size=100,skew=0.0` (only `name` is
+    /// required).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut spec = Self {
+            name: String::new(),
+            partitions: 4,
+            rate: 10_000,
+            size: 100,
+            skew: 0.0,
+        };
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected key=value"))?;
+            let bad = |e: &dyn std::fmt::Display| format!("{k}={v}: {e}");
+            match k.trim() {
+                "name" | "stream" => spec.name = v.trim().to_owned(),
+                "partitions" => spec.partitions = v.trim().parse().map_err(|e| bad(&e))?,
+                "rate" => spec.rate = v.trim().parse().map_err(|e| bad(&e))?,
+                "size" => spec.size = v.trim().parse().map_err(|e| bad(&e))?,
+                "skew" => spec.skew = v.trim().parse().map_err(|e| bad(&e))?,
+                other => return Err(format!("unknown key {other:?}")),
+            }
+        }
+        if spec.name.is_empty() {
+            return Err("name=STREAM is required".to_owned());
+        }
+        Ok(spec)
     }
 }
 
@@ -608,6 +806,64 @@ impl Config {
         }
         if c.attach_timeout.is_zero() {
             return Err(invalid("connection.attach_timeout", "must be > 0"));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, st) in self.streams.iter().enumerate() {
+            let f = |name: &str| format!("streams[{i}].{name}");
+            crate::store::validate_stream_name(&st.name)
+                .map_err(|e| invalid(f("name"), e.to_string()))?;
+            if !names.insert(st.name.as_str()) {
+                return Err(invalid(
+                    f("name"),
+                    format!("duplicates stream {:?}", st.name),
+                ));
+            }
+            if !(1..=crate::store::MAX_PARTITIONS).contains(&st.partitions) {
+                return Err(invalid(f("partitions"), "must be in 1..=4096"));
+            }
+            parse_durability(&st.durability).map_err(|e| invalid(f("durability"), e))?;
+            if !(1..=DEFAULT_MAX_PAYLOAD).contains(&st.max_payload) {
+                return Err(invalid(f("max_payload"), "must be in 1..=1048576"));
+            }
+        }
+        let sc = &self.subscribe;
+        if sc.grant_rate == 0 || sc.grant_burst == 0 {
+            return Err(invalid(
+                "subscribe.grant_rate",
+                "and grant_burst must be ≥ 1",
+            ));
+        }
+        if sc.grant_lease < Duration::from_secs(1) {
+            return Err(invalid("subscribe.grant_lease", "must be ≥ 1s"));
+        }
+        if !(1024..=1 << 20).contains(&sc.batch_bytes) {
+            return Err(invalid(
+                "subscribe.batch_bytes",
+                "must be in 1024..=1048576",
+            ));
+        }
+        if !(1..=16_384).contains(&sc.batch_records) {
+            return Err(invalid("subscribe.batch_records", "must be in 1..=16384"));
+        }
+        if sc.cache_bytes < 1 << 20 {
+            return Err(invalid("subscribe.cache_bytes", "must be ≥ 1 MiB"));
+        }
+        for (i, sy) in self.synthetic.iter().enumerate() {
+            let f = |name: &str| format!("synthetic[{i}].{name}");
+            crate::store::validate_stream_name(&sy.name)
+                .map_err(|e| invalid(f("name"), e.to_string()))?;
+            if !(1..=crate::store::MAX_PARTITIONS).contains(&sy.partitions) {
+                return Err(invalid(f("partitions"), "must be in 1..=4096"));
+            }
+            if !(1..=10_000_000).contains(&sy.rate) {
+                return Err(invalid(f("rate"), "must be in 1..=10000000"));
+            }
+            if sy.size > DEFAULT_MAX_PAYLOAD {
+                return Err(invalid(f("size"), "must be ≤ 1048576"));
+            }
+            if !(0.0..=4.0).contains(&sy.skew) {
+                return Err(invalid(f("skew"), "must be in 0..=4"));
+            }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.filter).is_err() {
             return Err(invalid(

@@ -126,6 +126,12 @@ pub struct ShardInit {
     /// Deployment id: the AAD tokens are sealed with (`tokens.deployment_id`).
     #[serde(default = "default_deployment_id")]
     pub deployment_id: String,
+    /// The hub's store link socket (`<data>/run/store.sock`); `None`: no subscriptions.
+    #[serde(default)]
+    pub store_socket: Option<PathBuf>,
+    /// How subscriptions are served (grants, batch sizes, cache).
+    #[serde(default)]
+    pub subscribe: crate::config::SubscribeConfig,
 }
 
 fn default_deployment_id() -> String {
@@ -392,6 +398,8 @@ mod tests {
             key: "/d/server.key".into(),
             connection: crate::config::ConnectionConfig::default(),
             deployment_id: "test".into(),
+            store_socket: Some("/d/run/store.sock".into()),
+            subscribe: crate::config::SubscribeConfig::default(),
         }
     }
 

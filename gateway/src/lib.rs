@@ -21,25 +21,37 @@
 //! - [`storelink`]: how shards read the hub's store (Unix socket, framed; per-partition caches).
 //! - [`quic`]: shared QUIC setup (transport config, endpoint, bounded frame reads).
 //! - [`hub`]: the hub's admission endpoint (`Hello` → `Ticket` | `Refused`).
-//! - [`session`]: shard-side connections (`Attach` → `Attached`, `GoAway` on drain).
+//! - [`session`]: shard-side connections (`Attach` → `Attached`, `GoAway` on drain) and
+//!   subscriptions (`Subscribe` → `Grant`, `Assignment`, partition streams of `Records`).
+//! - [`storage`]: the hub's store lifecycle (streams from config, flush and retention).
+//! - [`grants`]: the I/O-free per-subscription token bucket.
+//! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
 //!
 //! ```text
 //! client ──QUIC──▶ hub::HubServer ── hub::Hub::handle_hello (keys, keyring, Supervisor loads)
 //! client ──QUIC──▶ session::SessionServer (in each shard) ── session::check_attach
+//!
+//! data plane:
+//! publisher ──Produce──▶ hub::publish (blocking worker, group commit) ──▶ store::Store
+//! store::Store ◀── storelink::StoreLinkServer ◀══ Unix socket ══▶ storelink::CachedReader
+//!   (in each shard) ──▶ session::subscribe (grant bucket, per-partition uni streams) ──▶ client
 //! ```
 #![warn(missing_docs)]
 pub mod apikeys;
 pub mod config;
 pub mod datadir;
+pub mod grants;
 pub mod hub;
 pub mod ipc;
 pub mod limits;
 pub mod quic;
 pub mod session;
 pub mod shard;
+pub mod storage;
 pub mod store;
 pub mod storelink;
 pub mod supervisor;
+pub mod synthetic;
 
 pub use config::{Config, ConfigError};
 pub use supervisor::{ShardId, ShardInfo, Supervisor, SupervisorOptions, SupervisorPolicy};

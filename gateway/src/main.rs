@@ -14,9 +14,12 @@ use sibyl_gateway::apikeys::ApiKeyStore;
 use sibyl_gateway::config::Config;
 use sibyl_gateway::config::DEFAULT_DEPLOYMENT_ID;
 use sibyl_gateway::datadir::{self, DataDir};
-use sibyl_gateway::hub::{self, Hub, HubServer, HubSettings};
+use sibyl_gateway::hub::{self, Hub, HubServer, HubSettings, PublishService};
 use sibyl_gateway::ipc::{self, HubToShard, ShardIpc};
+use sibyl_gateway::storage::{self, StoreTasks};
+use sibyl_gateway::storelink::{self, StoreLinkServer};
 use sibyl_gateway::supervisor::{Supervisor, SupervisorOptions, shutdown_bound};
+use sibyl_gateway::synthetic::Synthetic;
 
 /// Sibyl QUIC edge gateway.
 ///
@@ -55,6 +58,9 @@ enum Cmd {
     /// Access-token tools.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Streams of the embedded store (works on the data dir while the hub is stopped).
+    #[command(subcommand)]
+    Streams(StreamsCmd),
     /// Internal: run one shard process (started by the hub).
     #[command(hide = true)]
     Shard {
@@ -71,6 +77,36 @@ struct RunArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum StreamsCmd {
+    /// Create a stream (idempotent with the same settings).
+    Create {
+        /// Stream name.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// `always`, `interval:5ms` or `never`.
+        #[arg(long, default_value = "always")]
+        durability: String,
+        /// Retention by size per partition, bytes.
+        #[arg(long, value_name = "BYTES")]
+        retention_bytes: Option<u64>,
+        /// Retention by age (e.g. 7d).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        retention_age: Option<Duration>,
+        /// Data directory.
+        #[arg(long, value_name = "DIR", default_value = "./sibyl-data")]
+        data_dir: PathBuf,
+    },
+    /// List streams with their partitions, durability and offsets.
+    List {
+        /// Data directory.
+        #[arg(long, value_name = "DIR", default_value = "./sibyl-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +222,7 @@ fn main() -> ExitCode {
         Some(Cmd::Shard { ipc_fd }) => return shard_main(ipc_fd),
         Some(Cmd::Certs(c)) => certs(c),
         Some(Cmd::Keys(k)) => keys(k),
+        Some(Cmd::Streams(c)) => streams(c),
         Some(Cmd::Token(TokenCmd::Inspect {
             keys,
             aad,
@@ -240,10 +277,34 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         info!(path = %p.display(), "created");
     }
 
+    let store = Arc::new(
+        storage::open_store(&config.data_dir)
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+    );
+    storage::ensure_streams(&store, &config).context("creating the configured streams")?;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let store_tasks = StoreTasks::start(store.clone())?;
+        let _link = StoreLinkServer::bind(&storelink::socket_path(&config.data_dir), store.clone())
+            .context("binding the store link socket")?;
+        let max_payload = config
+            .streams
+            .iter()
+            .map(|s| (s.name.clone(), s.max_payload))
+            .collect();
+        let publish = Arc::new(PublishService::new(
+            store.clone(),
+            max_payload,
+            sibyl_gateway::quic::decode_limits(&config.connection),
+        ));
+        let mut synthetic = Vec::new();
+        for spec in &config.synthetic {
+            info!(stream = %spec.name, rate = spec.rate, size = spec.size, "synthetic publisher");
+            synthetic.push(Synthetic::start(store.clone(), spec.clone())?);
+        }
         // QUIC seam: the hub's endpoint is built on this socket.
         let hub_socket = std::net::UdpSocket::bind(config.hub.listen)
             .with_context(|| format!("binding hub address {}", config.hub.listen))?;
@@ -269,6 +330,7 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             boot.keyring.clone(),
             supervisor.clone(),
         ));
+        hub.set_publish(publish);
         let server = HubServer::start(hub.clone(), hub_socket, hub_tls, &config)
             .context("starting the hub's QUIC endpoint")?;
         let _watch = hub::watch_api_keys(
@@ -315,6 +377,10 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             Err(supervisor) => supervisor.drain_all(),
         }
         server.shutdown(Duration::from_secs(1)).await;
+        drop(synthetic);
+        if let Err(e) = store_tasks.stop() {
+            warn!("store sync at shutdown failed: {e}");
+        }
         info!("hub stopped");
         Ok(ExitCode::SUCCESS)
     })
@@ -359,6 +425,56 @@ fn print_banner(
         dev_key.unwrap_or("<key>")
     );
     println!("Press Ctrl-C to drain the shards and stop.");
+}
+
+fn streams(cmd: StreamsCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StreamsCmd::Create {
+            name,
+            partitions,
+            durability,
+            retention_bytes,
+            retention_age,
+            data_dir,
+        } => {
+            let durability =
+                sibyl_gateway::config::parse_durability(&durability).map_err(anyhow::Error::msg)?;
+            let store = storage::open_store(&data_dir).with_context(|| {
+                format!(
+                    "opening the store in {} (stop the hub first)",
+                    data_dir.display()
+                )
+            })?;
+            let cfg = sibyl_gateway::store::StreamConfig {
+                partitions,
+                durability,
+                retention_bytes,
+                retention_age,
+            };
+            store.create_stream(&name, cfg)?;
+            println!("stream {name}: {partitions} partitions");
+        }
+        StreamsCmd::List { data_dir } => {
+            let store = storage::open_store(&data_dir).with_context(|| {
+                format!(
+                    "opening the store in {} (stop the hub first)",
+                    data_dir.display()
+                )
+            })?;
+            for (name, c) in store.streams() {
+                let mut records = 0u64;
+                for p in 0..c.partitions {
+                    let (earliest, next) = store.bounds(&name, p)?;
+                    records += next - earliest;
+                }
+                println!(
+                    "{name}  partitions={}  durability={:?}  records={records}",
+                    c.partitions, c.durability
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn certs(cmd: CertsCmd) -> anyhow::Result<ExitCode> {

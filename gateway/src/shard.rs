@@ -22,7 +22,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::ipc::{HubToShard, IpcError, Load, ShardInit, ShardIpc, ShardToHub};
-use crate::session::{SessionError, SessionServer};
+use crate::session::{DataPlane, SessionError, SessionServer};
+use crate::storelink::{Backoff, CacheConfig, CachedReader, ReaderConfig, StoreLink};
 
 /// Why a shard stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +129,8 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
     })?;
     // QUIC seam: the session endpoint takes the bound socket.
     let keyring = rt.keyring.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let server = SessionServer::start(&rt.init, rt.socket, rt.stats.clone(), &keyring)?;
+    let data = connect_data_plane(&rt.init).await;
+    let server = SessionServer::start(&rt.init, rt.socket, rt.stats.clone(), &keyring, data)?;
     ipc.send(&ShardToHub::Ready {
         udp_port: addr.port(),
     })
@@ -167,6 +169,42 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
             }
         }
     }
+}
+
+/// Connects the store link (a few attempts: the hub binds it before it spawns shards) and
+/// builds the data plane; `None` (subscriptions refused) without a socket or a link.
+async fn connect_data_plane(init: &ShardInit) -> Option<Arc<DataPlane>> {
+    let path = init.store_socket.as_ref()?;
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+    for _ in 0..10 {
+        match StoreLink::connect(path).await {
+            Ok(link) => {
+                let sc = &init.subscribe;
+                let cache = CacheConfig {
+                    partition_bytes: (4 << 20).min(sc.cache_bytes),
+                    total_bytes: sc.cache_bytes,
+                };
+                let rc = ReaderConfig {
+                    fetch_records: sc.batch_records,
+                    fetch_bytes: sc.batch_bytes,
+                };
+                return Some(DataPlane::new(
+                    CachedReader::new(link, cache, rc),
+                    sc.clone(),
+                ));
+            }
+            Err(e) => {
+                warn!(group = init.group, shard = init.shard, error = %e, "store link not ready");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    warn!(
+        group = init.group,
+        shard = init.shard,
+        "no store link: subscriptions are refused"
+    );
+    None
 }
 
 /// Stops accepting and tells clients to go away, within `within`.
@@ -216,6 +254,8 @@ mod tests {
             key: paths.server_key,
             connection: crate::config::ConnectionConfig::default(),
             deployment_id: "test".into(),
+            store_socket: None,
+            subscribe: crate::config::SubscribeConfig::default(),
         };
         (init, dir)
     }

@@ -15,6 +15,7 @@
 //! takes `now`); [`HubServer`] is the thin quinn driver.
 
 pub mod admission;
+pub mod publish;
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use quinn::Endpoint;
-use sibyl_proto::frame::{Endpoint as TicketEndpoint, Hello, ProduceError, Refused, Ticket};
+use sibyl_proto::frame::{
+    Action, Endpoint as TicketEndpoint, Hello, ProduceError, Refused, Ticket,
+};
 use sibyl_proto::{DecodeLimits, ErrorCode, Frame, FrameDecoder};
 use sibyl_tokens::{Claims, Keyring, SessionSecret, TokenId};
 use tokio::task::JoinSet;
@@ -34,6 +37,7 @@ use crate::quic::{self, QuicSetupError, Role, StreamError};
 use crate::supervisor::{ShardInfo, Supervisor};
 
 pub use admission::GroupCandidate;
+pub use publish::PublishService;
 
 /// Where the hub learns which shards are ready and how loaded they are.
 pub trait ShardDirectory: Send + Sync {
@@ -83,6 +87,7 @@ pub struct Hub {
     keyring: RwLock<Keyring>,
     directory: RwLock<Option<Arc<dyn ShardDirectory>>>,
     draining: AtomicBool,
+    publish: RwLock<Option<Arc<PublishService>>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -108,7 +113,21 @@ impl Hub {
             keyring: RwLock::new(keyring),
             directory: RwLock::new(Some(directory)),
             draining: AtomicBool::new(false),
+            publish: RwLock::new(None),
         }
+    }
+
+    /// Serves publish streams into `svc`'s store (without it, `PublishOpen` is answered
+    /// `ProduceError{NOT_FOUND}`).
+    pub fn set_publish(&self, svc: Arc<PublishService>) {
+        *self.publish.write().unwrap_or_else(|p| p.into_inner()) = Some(svc);
+    }
+
+    fn publish_service(&self) -> Option<Arc<PublishService>> {
+        self.publish
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Replaces the sealing keyring (after a rotation).
@@ -336,7 +355,13 @@ async fn serve_connection(hub: Arc<Hub>, incoming: quinn::Incoming, cs: ConnSett
                 return;
             }
             let _ = send.finish();
-            serve_after_ticket(&conn, cs).await;
+            let publishable: Vec<String> = hello
+                .wants
+                .iter()
+                .filter(|w| w.action == Action::Publish)
+                .map(|w| w.stream.clone())
+                .collect();
+            serve_after_ticket(&hub, &conn, cs, Arc::new(publishable)).await;
         }
         Err(refused) => {
             info!(%peer, client_id = %hello.client_id, code = %refused.code, reason = %refused.reason, "hello refused");
@@ -360,13 +385,22 @@ fn close_on(conn: &quinn::Connection, e: &StreamError) {
 }
 
 /// After a ticket the connection stays open (for publish streams) until the client closes
-/// it or it idles out. Publishing is not served yet: a `PublishOpen` is answered with
-/// `ProduceError{seq: 0, NOT_FOUND}`; any other first frame closes the connection.
-async fn serve_after_ticket(conn: &quinn::Connection, cs: ConnSettings) {
+/// it or it idles out. Each publish stream is served on its own task
+/// ([`publish::serve_publish`]); any other first frame closes the connection.
+async fn serve_after_ticket(
+    hub: &Arc<Hub>,
+    conn: &quinn::Connection,
+    cs: ConnSettings,
+    publishable: Arc<Vec<String>>,
+) {
+    let mut tasks = JoinSet::new();
     loop {
-        let (mut send, mut recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(_) => return,
+        let (mut send, mut recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         let mut dec = FrameDecoder::new(cs.limits);
         let first =
@@ -374,29 +408,53 @@ async fn serve_after_ticket(conn: &quinn::Connection, cs: ConnSettings) {
                 .await
                 .unwrap_or(Err(StreamError::Timeout(cs.first_frame_within)));
         match first {
-            Ok(Some(Frame::PublishOpen(open))) => {
-                let err = ProduceError {
-                    seq: 0,
-                    code: ErrorCode::NotFound,
-                    reason: format!(
-                        "stream {:?}: publishing is not available on this hub",
-                        open.stream
-                    ),
-                };
-                if quic::write_frame(&mut send, &Frame::ProduceError(err))
-                    .await
-                    .is_ok()
-                {
-                    let _ = send.finish();
+            Ok(Some(Frame::PublishOpen(open))) => match hub.publish_service() {
+                Some(svc) => {
+                    let allowed = publishable.clone();
+                    let may = move |s: &str| allowed.iter().any(|w| w == s);
+                    tasks.spawn(publish::serve_publish(
+                        svc,
+                        may,
+                        conn.clone(),
+                        send,
+                        recv,
+                        dec,
+                        open,
+                    ));
                 }
-            }
+                None => {
+                    let err = ProduceError {
+                        seq: 0,
+                        code: ErrorCode::NotFound,
+                        reason: format!(
+                            "stream {:?}: publishing is not available on this hub",
+                            open.stream
+                        ),
+                    };
+                    if quic::write_frame(&mut send, &Frame::ProduceError(err))
+                        .await
+                        .is_ok()
+                    {
+                        let _ = send.finish();
+                    }
+                }
+            },
             Ok(Some(other)) => {
-                return close_on(conn, &StreamError::Unexpected(other.frame_type()));
+                close_on(conn, &StreamError::Unexpected(other.frame_type()));
+                break;
             }
-            Ok(None) => return close_on(conn, &StreamError::Ended),
-            Err(e) => return close_on(conn, &e),
+            Ok(None) => {
+                close_on(conn, &StreamError::Ended);
+                break;
+            }
+            Err(e) => {
+                close_on(conn, &e);
+                break;
+            }
         }
     }
+    // Publish streams end with the connection; their workers finish what was queued.
+    while tasks.join_next().await.is_some() {}
 }
 
 /// How often [`watch_api_keys`] looks at the API-key store file.

@@ -18,6 +18,8 @@
 //! [`FrameError::code`]: sibyl_proto::FrameError::code
 
 pub mod attach;
+pub mod groups;
+pub mod subscribe;
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,8 @@ use crate::quic::{self, QuicSetupError, Role, StreamError};
 use crate::shard::ShardStats;
 
 pub use attach::{AttachContext, AttachRefusal, check_attach};
+pub use groups::GroupCoordinator;
+pub use subscribe::DataPlane;
 
 /// How long a `GoAway` may take to be acknowledged before the connection is closed anyway.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(2);
@@ -67,6 +71,7 @@ struct Shared {
     drain: watch::Sender<bool>,
     live: AtomicU64,
     none_live: Notify,
+    data: Option<Arc<DataPlane>>,
 }
 
 impl Shared {
@@ -134,12 +139,14 @@ impl std::fmt::Debug for SessionServer {
 
 impl SessionServer {
     /// Starts serving on `socket` with the certificate of `init` and the keyring `keyring`
-    /// (`Keyring::to_bytes` form). Must be called inside a tokio runtime.
+    /// (`Keyring::to_bytes` form); subscriptions are served from `data` (without it,
+    /// `Subscribe` is answered `SubError{NOT_FOUND}`). Must be called inside a tokio runtime.
     pub fn start(
         init: &ShardInit,
         socket: UdpSocket,
         stats: Arc<ShardStats>,
         keyring: &[u8],
+        data: Option<Arc<DataPlane>>,
     ) -> Result<Self, SessionError> {
         let keyring = Keyring::from_bytes(keyring)?;
         let transport = quic::transport_config(&init.connection, Role::Shard);
@@ -158,6 +165,7 @@ impl SessionServer {
             drain,
             live: AtomicU64::new(0),
             none_live: Notify::new(),
+            data,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Self {
@@ -331,20 +339,23 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, _live: LiveGuard)
     }
     let _attached = AttachedGuard::new(&shared.stats);
     debug!(client_id = %claims.client_id, session_id, "attached");
-    session(&shared, &conn, send, recv, dec).await;
+    session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
 }
 
-/// The attached session: watches the session stream, serves control streams, and sends
-/// `GoAway` when the shard drains.
+/// The attached session: watches the session stream, serves control streams (each
+/// subscription on its own task, ended with the session), and sends `GoAway` when the shard
+/// drains.
 async fn session(
     shared: &Shared,
     conn: &Connection,
+    claims: Arc<sibyl_tokens::Claims>,
     mut send: SendStream,
     mut recv: RecvStream,
     mut dec: FrameDecoder,
 ) {
     let mut drain_rx = shared.drain.subscribe();
     let mut session_open = true;
+    let mut subs = JoinSet::new();
     loop {
         tokio::select! {
             draining = async { drain_rx.wait_for(|d| *d).await.is_ok() } => {
@@ -362,43 +373,76 @@ async fn session(
             },
             s = conn.accept_bi() => match s {
                 Ok((s, r)) => {
-                    if let Err(e) = control_stream(shared, s, r).await {
-                        return close_on(conn, &e);
-                    }
+                    subs.spawn(control_stream(
+                        shared.data.clone(),
+                        shared.stats.clone(),
+                        claims.clone(),
+                        conn.clone(),
+                        shared.limits,
+                        shared.conn.attach_timeout,
+                        s,
+                        r,
+                    ));
                 }
                 Err(_) => return,
             },
+            Some(_) = subs.join_next(), if !subs.is_empty() => {}
         }
     }
 }
 
-/// A control stream's first frame. Subscriptions are not served yet: `Subscribe` is
-/// answered with `SubError{NOT_FOUND}` and the stream finished.
+/// Counts a subscription in [`ShardStats::subscriptions`] while alive.
+struct SubscriptionGuard(Arc<ShardStats>);
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.0.subscriptions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A control stream: its first frame must be `Subscribe` (within `within`); the
+/// subscription is then served by [`subscribe::serve_subscription`]. Without a data plane,
+/// `Subscribe` is answered with `SubError{NOT_FOUND}`.
+#[allow(clippy::too_many_arguments)]
 async fn control_stream(
-    shared: &Shared,
+    data: Option<Arc<DataPlane>>,
+    stats: Arc<ShardStats>,
+    claims: Arc<sibyl_tokens::Claims>,
+    conn: Connection,
+    limits: DecodeLimits,
+    within: Duration,
     mut send: SendStream,
     mut recv: RecvStream,
-) -> Result<(), StreamError> {
-    let within = shared.conn.attach_timeout;
-    match quic::read_first_frame(&mut recv, shared.limits, within).await? {
-        Frame::Subscribe(sub) => {
-            let err = SubError {
-                code: ErrorCode::NotFound,
-                reason: format!(
-                    "stream {:?}: subscriptions are not served by this shard yet",
-                    sub.stream
-                ),
-            };
-            if quic::write_frame(&mut send, &Frame::SubError(err))
-                .await
-                .is_ok()
-            {
-                let _ = send.finish();
-            }
-            Ok(())
+) {
+    let mut dec = FrameDecoder::new(limits);
+    let first = tokio::time::timeout(within, quic::read_frame(&mut recv, &mut dec))
+        .await
+        .unwrap_or(Err(StreamError::Timeout(within)));
+    let sub = match first {
+        Ok(Some(Frame::Subscribe(sub))) => sub,
+        Ok(Some(other)) => return close_on(&conn, &StreamError::Unexpected(other.frame_type())),
+        Ok(None) => return close_on(&conn, &StreamError::Ended),
+        Err(e) => return close_on(&conn, &e),
+    };
+    let Some(data) = data else {
+        let err = SubError {
+            code: ErrorCode::NotFound,
+            reason: format!(
+                "stream {:?}: subscriptions are not served by this shard",
+                sub.stream
+            ),
+        };
+        if quic::write_frame(&mut send, &Frame::SubError(err))
+            .await
+            .is_ok()
+        {
+            let _ = send.finish();
         }
-        other => Err(StreamError::Unexpected(other.frame_type())),
-    }
+        return;
+    };
+    stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+    let _guard = SubscriptionGuard(stats);
+    subscribe::serve_subscription(data, claims, conn, send, recv, dec, sub).await;
 }
 
 async fn go_away(conn: &Connection, send: &mut SendStream) {

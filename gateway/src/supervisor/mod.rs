@@ -390,6 +390,8 @@ impl Driver {
             key: self.opts.key.clone(),
             connection: cfg.connection.clone(),
             deployment_id: cfg.tokens.deployment_id.clone(),
+            store_socket: Some(crate::storelink::socket_path(&cfg.data_dir)),
+            subscribe: cfg.subscribe.clone(),
         };
         let _ = msg_tx.send(HubToShard::Init(Box::new(init)));
         tokio::spawn(async move {
