@@ -30,6 +30,8 @@
 //! - [`proof`]: [`attach_proof`] / [`verify_attach_proof`].
 //! - [`version`]: ALPN and version negotiation.
 //! - [`client`]: the I/O-free connection machine (hub → ticket → shard failover, backoff).
+//! - [`forecast`]: predictive pre-fetch, client side: consumption windows, forecasters (SMA,
+//!   EWMA, Holt) with MASE-driven sensitivity, the assignment-request policy, pre-fetch metrics.
 //! - `fuzzing` (feature `fuzzing` or `cfg(fuzzing)`): oracles for fuzz targets.
 
 #![warn(missing_docs)]
@@ -39,6 +41,7 @@ pub mod cbor;
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod forecast;
 pub mod frame;
 pub mod proof;
 pub mod version;
@@ -49,6 +52,9 @@ pub mod fuzzing;
 pub use client::{AttemptId, ClientAction, ClientConfig, ClientMachine, ShardAttempt, Timer};
 pub use codec::{Codec, DecodeLimits, FrameError, Reader};
 pub use error::{ErrorCode, Fault, Retry};
+pub use forecast::{
+    ForecastConfig, ForecastEngine, ForecasterKind, PrefetchMetrics, PrefetchStats,
+};
 pub use frame::data::BatchError;
 pub use frame::{Frame, FrameBody, FrameDecoder, FrameType};
 pub use proof::{attach_proof, verify_attach_proof};
