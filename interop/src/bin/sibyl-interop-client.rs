@@ -231,7 +231,7 @@ fn proof_for(conn: &Connection, t: &Ticket) -> anyhow::Result<[u8; 32]> {
 
 fn attach_frame(env: &Env, token: Vec<u8>, proof: [u8; 32]) -> Frame {
     Frame::Attach(Attach {
-        token: token.into(),
+        token,
         proof,
         client_id: env.client_id.clone(),
         resume: None,
@@ -478,7 +478,7 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
             );
             got.update(&r.payload);
             count += 1;
-            if count % 50 == 0 || Some(count) == env.event_at {
+            if count.is_multiple_of(50) || Some(count) == env.event_at {
                 let _ = std::fs::write(env.out.join(PROGRESS_FILE), count.to_string());
                 if let Some(s) = client.session() {
                     let _ = std::fs::write(
