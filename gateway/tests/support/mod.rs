@@ -61,7 +61,8 @@ pub struct Gateway {
     pub child: Child,
     lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
-    pub dir: tempfile::TempDir,
+    /// Holds the data dir (`None` only while being handed to a restart).
+    pub dir: Option<tempfile::TempDir>,
     pub hub: SocketAddr,
     pub dev_key: String,
     /// Shards seen ready so far (latest per slot last).
@@ -71,7 +72,12 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the hub with `config` (TOML) and waits for the banner and `shards` shards.
     pub fn start(config: &str, shards: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), config, shards)
+    }
+
+    /// Like [`start`](Self::start) on an existing directory (a restart keeps its data);
+    /// `dev_key` is empty when the banner has none (not the first start).
+    pub fn start_in(dir: tempfile::TempDir, config: &str, shards: usize) -> Self {
         let cfg = dir.path().join("gateway.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(BIN)
@@ -104,13 +110,19 @@ impl Gateway {
             child,
             lines,
             log: Vec::new(),
-            dir,
+            dir: Some(dir),
             hub: SocketAddr::from(([0, 0, 0, 0], 0)),
             dev_key: String::new(),
             ready: Vec::new(),
         };
         gw.hub = gw.until(|l| l.trim().strip_prefix("hub address:")?.trim().parse().ok());
-        gw.dev_key = gw.until(|l| Some(l.trim().strip_prefix("dev API key:")?.trim().to_owned()));
+        gw.dev_key = gw.until(|l| {
+            let l = l.trim();
+            if l.starts_with("API keys:") {
+                return Some(String::new());
+            }
+            Some(l.strip_prefix("dev API key:")?.trim().to_owned())
+        });
         while gw.ready.len() < shards {
             let r = gw.until(parse_ready);
             gw.ready.push(r);
@@ -119,7 +131,14 @@ impl Gateway {
     }
 
     pub fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.dir.as_ref().expect("data dir").path().join("data")
+    }
+
+    /// SIGKILLs the hub (its shards exit when they see it gone) and keeps the directory.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+        self.dir.take().expect("data dir")
     }
 
     pub fn ca(&self) -> PathBuf {

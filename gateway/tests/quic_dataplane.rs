@@ -1,0 +1,636 @@
+//! The data plane across real processes: publishing on the hub over raw quinn + proto frames,
+//! subscriptions on shards (every start kind, tail, reactive fetch), crash safety of acked
+//! records, resume after a shard SIGKILL, bounded memory with a stalled consumer, and
+//! consumer groups.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use sibyl_proto::frame::{
+    Action, Assignment, Fetch, Mode, NewRecordRef, PartitionOpen, Position, Produce, ProduceAck,
+    PublishOpen, Record, Start, Subscribe, Ticket,
+};
+use sibyl_proto::{ErrorCode, Frame, FrameDecoder};
+use support::*;
+
+/// One group, one shard; stream `t` (2 partitions, fsync before ack, 1 KiB payloads).
+const ONE_SHARD: &str = "[[shards.groups]]\nid = 0\nshards = 1\n\
+    [[streams]]\nname = \"t\"\npartitions = 2\ndurability = \"always\"\nmax_payload = 1024\n";
+
+/// Stream `t` of one group with two shards (for the failover test).
+const TWO_SHARDS: &str = "[[shards.groups]]\nid = 0\nshards = 2\n\
+    [[streams]]\nname = \"t\"\npartitions = 2\ndurability = \"never\"\nmax_payload = 1024\n";
+
+fn payload(p: u32, i: u64) -> Vec<u8> {
+    format!("p{p}-record-{i:08}-{}", "x".repeat((i % 37) as usize)).into_bytes()
+}
+
+/// Opens a publish stream on a hub connection: the answer to `PublishOpen`.
+async fn publish_open(conn: &Connection, stream: &str) -> (SendStream, RecvStream, Frame) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send_frame(
+        &mut send,
+        Frame::PublishOpen(PublishOpen {
+            stream: stream.into(),
+        }),
+    )
+    .await;
+    let f = recv_frame(&mut recv).await.expect("answer to PublishOpen");
+    (send, recv, f)
+}
+
+/// A hub connection with a ticket wanting `t` for publish and subscribe.
+async fn hub_conn(ep: &Endpoint, gw: &Gateway, key: &str) -> (Connection, Ticket) {
+    let (conn, t) = ask_hub(
+        ep,
+        gw.hub,
+        hello(key, &[("t", Action::Publish), ("t", Action::Subscribe)]),
+    )
+    .await;
+    (conn, t.expect("ticket"))
+}
+
+/// Reads frames of one stream with a persistent decoder.
+struct Reader {
+    recv: RecvStream,
+    dec: FrameDecoder,
+}
+
+impl Reader {
+    fn new(recv: RecvStream) -> Self {
+        Self {
+            recv,
+            dec: FrameDecoder::default(),
+        }
+    }
+    async fn next(&mut self) -> Option<Frame> {
+        let read = async {
+            loop {
+                if let Some(f) = self.dec.next_frame().unwrap() {
+                    return Some(f);
+                }
+                match self.recv.read_chunk(64 * 1024, true).await {
+                    Ok(Some(c)) => self.dec.push(&c.bytes),
+                    _ => return None,
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, read)
+            .await
+            .expect("frame in time")
+    }
+}
+
+/// Publishes `n` records to partition `p` in batches of `per`, returns the acks.
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    send: &mut SendStream,
+    recv: &mut Reader,
+    seq: &mut u64,
+    p: u32,
+    from: u64,
+    n: u64,
+    per: u64,
+    ts: impl Fn(u64) -> u64,
+) -> Vec<ProduceAck> {
+    let mut sent = 0;
+    let mut batches = 0;
+    while sent < n {
+        let k = per.min(n - sent);
+        let pay: Vec<Vec<u8>> = (from + sent..from + sent + k)
+            .map(|i| payload(p, i))
+            .collect();
+        *seq += 1;
+        let recs = pay.iter().enumerate().map(|(j, b)| NewRecordRef {
+            timestamp: ts(from + sent + j as u64),
+            key: b"",
+            payload: b,
+        });
+        send_frame(send, Frame::Produce(Produce::new(*seq, p, recs).unwrap())).await;
+        sent += k;
+        batches += 1;
+    }
+    let mut acks = Vec::new();
+    for _ in 0..batches {
+        match recv.next().await {
+            Some(Frame::ProduceAck(a)) => acks.push(a),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    acks
+}
+
+/// A shard session: the attached connection.
+async fn attach_shard(ep: &Endpoint, addr: std::net::SocketAddr, t: &Ticket) -> Connection {
+    let s = attach(ep, addr, t, None).await;
+    assert!(matches!(s.first, Some(Frame::Attached(_))), "{:?}", s.first);
+    // Keep the session stream open for the session's lifetime.
+    std::mem::forget(s.send);
+    s.conn
+}
+
+/// Opens a subscription: returns the control stream, the Grant and the first Assignment.
+async fn subscribe(
+    conn: &Connection,
+    sub_id: u32,
+    start: Start,
+    group: Option<&str>,
+    mode: Mode,
+) -> (SendStream, Reader, Assignment) {
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send_frame(
+        &mut send,
+        Frame::Subscribe(Subscribe {
+            sub_id,
+            stream: "t".into(),
+            start,
+            group: group.map(str::to_owned),
+            mode,
+        }),
+    )
+    .await;
+    let mut r = Reader::new(recv);
+    match r.next().await {
+        Some(Frame::Grant(g)) => assert!(g.rate_records_per_s > 0 && g.burst > 0),
+        other => panic!("expected a Grant, got {other:?}"),
+    }
+    let a = next_assignment(&mut r).await;
+    (send, r, a)
+}
+
+async fn next_assignment(r: &mut Reader) -> Assignment {
+    loop {
+        match r.next().await {
+            Some(Frame::Assignment(a)) => return a,
+            Some(Frame::Grant(_)) => continue,
+            other => panic!("expected an Assignment, got {other:?}"),
+        }
+    }
+}
+
+/// Accepts the next partition stream: its `PartitionOpen` and a reader.
+async fn accept_partition(conn: &Connection) -> (PartitionOpen, Reader) {
+    let recv = tokio::time::timeout(PATIENCE, conn.accept_uni())
+        .await
+        .expect("partition stream in time")
+        .unwrap();
+    let mut r = Reader::new(recv);
+    match r.next().await {
+        Some(Frame::PartitionOpen(o)) => (o, r),
+        other => panic!("expected PartitionOpen, got {other:?}"),
+    }
+}
+
+/// Reads records until `n` were received; returns them.
+async fn read_records(r: &mut Reader, n: usize) -> Vec<Record> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match r.next().await {
+            Some(Frame::Records(b)) => out.extend(b.to_records()),
+            other => panic!("expected Records, got {other:?}"),
+        }
+    }
+    out
+}
+
+fn check_records(p: u32, from: u64, recs: &[Record]) {
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.offset, from + i as u64, "offsets are contiguous");
+        assert_eq!(
+            r.payload,
+            payload(p, r.offset),
+            "payload of offset {}",
+            r.offset
+        );
+    }
+}
+
+#[test]
+fn publish_acks_in_order_and_refuses_what_it_must() {
+    let mut gw = Gateway::start(ONE_SHARD, 1);
+    let rt = runtime();
+    let ep = rt.block_on(async { client(&gw.ca()) });
+    rt.block_on(async {
+        let (conn, _) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let (mut send, recv, first) = publish_open(&conn, "t").await;
+        match first {
+            Frame::PublishAccepted(a) => {
+                assert_eq!(a.partitions, 2);
+                assert!(a.max_frame >= 1 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut recv = Reader::new(recv);
+        let mut seq = 0;
+        for round in 0..3u64 {
+            for p in 0..2 {
+                let acks =
+                    publish(&mut send, &mut recv, &mut seq, p, round * 50, 50, 10, |_| 0).await;
+                let offsets: Vec<(u64, u32)> =
+                    acks.iter().map(|a| (a.base_offset, a.count)).collect();
+                let want: Vec<(u64, u32)> = (0..5).map(|b| (round * 50 + b * 10, 10)).collect();
+                assert_eq!(offsets, want);
+                assert!(acks.iter().all(|a| a.partition == p));
+                assert!(acks.windows(2).all(|w| w[0].seq < w[1].seq));
+            }
+        }
+        // A bad partition and an oversized payload are answered in seq order, the stream
+        // stays usable.
+        let big = vec![0u8; 2000];
+        let ok = b"fine".to_vec();
+        let batches = [(seq + 1, 9u32, &ok), (seq + 2, 0, &big), (seq + 3, 1, &ok)];
+        for (s, p, b) in batches {
+            let r = [NewRecordRef {
+                timestamp: 0,
+                key: b"",
+                payload: b,
+            }];
+            send_frame(&mut send, Frame::Produce(Produce::new(s, p, r).unwrap())).await;
+        }
+        match recv.next().await {
+            Some(Frame::ProduceError(e)) => {
+                assert_eq!((e.seq, e.code), (seq + 1, ErrorCode::NotFound))
+            }
+            other => panic!("{other:?}"),
+        }
+        match recv.next().await {
+            Some(Frame::ProduceError(e)) => {
+                assert_eq!((e.seq, e.code), (seq + 2, ErrorCode::LimitExceeded))
+            }
+            other => panic!("{other:?}"),
+        }
+        match recv.next().await {
+            Some(Frame::ProduceAck(a)) => {
+                assert_eq!((a.seq, a.partition, a.base_offset), (seq + 3, 1, 150))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unknown stream.
+        let (_, _, f) = publish_open(&conn, "nope").await;
+        assert!(matches!(f, Frame::ProduceError(e) if e.code == ErrorCode::NotFound && e.seq == 0));
+        // Forbidden: this Hello did not want `t` for publishing.
+        let (conn2, t) =
+            ask_hub(&ep, gw.hub, hello(&gw.dev_key, &[("t", Action::Subscribe)])).await;
+        t.expect("ticket");
+        let (_, _, f) = publish_open(&conn2, "t").await;
+        assert!(matches!(f, Frame::ProduceError(e) if e.code == ErrorCode::Forbidden));
+        // A key without publish scope cannot even ask for it.
+        let key = tokio::task::block_in_place(|| gw.new_api_key("reader", "t:subscribe"));
+        // (The hub reloads its keys within a second: wait until it knows this one.)
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let (_, t) = ask_hub(&ep, gw.hub, hello(&key, &[("t", Action::Publish)])).await;
+            let code = t.unwrap_err().code;
+            if code == ErrorCode::Unauthenticated && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert_eq!(code, ErrorCode::Forbidden);
+            break;
+        }
+        // A non-increasing seq is a protocol violation.
+        let r = [NewRecordRef {
+            timestamp: 0,
+            key: b"",
+            payload: b"x",
+        }];
+        send_frame(&mut send, Frame::Produce(Produce::new(1, 0, r).unwrap())).await;
+        assert_eq!(close_code(&conn).await, ErrorCode::ProtocolViolation);
+    });
+    let _ = &mut gw;
+}
+
+#[test]
+fn subscribe_every_start_kind_tail_and_fetch() {
+    let gw = Gateway::start(ONE_SHARD, 1);
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let (conn, t) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let (mut send, recv, _) = publish_open(&conn, "t").await;
+        let mut recv = Reader::new(recv);
+        let mut seq = 0;
+        // Partition 0: 100 records with timestamps 1000 + offset.
+        publish(&mut send, &mut recv, &mut seq, 0, 0, 100, 30, |i| 1000 + i).await;
+        let shard = attach_shard(&ep, gw.shard_of(0).addr, &t).await;
+
+        let starts = [
+            (Start::Earliest, 0),
+            (Start::Offsets([(0, 42)].into_iter().collect()), 42),
+            (Start::Offsets([(0, 1000)].into_iter().collect()), 100),
+            (Start::Timestamp(1050), 50),
+        ];
+        for (i, (start, at)) in starts.into_iter().enumerate() {
+            let sub_id = i as u32 + 1;
+            let (ctl, _r, a) = subscribe(&shard, sub_id, start, None, Mode::Predictive).await;
+            assert_eq!(a.sub_id, sub_id);
+            let parts: BTreeMap<u32, u64> = a
+                .partitions
+                .iter()
+                .map(|p| (p.partition, p.start_offset))
+                .collect();
+            assert_eq!(parts.len(), 2, "a lone subscriber gets every partition");
+            assert_eq!(parts[&0], at);
+            assert_eq!(parts[&1], 0);
+            let mut streams = HashMap::new();
+            for _ in 0..2 {
+                let (open, r) = accept_partition(&shard).await;
+                assert_eq!((open.sub_id, open.epoch), (sub_id, a.epoch));
+                streams.insert(open.partition, r);
+            }
+            if at < 100 {
+                let r = streams.get_mut(&0).unwrap();
+                let recs = read_records(r, (100 - at) as usize).await;
+                check_records(0, at, &recs);
+                assert!(recs.iter().all(|r| r.timestamp == 1000 + r.offset));
+            }
+            drop(ctl);
+        }
+        // Latest: starts at the end, then tails new publishes on both partitions.
+        let (_ctl, _r, a) = subscribe(&shard, 10, Start::Latest, None, Mode::Predictive).await;
+        assert!(
+            a.partitions
+                .iter()
+                .all(|p| p.start_offset == if p.partition == 0 { 100 } else { 0 })
+        );
+        let mut streams = HashMap::new();
+        for _ in 0..2 {
+            let (open, r) = accept_partition(&shard).await;
+            streams.insert(open.partition, r);
+        }
+        publish(&mut send, &mut recv, &mut seq, 0, 100, 25, 10, |_| 0).await;
+        publish(&mut send, &mut recv, &mut seq, 1, 0, 5, 5, |_| 0).await;
+        let recs = read_records(streams.get_mut(&0).unwrap(), 25).await;
+        check_records(0, 100, &recs);
+        let recs = read_records(streams.get_mut(&1).unwrap(), 5).await;
+        check_records(1, 0, &recs);
+
+        // Reactive: nothing until Fetch, then exactly what was asked.
+        let (mut ctl, _r, _) = subscribe(&shard, 20, Start::Earliest, None, Mode::Reactive).await;
+        let mut streams = HashMap::new();
+        for _ in 0..2 {
+            let (open, r) = accept_partition(&shard).await;
+            streams.insert(open.partition, r);
+        }
+        send_frame(
+            &mut ctl,
+            Frame::Fetch(Fetch {
+                partition: 0,
+                max_records: 7,
+            }),
+        )
+        .await;
+        let recs = read_records(streams.get_mut(&0).unwrap(), 7).await;
+        assert_eq!(recs.len(), 7, "exactly max_records");
+        check_records(0, 0, &recs);
+        send_frame(
+            &mut ctl,
+            Frame::Fetch(Fetch {
+                partition: 0,
+                max_records: 3,
+            }),
+        )
+        .await;
+        let recs = read_records(streams.get_mut(&0).unwrap(), 3).await;
+        assert_eq!(recs.len(), 3);
+        check_records(0, 7, &recs);
+        send_frame(
+            &mut ctl,
+            Frame::Position(Position {
+                partition: 0,
+                next_offset: 10,
+            }),
+        )
+        .await;
+    });
+}
+
+#[test]
+fn acked_records_survive_hub_sigkill() {
+    let mut gw = Gateway::start(ONE_SHARD, 1);
+    let key = gw.dev_key.clone();
+    let rt = runtime();
+    let mut acked: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    for cycle in 0..3u64 {
+        let from = cycle * 100_000;
+        let per = 20;
+        let got = rt.block_on(async {
+            let ep = client(&gw.ca());
+            let (conn, _) = hub_conn(&ep, &gw, &key).await;
+            let (mut send, recv, _) = publish_open(&conn, "t").await;
+            let mut recv = Reader::new(recv);
+            let mut seq = 0;
+            let acks = publish(&mut send, &mut recv, &mut seq, 0, from, 200, per, |_| 0).await;
+            // More batches in flight while the hub dies: they may or may not land.
+            for k in 0..20u64 {
+                let b = payload(0, from + 50_000 + k);
+                let r = [NewRecordRef {
+                    timestamp: 0,
+                    key: b"",
+                    payload: &b,
+                }];
+                seq += 1;
+                send_frame(&mut send, Frame::Produce(Produce::new(seq, 0, r).unwrap())).await;
+            }
+            acks
+        });
+        for (k, a) in got.iter().enumerate() {
+            for j in 0..u64::from(a.count) {
+                acked.insert(a.base_offset + j, payload(0, from + k as u64 * per + j));
+            }
+        }
+        let dir = gw.kill9();
+        gw = Gateway::start_in(dir, ONE_SHARD, 1);
+        assert!(gw.dev_key.is_empty(), "a restart creates no new key");
+        // Read back everything acknowledged, byte for byte.
+        rt.block_on(async {
+            let ep = client(&gw.ca());
+            let (conn, t) = hub_conn(&ep, &gw, &key).await;
+            let shard = attach_shard(&ep, gw.shard_of(0).addr, &t).await;
+            let (_ctl, _r, _) = subscribe(&shard, 1, Start::Earliest, None, Mode::Predictive).await;
+            let mut r = loop {
+                let (open, r) = accept_partition(&shard).await;
+                if open.partition == 0 {
+                    break r;
+                }
+            };
+            let last = *acked.keys().last().unwrap();
+            let mut seen = BTreeMap::new();
+            while seen.keys().last().is_none_or(|&o| o < last) {
+                for rec in read_records(&mut r, 1).await {
+                    seen.insert(rec.offset, rec.payload);
+                }
+            }
+            for (off, want) in &acked {
+                assert_eq!(seen.get(off), Some(want), "acked offset {off}");
+            }
+            conn.close(0u32.into(), b"");
+        });
+    }
+}
+
+#[test]
+fn resume_on_another_shard_after_sigkill_has_no_gap_or_duplicate() {
+    let gw = Gateway::start(TWO_SHARDS, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let (conn, t) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let (mut send, recv, _) = publish_open(&conn, "t").await;
+        let mut recv = Reader::new(recv);
+        let mut seq = 0;
+        publish(&mut send, &mut recv, &mut seq, 0, 0, 3000, 100, |_| 0).await;
+        let first = gw.ready[0].clone();
+        let other = gw.ready[1].clone();
+        let shard = attach_shard(&ep, first.addr, &t).await;
+        let (_ctl, _r, _) = subscribe(&shard, 1, Start::Earliest, None, Mode::Predictive).await;
+        let mut r = loop {
+            let (open, r) = accept_partition(&shard).await;
+            if open.partition == 0 {
+                break r;
+            }
+        };
+        let mut got = read_records(&mut r, 500).await;
+        // The shard dies mid-stream.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(first.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let next = got.last().unwrap().offset + 1;
+        let shard2 = attach_shard(&ep, other.addr, &t).await;
+        let start = Start::Offsets([(0, next)].into_iter().collect());
+        let (_ctl2, _r2, a) = subscribe(&shard2, 1, start, None, Mode::Predictive).await;
+        assert_eq!(
+            a.partitions
+                .iter()
+                .find(|p| p.partition == 0)
+                .unwrap()
+                .start_offset,
+            next
+        );
+        let mut r2 = loop {
+            let (open, r) = accept_partition(&shard2).await;
+            if open.partition == 0 {
+                break r;
+            }
+        };
+        got.extend(read_records(&mut r2, (3000 - next) as usize).await);
+        assert_eq!(got.len(), 3000);
+        check_records(0, 0, &got);
+    });
+}
+
+#[test]
+fn a_stalled_consumer_keeps_shard_memory_bounded() {
+    let gw = Gateway::start(ONE_SHARD.replace("always", "never").as_str(), 1);
+    let shard_pid = gw.shard_of(0).pid;
+    let rss = |pid: i32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let (conn, t) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let shard = attach_shard(&ep, gw.shard_of(0).addr, &t).await;
+        // Subscribed but never reading the partition streams.
+        let (_ctl, _r, _) = subscribe(&shard, 1, Start::Earliest, None, Mode::Predictive).await;
+        let before = rss(shard_pid);
+        let (mut send, recv, _) = publish_open(&conn, "t").await;
+        let mut recv = Reader::new(recv);
+        let mut seq = 0u64;
+        // ~128 MiB of 1000-byte records.
+        let body = vec![7u8; 1000];
+        let mut outstanding = 0;
+        for _ in 0..128 {
+            let recs = (0..1000).map(|_| NewRecordRef {
+                timestamp: 0,
+                key: b"",
+                payload: &body,
+            });
+            seq += 1;
+            send_frame(
+                &mut send,
+                Frame::Produce(Produce::new(seq, (seq % 2) as u32, recs).unwrap()),
+            )
+            .await;
+            outstanding += 1;
+            if outstanding == 16 {
+                for _ in 0..outstanding {
+                    assert!(matches!(recv.next().await, Some(Frame::ProduceAck(_))));
+                }
+                outstanding = 0;
+            }
+        }
+        for _ in 0..outstanding {
+            assert!(matches!(recv.next().await, Some(Frame::ProduceAck(_))));
+        }
+        let after = rss(shard_pid);
+        assert!(
+            after < before + (64 << 20),
+            "shard RSS grew from {before} to {after} with a stalled consumer"
+        );
+        drop(shard);
+    });
+}
+
+#[test]
+fn consumer_group_members_split_and_hand_over() {
+    let gw = Gateway::start(
+        ONE_SHARD
+            .replace("partitions = 2", "partitions = 4")
+            .as_str(),
+        1,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let (_conn, t) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let a_conn = attach_shard(&ep, gw.shard_of(0).addr, &t).await;
+        let (_, t2) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let b_conn = attach_shard(&ep, gw.shard_of(0).addr, &t2).await;
+        let parts =
+            |a: &Assignment| -> Vec<u32> { a.partitions.iter().map(|p| p.partition).collect() };
+
+        let (mut a_ctl, mut a_r, a1) =
+            subscribe(&a_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        assert_eq!(parts(&a1), vec![0, 1, 2, 3]);
+        let (b_ctl, mut b_r, b1) =
+            subscribe(&b_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        // B joins: A gives two partitions up first; B gets them only after A's positions.
+        assert!(parts(&b1).is_empty(), "{b1:?}");
+        let a2 = next_assignment(&mut a_r).await;
+        assert!(a2.epoch > a1.epoch);
+        assert_eq!(parts(&a2).len(), 2);
+        let revoked: Vec<u32> = (0..4).filter(|p| !parts(&a2).contains(p)).collect();
+        for (i, p) in revoked.iter().enumerate() {
+            send_frame(
+                &mut a_ctl,
+                Frame::Position(Position {
+                    partition: *p,
+                    next_offset: 0,
+                }),
+            )
+            .await;
+            let b = next_assignment(&mut b_r).await;
+            assert_eq!(parts(&b), revoked[..=i].to_vec());
+            // Never owned twice.
+            assert!(parts(&b).iter().all(|p| !parts(&a2).contains(p)));
+        }
+        // A leaves: B owns everything.
+        a_ctl.finish().unwrap();
+        let b = next_assignment(&mut b_r).await;
+        assert_eq!(parts(&b), vec![0, 1, 2, 3]);
+        drop(b_ctl);
+    });
+}
