@@ -128,7 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !cli.no_gateway {
         servers.push(ServerSpec::Gateway {
             bin: locate("SIBYL_GATEWAY_BIN", "sibyl-gateway")?,
-            data_plane: std::env::var("SIBYL_INTEROP_DATA_PLANE").is_ok_and(|v| v == "1"),
+            data_plane: std::env::var("SIBYL_INTEROP_DATA_PLANE").map_or(true, |v| v != "0"),
         });
     }
     for s in &cli.servers {

@@ -79,6 +79,10 @@ impl GatewayOptions {
                 l.as_millis()
             ));
         }
+        // The stream every case uses (`STREAMS`), one partition so order is total.
+        s.push_str(
+            "[[streams]]\nname = \"interop\"\npartitions = 1\ndurability = \"interval:5ms\"\n\n",
+        );
         for (id, n) in &self.groups {
             s.push_str(&format!("[[shards.groups]]\nid = {id}\nshards = {n}\n"));
         }
