@@ -25,6 +25,8 @@
 //!   subscriptions (`Subscribe` → `Grant`, `Assignment`, partition streams of `Records`).
 //! - [`storage`]: the hub's store lifecycle (streams from config, flush and retention).
 //! - [`grants`]: the I/O-free per-subscription token bucket.
+//! - [`predict`]: I/O-free predictive pre-fetch cores (partition assignment, pre-fetch sizing,
+//!   deviation tracking); not wired into the session driver yet.
 //! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
 //!
 //! ```text
@@ -44,6 +46,7 @@ pub mod grants;
 pub mod hub;
 pub mod ipc;
 pub mod limits;
+pub mod predict;
 pub mod quic;
 pub mod session;
 pub mod shard;

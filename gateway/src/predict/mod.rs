@@ -1,0 +1,33 @@
+//! Predictive pre-fetch, shard side (seed 000): partition assignment, pre-fetch sizing and
+//! deviation tracking. All I/O-free: inputs carry `now`, outputs are decisions and deadlines.
+//!
+//! ```text
+//!  control stream ──Subscribe/leave──▶ GroupAssigner::{join, leave}
+//!                 ──Forecast────────▶ GroupAssigner::update_forecast, PrefetchPlanner::update_forecast,
+//!                                     DeviationTracker::predict
+//!                 ──Position────────▶ GroupAssigner::position_known, DeviationTracker::position
+//!  GroupAssigner::poll_assignments ──▶ Assignment frames (per member, epoch)
+//!  PrefetchPlanner::{depth, push_allowance, priority} ──▶ store reads ahead, pushes, stream priority
+//!  DeviationTracker::poll_flagged ──▶ "forecast is off" (ask for / fall back from the forecast)
+//! ```
+//!
+//! Not wired into the shard's session driver yet (see `docs/ARCHITECTURE.md`).
+
+mod assign;
+mod deviation;
+mod prefetch;
+
+pub use assign::{
+    AssignError, GroupAssigner, GroupConfig, MemberAssignment, MemberId, PartitionState,
+    minimal_moves, moved,
+};
+pub use deviation::{Deviation, DeviationConfig, DeviationTracker};
+pub use prefetch::{Allowance, Depth, PrefetchConfig, PrefetchPlanner, SubKey};
+
+/// Maps a predicted rate in bytes/s to a QUIC stream priority (higher is sent first): the
+/// bit length of the rate, 0 for an idle partition up to 64. Coarse on purpose, so forecast
+/// noise rarely changes it.
+pub fn stream_priority(bytes_per_s: u64) -> i32 {
+    // At most 64: fits.
+    (u64::BITS - bytes_per_s.leading_zeros()) as i32
+}
