@@ -368,6 +368,41 @@ impl AdvertiseConfig {
 pub struct ShardsConfig {
     /// The groups (`[[shards.groups]]`). Default: groups 0 and 1 with 2 shards each.
     pub groups: Vec<GroupConfig>,
+    /// Deterministic shard ports: shard `index` of the `n`-th group (in file order) binds UDP
+    /// port `port_base + (shards of the groups before it) + index`, and binds the same port
+    /// again after a restart. `0` (the default): every shard binds a free port.
+    ///
+    /// Lets an operator (or the interop runner) know the bound addresses before start, e.g.
+    /// to write an `[advertise] rewrite` to impairment proxies or firewall rules.
+    pub port_base: u16,
+}
+
+impl ShardsConfig {
+    /// The total number of shards over all groups.
+    pub fn total(&self) -> u32 {
+        self.groups.iter().map(|g| g.shards).sum()
+    }
+
+    /// The UDP port shard `index` of `group` binds: `None` when ports are ephemeral
+    /// (`port_base = 0`), the group is unknown, the index is out of range, or the port would
+    /// overflow (rejected by [`Config::validate`]).
+    pub fn port_of(&self, group: u32, index: u32) -> Option<u16> {
+        if self.port_base == 0 {
+            return None;
+        }
+        let mut before: u32 = 0;
+        for g in &self.groups {
+            if g.id == group {
+                if index >= g.shards {
+                    return None;
+                }
+                let port = u32::from(self.port_base) + before + index;
+                return u16::try_from(port).ok();
+            }
+            before += g.shards;
+        }
+        None
+    }
 }
 
 impl Default for ShardsConfig {
@@ -385,6 +420,7 @@ impl Default for ShardsConfig {
                     limits: ShardLimits::default(),
                 },
             ],
+            port_base: 0,
         }
     }
 }
@@ -737,6 +773,25 @@ impl Config {
                 ));
             }
         }
+        if self.shards.port_base != 0 {
+            let first = u32::from(self.shards.port_base);
+            // Groups are ≤ 64 shards each, so this sum cannot overflow for any sane count;
+            // saturate anyway rather than wrap.
+            let last = first.saturating_add(self.shards.total()).saturating_sub(1);
+            if last > u32::from(u16::MAX) {
+                return Err(invalid(
+                    "shards.port_base",
+                    format!("shard ports {first}..={last} exceed 65535"),
+                ));
+            }
+            let hub = u32::from(self.hub.listen.port());
+            if (first..=last).contains(&hub) {
+                return Err(invalid(
+                    "shards.port_base",
+                    format!("shard ports {first}..={last} include the hub's port {hub}"),
+                ));
+            }
+        }
         let s = &self.supervision;
         if s.heartbeat_interval < Duration::from_millis(10) {
             return Err(invalid("supervision.heartbeat_interval", "must be ≥ 10ms"));
@@ -1005,6 +1060,43 @@ mod tests {
         assert!(e.to_string().contains("shard"), "{e}");
         let e = Config::from_toml("colour = true\n").unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn shard_ports_follow_port_base_in_group_order() {
+        let mut c = Config::from_toml(
+            "[shards]\nport_base = 7000\n[[shards.groups]]\nid = 5\nshards = 2\n\
+             [[shards.groups]]\nid = 1\nshards = 3\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.shards.port_of(5, 0), Some(7000));
+        assert_eq!(c.shards.port_of(5, 1), Some(7001));
+        assert_eq!(c.shards.port_of(1, 0), Some(7002));
+        assert_eq!(c.shards.port_of(1, 2), Some(7004));
+        assert_eq!(c.shards.port_of(1, 3), None);
+        assert_eq!(c.shards.port_of(9, 0), None);
+        // Ephemeral by default.
+        c.shards.port_base = 0;
+        assert_eq!(c.shards.port_of(5, 0), None);
+        assert_eq!(Config::default().shards.port_base, 0);
+        // The hub's port inside the range is refused, just outside it is fine.
+        c.shards.port_base = 4430;
+        c.hub.listen = "127.0.0.1:4433".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("config: shards.port_base"), "{e}");
+        assert!(e.contains("4433"), "{e}");
+        c.shards.port_base = 4434;
+        c.validate().unwrap();
+        c.shards.port_base = 4428;
+        c.validate().unwrap();
+        // Past 65535 is refused.
+        c.shards.port_base = 65_532;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("exceed 65535"), "{e}");
+        c.shards.port_base = 65_531;
+        c.validate().unwrap();
+        assert_eq!(c.shards.port_of(1, 2), Some(65_535));
     }
 
     #[test]

@@ -99,8 +99,11 @@ pub struct ShardInit {
     pub group: u32,
     /// Incarnation number of this shard slot (increments on every restart).
     pub generation: u64,
-    /// IP the shard binds its QUIC (UDP) socket on, port 0.
+    /// IP the shard binds its QUIC (UDP) socket on.
     pub bind_ip: std::net::IpAddr,
+    /// UDP port to bind (`[shards] port_base` + the shard's ordinal); 0: a free port.
+    #[serde(default)]
+    pub bind_port: u16,
     /// How often to send [`ShardToHub::Heartbeat`].
     pub heartbeat_interval: Duration,
     /// Resource limits the shard applies to itself (rlimits) at start.
@@ -387,6 +390,7 @@ mod tests {
             group: 2,
             generation: 3,
             bind_ip: "127.0.0.1".parse().unwrap(),
+            bind_port: 0,
             heartbeat_interval: Duration::from_millis(500),
             limits: ShardLimits::default(),
             token_lifetime: Duration::from_secs(3600),

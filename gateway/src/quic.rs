@@ -98,6 +98,10 @@ pub fn server_config(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicSetupError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport));
+    // Clients may change address mid-connection (NAT rebinding, `sibyl_sdk::Client::rebind`):
+    // quinn validates the new path and keeps the connection. quinn's default, stated here
+    // because the interop `rebind` case depends on it.
+    server.migration(true);
     Ok(server)
 }
 

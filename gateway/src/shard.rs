@@ -96,9 +96,11 @@ pub struct ShardRuntime {
 }
 
 impl ShardRuntime {
-    /// Binds the shard's UDP socket on `init.bind_ip`, port 0.
+    /// Binds the shard's UDP socket on `init.bind_ip`, port `init.bind_port` (0: a free
+    /// port). A fixed port is bound again as is on restart: the supervisor only restarts a
+    /// shard after its previous process exited, which released the port.
     pub fn bind(init: ShardInit) -> Result<Self, ShardError> {
-        let addr = SocketAddr::new(init.bind_ip, 0);
+        let addr = SocketAddr::new(init.bind_ip, init.bind_port);
         let socket = UdpSocket::bind(addr).map_err(|source| ShardError::Bind { addr, source })?;
         let keyring = Arc::new(RwLock::new(init.keyring.clone()));
         Ok(Self {
@@ -124,7 +126,7 @@ pub async fn run_shard(init: ShardInit, ipc: ShardIpc) -> Result<ShardExit, Shar
 async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(ShardError::Signal)?;
     let addr = rt.local_addr().map_err(|source| ShardError::Bind {
-        addr: SocketAddr::new(rt.init.bind_ip, 0),
+        addr: SocketAddr::new(rt.init.bind_ip, rt.init.bind_port),
         source,
     })?;
     // QUIC seam: the session endpoint takes the bound socket.
@@ -243,6 +245,7 @@ mod tests {
             group: 0,
             generation: 1,
             bind_ip: "127.0.0.1".parse().unwrap(),
+            bind_port: 0,
             heartbeat_interval: Duration::from_millis(20),
             limits: ShardLimits::default(),
             token_lifetime: Duration::from_secs(60),

@@ -379,6 +379,7 @@ impl Driver {
             group: shard.group,
             generation,
             bind_ip: self.bind_ip,
+            bind_port: cfg.shards.port_of(shard.group, shard.index).unwrap_or(0),
             heartbeat_interval: cfg.supervision.heartbeat_interval,
             limits,
             token_lifetime: cfg.tokens.lifetime,

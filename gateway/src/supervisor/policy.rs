@@ -585,6 +585,7 @@ mod tests {
                     limits: ShardLimits::default(),
                 })
                 .collect(),
+            port_base: 0,
         }
     }
 
