@@ -420,8 +420,9 @@ impl Client {
             .map(|s| s.ticket.clone())
     }
 
-    /// Drops the current shard session and attaches again: the cached ticket while it is
-    /// valid beyond the expiry margin (no hub round trip), else the hub. After
+    /// Drops the current shard session and attaches again, at once (a requested reconnect
+    /// is not a failure: no backoff): the cached ticket while it is valid beyond the expiry
+    /// margin (no hub round trip), else the hub. After
     /// [`ConnectionState::Failed`] this starts the machine again.
     pub async fn reconnect(&self) -> Result<SessionInfo, ConnectError> {
         let (tx, rx) = oneshot::channel();
@@ -522,20 +523,21 @@ async fn supervise(
     loop {
         phase = match phase {
             Phase::Attached(mut s) => {
-                let cause = tokio::select! {
+                // `requested`: the application asked (no failure, so no backoff).
+                let (cause, requested) = tokio::select! {
                     end = s.ended() => {
                         tracing::info!(endpoint = %s.endpoint.addr, ?end, "shard session ended");
                         let code = end.machine_code();
                         if matches!(end, SessionEnd::GoAway(_)) {
                             draining = Some(s.conn.clone());
                         }
-                        code
+                        (code, false)
                     }
                     cmd = commands.recv() => match cmd {
                         Some(Command::Reconnect(reply)) => {
                             waiters.push(reply);
                             s.conn.close(ErrorCode::NoError.to_u32().into(), b"reconnect");
-                            Some(ErrorCode::NoError)
+                            (Some(ErrorCode::NoError), true)
                         }
                         Some(Command::Close) | None => break,
                     },
@@ -546,7 +548,11 @@ async fn supervise(
                     shared.shard = None;
                 }
                 inner.set_state(ConnectionState::Reconnecting { cause });
-                driver.disconnected(cause);
+                if requested {
+                    driver.reconnect_requested();
+                } else {
+                    driver.disconnected(cause);
+                }
                 Phase::Connecting
             }
             Phase::Connecting => {

@@ -89,6 +89,11 @@ impl Driver {
         self.machine.handle_disconnected(code, Instant::now());
     }
 
+    /// The application asked for a new session (not a failure: no backoff).
+    pub(crate) fn reconnect_requested(&mut self) {
+        self.machine.handle_reconnect_requested(Instant::now());
+    }
+
     /// The hub connection that issued the current ticket.
     pub(crate) fn hub_connection(&self) -> Option<&quinn::Connection> {
         self.hub_conn.as_ref()

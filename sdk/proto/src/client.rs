@@ -352,6 +352,19 @@ impl ClientMachine {
         }
     }
 
+    /// The application asked to drop the attached session and attach again (e.g. the
+    /// SDK's `Client::reconnect`): a new round starts at once, with the cached ticket while
+    /// it is usable (else the hub), in the ticket's order. Unlike
+    /// [`handle_disconnected`](Self::handle_disconnected) this is not a failure: no backoff,
+    /// nothing counted. Ignored unless attached.
+    pub fn handle_reconnect_requested(&mut self, now: Instant) {
+        if !matches!(self.state, State::Attached { .. }) {
+            return;
+        }
+        self.avoid = None;
+        self.start_round(now);
+    }
+
     /// The attached session ended (connection lost or closed with `code`; on `GoAway` pass
     /// `Some(ErrorCode::Draining)`).
     pub fn handle_disconnected(&mut self, code: Option<ErrorCode>, now: Instant) {
@@ -576,6 +589,35 @@ mod tests {
         );
         assert!(m.is_attached());
         assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn requested_reconnect_reuses_the_ticket_at_once_without_a_failure() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 3);
+        let raced = to_racing(&mut m, ticket(2, 3600), t0);
+        m.handle_attached(raced[0].0, t0);
+        drain(&mut m);
+        let t1 = t0 + Duration::from_secs(1);
+        m.handle_reconnect_requested(t1);
+        // Straight to the shards, same order, no backoff timer beyond the attach timeout.
+        let again = shards(&drain(&mut m));
+        assert_eq!(
+            again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+            ["127.0.0.1:5000", "127.0.0.1:5001"]
+        );
+        assert_eq!(m.consecutive_failures(), 0);
+        assert_eq!(m.poll_timeout(), Some(t1 + Duration::from_secs(10)));
+        // Not attached any more: a second request is ignored.
+        m.handle_reconnect_requested(t1);
+        assert!(drain(&mut m).is_empty());
+        // A ticket inside the expiry margin goes to the hub instead.
+        let mut m = ClientMachine::new(ClientConfig::default(), 3);
+        let raced = to_racing(&mut m, ticket(1, 40), t0);
+        m.handle_attached(raced[0].0, t0);
+        drain(&mut m);
+        m.handle_reconnect_requested(t0 + Duration::from_secs(20));
+        assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
     }
 
     #[test]
