@@ -1,4 +1,7 @@
-//! Seal and open of a typical token (16-character client id, two scopes).
+//! Seal and open of a typical token (16-character client id, two scopes), and their parts.
+//!
+//! The cipher figures depend on the `--cfg poly1305_force_soft` / `chacha20_force_soft` flags
+//! in the repository's `.cargo/config.toml` (a `RUSTFLAGS` environment variable replaces them).
 #![allow(missing_docs)]
 
 use std::time::Duration;
@@ -54,6 +57,16 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let mut nonce = [0u8; 24];
             getrandom::fill(&mut nonce).map(|()| nonce)
+        })
+    });
+    c.bench_function("part/nonce_stdrng", |b| {
+        // What `Keyring::seal` draws its nonce from: a thread-local `StdRng` seeded from the OS.
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        b.iter(|| {
+            let mut nonce = [0u8; 24];
+            rng.fill_bytes(&mut nonce);
+            nonce
         })
     });
     c.bench_function("part/xchacha20poly1305_seal", |b| {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sibyl_proto::cbor::{self, CborError};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use crate::claims::{Claims, fill_random};
+use crate::claims::{Claims, fill_random, random_nonce};
 use crate::error::{KeyringError, OpenError, SealError};
 
 /// Longest sealed token accepted or produced, in bytes.
@@ -212,11 +212,10 @@ impl Keyring {
         Ok(KeyId(next))
     }
 
-    /// Seals `claims` under the active key with a random nonce, binding `aad` (never sent).
+    /// Seals `claims` under the active key with a random nonce (from a thread-local CSPRNG
+    /// seeded from the OS), binding `aad` (never sent).
     pub fn seal(&self, claims: &Claims, aad: &[u8]) -> Result<Vec<u8>, SealError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        fill_random(&mut nonce)?;
-        self.seal_with_nonce(claims, aad, &nonce)
+        self.seal_with_nonce(claims, aad, &random_nonce::<NONCE_LEN>()?)
     }
 
     /// Sealing with a given nonce; the nonce must never repeat under one key.
@@ -311,20 +310,27 @@ impl Keyring {
             return Err(OpenError::RetiredKey(id));
         }
         let cipher = XChaCha20Poly1305::new((&key.bytes).into());
-        let mut plaintext = Zeroizing::new(ciphertext.to_vec());
-        with_aad(header, aad, |full_aad| {
+        // Decrypted in place on the stack (no allocation); the length was bounded above.
+        let mut buf = [0u8; MAX_SEALED_LEN];
+        let plaintext = &mut buf[..ciphertext.len()];
+        plaintext.copy_from_slice(ciphertext);
+        let claims = with_aad(header, aad, |full_aad| {
             cipher.decrypt_in_place_detached(
                 XNonce::from_slice(&header[5..]),
                 full_aad,
-                &mut plaintext,
+                plaintext,
                 Tag::from_slice(tag),
             )
         })
-        .map_err(|_| OpenError::BadTag)?;
-        cbor::from_slice::<Claims>(&plaintext).map_err(|e| match e {
-            CborError::TrailingBytes => OpenError::TrailingBytes,
-            other => OpenError::Malformed(other),
-        })
+        .map_err(|_| OpenError::BadTag)
+        .and_then(|()| {
+            cbor::from_slice::<Claims>(plaintext).map_err(|e| match e {
+                CborError::TrailingBytes => OpenError::TrailingBytes,
+                other => OpenError::Malformed(other),
+            })
+        });
+        plaintext.zeroize();
+        claims
     }
 
     /// The keyring encoded for a file or a pipe to a child process (CBOR via
