@@ -1,5 +1,7 @@
 //! `sibyl-gateway`: the hub (default), operator tools, and the hidden `shard` process.
 
+mod demo;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +19,7 @@ use sibyl_gateway::datadir::{self, DataDir};
 use sibyl_gateway::hub::{self, Hub, HubServer, HubSettings, PublishService};
 use sibyl_gateway::ipc::{self, HubToShard, ShardIpc};
 use sibyl_gateway::storage::{self, StoreTasks};
+use sibyl_gateway::store::Store;
 use sibyl_gateway::storelink::{self, StoreLinkServer};
 use sibyl_gateway::supervisor::{Supervisor, SupervisorOptions, shutdown_bound};
 use sibyl_gateway::synthetic::Synthetic;
@@ -58,6 +61,9 @@ enum Cmd {
     /// Access-token tools.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Hub, shards, a synthetic publisher and N SDK consumers in one command, with live
+    /// progress and a summary; exits non-zero if a consumer saw a gap or a duplicate.
+    Demo(demo::DemoArgs),
     /// Streams of the embedded store (works on the data dir while the hub is stopped).
     #[command(subcommand)]
     Streams(StreamsCmd),
@@ -223,6 +229,7 @@ fn main() -> ExitCode {
         Some(Cmd::Certs(c)) => certs(c),
         Some(Cmd::Keys(k)) => keys(k),
         Some(Cmd::Streams(c)) => streams(c),
+        Some(Cmd::Demo(a)) => demo::demo(a),
         Some(Cmd::Token(TokenCmd::Inspect {
             keys,
             aad,
@@ -265,30 +272,83 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     config.validate()?;
     init_logging(&config.logging.filter);
 
-    let listen_ip = config.hub.listen.ip();
-    let names = if listen_ip.is_loopback() || listen_ip.is_unspecified() {
-        vec![]
-    } else {
-        vec![listen_ip.to_string()]
-    };
-    let boot = datadir::bootstrap(&config.data_dir, &names, unix_now())
-        .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
-    for p in &boot.created {
-        info!(path = %p.display(), "created");
-    }
-
-    let store = Arc::new(
-        storage::open_store(&config.data_dir)
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
-    );
-    storage::ensure_streams(&store, &config).context("creating the configured streams")?;
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let mut node = Node::start(config)?;
+        // Installed before the banner, so a SIGTERM sent once the banner is seen drains.
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        print_banner(
+            &node.config,
+            &node.dir,
+            node.hub_addr,
+            &node.ca_fingerprint,
+            node.dev_api_key.as_deref(),
+        );
+        info!(addr = %node.hub_addr, "hub started");
+
+        let mut rotate = tokio::time::interval(node.config.tokens.rotation_interval);
+        rotate.tick().await;
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { r?; info!("interrupt: shutting down"); break; }
+                _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+                _ = rotate.tick() => node.rotate_keyring(),
+            }
+        }
+        node.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// A started hub: data dir, store, store link, shard supervisor, QUIC endpoint and
+/// synthetic publishers. `run` and `demo` both start the gateway through [`Node::start`]
+/// and stop it with [`Node::shutdown`].
+pub(crate) struct Node {
+    pub(crate) config: Config,
+    pub(crate) dir: DataDir,
+    pub(crate) ca_fingerprint: String,
+    pub(crate) dev_api_key: Option<String>,
+    pub(crate) hub_addr: std::net::SocketAddr,
+    pub(crate) store: Arc<Store>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) supervisor: Arc<Supervisor>,
+    synthetic: Vec<Synthetic>,
+    keyring: sibyl_tokens::Keyring,
+    server: HubServer,
+    store_tasks: StoreTasks,
+    _link: StoreLinkServer,
+    _watch: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Prepares the data dir and the store (creating the configured streams), then starts
+    /// the store tasks, the store link, the synthetic publishers, the shard supervisor and
+    /// the hub's QUIC endpoint. `config` must be validated. Must be called inside a
+    /// multi-threaded tokio runtime.
+    pub(crate) fn start(config: Config) -> anyhow::Result<Self> {
+        let listen_ip = config.hub.listen.ip();
+        let names = if listen_ip.is_loopback() || listen_ip.is_unspecified() {
+            vec![]
+        } else {
+            vec![listen_ip.to_string()]
+        };
+        let boot = datadir::bootstrap(&config.data_dir, &names, unix_now())
+            .with_context(|| format!("preparing data dir {}", config.data_dir.display()))?;
+        for p in &boot.created {
+            info!(path = %p.display(), "created");
+        }
+
+        let store = Arc::new(
+            storage::open_store(&config.data_dir)
+                .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+        );
+        storage::ensure_streams(&store, &config).context("creating the configured streams")?;
+
         let store_tasks = StoreTasks::start(store.clone())?;
-        let _link = StoreLinkServer::bind(&storelink::socket_path(&config.data_dir), store.clone())
+        let link = StoreLinkServer::bind(&storelink::socket_path(&config.data_dir), store.clone())
             .context("binding the store link socket")?;
         let max_payload = config
             .streams
@@ -333,42 +393,57 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         hub.set_publish(publish);
         let server = HubServer::start(hub.clone(), hub_socket, hub_tls, &config)
             .context("starting the hub's QUIC endpoint")?;
-        let _watch = hub::watch_api_keys(
+        let watch = hub::watch_api_keys(
             Arc::downgrade(&hub),
             dir.api_keys.clone(),
             hub::API_KEYS_CHECK_INTERVAL,
         );
-        // Installed before the banner, so a SIGTERM sent once the banner is seen drains.
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        print_banner(&config, &dir, hub_addr, &boot.ca_fingerprint, boot.dev_api_key.as_deref());
-        info!(addr = %hub_addr, "hub started");
+        Ok(Self {
+            config,
+            dir,
+            ca_fingerprint: boot.ca_fingerprint,
+            dev_api_key: boot.dev_api_key,
+            hub_addr,
+            store,
+            hub,
+            supervisor,
+            synthetic,
+            keyring: boot.keyring,
+            server,
+            store_tasks,
+            _link: link,
+            _watch: watch,
+        })
+    }
 
-        let mut keyring = boot.keyring;
-        let mut rotate = tokio::time::interval(config.tokens.rotation_interval);
-        rotate.tick().await;
-        loop {
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => { r?; info!("interrupt: shutting down"); break; }
-                _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = rotate.tick() => {
-                    match keyring.rotate(config.tokens.rotation_grace).and_then(|id| keyring.save(&dir.keyring).map(|()| id)) {
-                        Ok(id) => {
-                            info!(key_id = %id, "token keyring rotated");
-                            hub.set_keyring(keyring.clone());
-                            supervisor.update_keyring(keyring.to_bytes());
-                        }
-                        Err(e) => warn!("token keyring rotation failed: {e}"),
-                    }
-                }
+    /// Rotates the token keyring, saves it and hands it to the hub and the shards.
+    fn rotate_keyring(&mut self) {
+        let rotated = self
+            .keyring
+            .rotate(self.config.tokens.rotation_grace)
+            .and_then(|id| self.keyring.save(&self.dir.keyring).map(|()| id));
+        match rotated {
+            Ok(id) => {
+                info!(key_id = %id, "token keyring rotated");
+                self.hub.set_keyring(self.keyring.clone());
+                self.supervisor.update_keyring(self.keyring.to_bytes());
             }
+            Err(e) => warn!("token keyring rotation failed: {e}"),
         }
+    }
+
+    /// Stops admitting, drains the shards (killed at the drain deadline), closes the QUIC
+    /// endpoint, stops the synthetic publishers and syncs the store.
+    pub(crate) async fn shutdown(self) {
         // Stop admitting (new Hellos get DRAINING) while the shards drain.
-        hub.begin_drain();
-        let bound = shutdown_bound(&config);
-        match Arc::try_unwrap(supervisor) {
+        self.hub.begin_drain();
+        let bound = shutdown_bound(&self.config);
+        match Arc::try_unwrap(self.supervisor) {
             Ok(supervisor) => {
-                if tokio::time::timeout(bound, supervisor.shutdown()).await.is_err() {
+                if tokio::time::timeout(bound, supervisor.shutdown())
+                    .await
+                    .is_err()
+                {
                     warn!("shards did not stop within {bound:?}");
                 }
             }
@@ -376,14 +451,13 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             // that ever change, drain without waiting for the exits.
             Err(supervisor) => supervisor.drain_all(),
         }
-        server.shutdown(Duration::from_secs(1)).await;
-        drop(synthetic);
-        if let Err(e) = store_tasks.stop() {
+        self.server.shutdown(Duration::from_secs(1)).await;
+        drop(self.synthetic);
+        if let Err(e) = self.store_tasks.stop() {
             warn!("store sync at shutdown failed: {e}");
         }
         info!("hub stopped");
-        Ok(ExitCode::SUCCESS)
-    })
+    }
 }
 
 fn print_banner(
