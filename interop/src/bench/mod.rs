@@ -15,6 +15,7 @@
 //! implement it, [`NotBuilt`] answers [`BenchError::SibylNotBuilt`] and the full scenarios
 //! stop before measuring anything, while `baseline-<scenario>` runs the baseline alone.
 
+pub mod gateway;
 pub mod quic;
 mod scenario;
 

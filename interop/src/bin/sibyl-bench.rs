@@ -1,11 +1,16 @@
 //! `sibyl-bench <scenario>`: runs a benchmark scenario and its baseline in the same run,
 //! prints progress and ratios to stderr and one JSON summary line last on stdout.
 //! See `docs/BENCHMARKS.md`.
+//!
+//! `admission` and `attach` start a real `sibyl-gateway` (found through `SIBYL_GATEWAY_BIN`
+//! or next to this binary: `cargo build --release -p sibyl-gateway` first) serving the
+//! baseline's certificate files; `throughput` has no Sibyl half yet.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use sibyl_interop::bench::{self, BenchError, NotBuilt, Settings, quic::BenchTls};
+use sibyl_interop::bench::gateway::GatewayHalf;
+use sibyl_interop::bench::{self, BenchError, NotBuilt, Scenario, Settings, quic::BenchTls};
 
 fn main() -> ExitCode {
     let settings = Settings::parse();
@@ -21,9 +26,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let tls = BenchTls::generate()?;
-        // The Sibyl half plugs in here once the gateway and SDK implement `SibylHalf`.
-        let mut sibyl = NotBuilt;
-        bench::run(&settings, &tls, &mut sibyl).await
+        match settings.scenario {
+            Scenario::Admission | Scenario::Attach => {
+                let mut sibyl = GatewayHalf::start(&tls).await?;
+                bench::run(&settings, &tls, &mut sibyl).await
+            }
+            _ => bench::run(&settings, &tls, &mut NotBuilt).await,
+        }
     });
     match result {
         Ok(summary) => {
