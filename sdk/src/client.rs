@@ -319,6 +319,7 @@ impl Client {
             p.machine,
             endpoint.clone(),
             p.quic,
+            p.shard_quic,
             p.hub,
             p.hub_server_name,
             p.hello,
@@ -361,6 +362,42 @@ impl Client {
     /// The local UDP address of the client's QUIC endpoint.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.inner.endpoint.local_addr().ok()
+    }
+
+    /// Moves the client's QUIC endpoint to a new UDP socket on the same IP, port chosen by
+    /// the OS, and returns the new local address. Open connections (hub and shard) migrate:
+    /// the next packets leave from the new port, the servers validate the new path (QUIC
+    /// connection migration) and streams, subscriptions and publishers carry on without a
+    /// reconnect. Use it when the application knows its network path changed (or to test
+    /// migration); a NAT rebinding the client does not know about is handled by QUIC alone.
+    ///
+    /// Fails ([`TransportError::Io`]) when the new socket cannot be bound or the endpoint
+    /// refuses it; the endpoint then keeps its old socket.
+    pub fn rebind(&self) -> Result<SocketAddr, TransportError> {
+        let io = |what| {
+            move |e: std::io::Error| TransportError::Io {
+                what,
+                source: Arc::new(e),
+            }
+        };
+        let old = self
+            .inner
+            .endpoint
+            .local_addr()
+            .map_err(io("reading the client's UDP address"))?;
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(old.ip(), 0))
+            .map_err(io("binding the new client UDP socket"))?;
+        self.inner
+            .endpoint
+            .rebind(socket)
+            .map_err(io("moving the QUIC endpoint to the new socket"))?;
+        let new = self
+            .inner
+            .endpoint
+            .local_addr()
+            .map_err(io("reading the client's new UDP address"))?;
+        tracing::info!(%old, %new, "client endpoint rebound");
+        Ok(new)
     }
 
     /// The current connection state.

@@ -16,10 +16,22 @@ use crate::error::{ConfigError, ConnectError, TlsError};
 /// The SDK version sent in `Hello.profile.sdk_version`.
 pub const SDK_VERSION: &str = concat!("sibyl-sdk/", env!("CARGO_PKG_VERSION"));
 
-/// Default QUIC idle timeout: 30 s.
+/// Default QUIC idle timeout of the hub connection: 30 s.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default QUIC keep-alive interval: 10 s (keeps an idle shard session alive).
+/// Default QUIC keep-alive interval of the hub connection: 10 s.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Default QUIC idle timeout of a shard connection: 5 s.
+///
+/// This is how long a client takes to notice a shard that died without closing its
+/// connection (SIGKILL, host or network loss) and fail over to the next endpoint of its
+/// ticket. The trade-off: a shorter timeout fails over faster but gives up on a path that is
+/// only briefly dark (a blackhole or a Wi-Fi hand-over longer than the timeout costs a
+/// reconnect; the subscription resumes without gap or duplicate either way), and needs the
+/// keep-alive below it, which costs one PING (~50 bytes) per interval on an idle session.
+pub const DEFAULT_SHARD_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default QUIC keep-alive interval of a shard connection: 1 s (a fifth of
+/// [`DEFAULT_SHARD_IDLE_TIMEOUT`], so a few lost PINGs do not end a healthy session).
+pub const DEFAULT_SHARD_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Default bound on the initial [`ClientBuilder::connect`]: 60 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -104,8 +116,10 @@ enum TrustChoice {
 /// Required: [`hub`](Self::hub), [`api_key`](Self::api_key) and a trust decision
 /// ([`trust`](Self::trust); there is deliberately no default). Defaults: hub server name
 /// `"localhost"` (or the host of a `host:port` hub address when it is a DNS name), a random
-/// client id, empty region and device class, no wants, [`ClientConfig::default`], QUIC idle
-/// timeout [`DEFAULT_IDLE_TIMEOUT`], keep-alive [`DEFAULT_KEEP_ALIVE`], initial connect bound
+/// client id, empty region and device class, no wants, [`ClientConfig::default`], hub
+/// connection idle timeout [`DEFAULT_IDLE_TIMEOUT`] and keep-alive [`DEFAULT_KEEP_ALIVE`],
+/// shard connection idle timeout [`DEFAULT_SHARD_IDLE_TIMEOUT`] and keep-alive
+/// [`DEFAULT_SHARD_KEEP_ALIVE`] (fast failover; see there for the trade-off), initial connect bound
 /// [`DEFAULT_CONNECT_TIMEOUT`], local socket `0.0.0.0:0` (`[::]:0` for an IPv6 hub).
 #[derive(Debug)]
 #[must_use]
@@ -122,6 +136,8 @@ pub struct ClientBuilder {
     machine: ClientConfig,
     idle_timeout: Duration,
     keep_alive: Option<Duration>,
+    shard_idle_timeout: Duration,
+    shard_keep_alive: Option<Duration>,
     connect_timeout: Option<Duration>,
     bind: Option<SocketAddr>,
 }
@@ -141,6 +157,8 @@ impl Default for ClientBuilder {
             machine: ClientConfig::default(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             keep_alive: Some(DEFAULT_KEEP_ALIVE),
+            shard_idle_timeout: DEFAULT_SHARD_IDLE_TIMEOUT,
+            shard_keep_alive: Some(DEFAULT_SHARD_KEEP_ALIVE),
             connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             bind: None,
         }
@@ -249,30 +267,44 @@ impl ClientBuilder {
         Ok(self)
     }
 
-    /// QUIC idle timeout of the hub and shard connections. Errors outside `1 ms ..= 1 day`.
+    /// QUIC idle timeout of the hub connection. Errors outside `1 ms ..= 1 day`.
     pub fn idle_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(86_400) {
-            return Err(out_of_range(
-                "idle_timeout",
-                "must be within 1 ms ..= 1 day",
-            ));
-        }
+        check_idle("idle_timeout", timeout)?;
         self.idle_timeout = timeout;
         Ok(self)
     }
 
-    /// QUIC keep-alive interval (`None` disables). Errors unless `0 < interval <
-    /// idle_timeout` (set the idle timeout first).
+    /// QUIC keep-alive interval of the hub connection (`None` disables). Errors unless `0 <
+    /// interval < idle_timeout` (set the idle timeout first).
     pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Result<Self, ConfigError> {
-        if let Some(i) = interval
-            && (i.is_zero() || i >= self.idle_timeout)
-        {
-            return Err(out_of_range(
-                "keep_alive_interval",
-                "must be positive and below idle_timeout",
-            ));
-        }
+        check_keep_alive("keep_alive_interval", interval, self.idle_timeout)?;
         self.keep_alive = interval;
+        Ok(self)
+    }
+
+    /// QUIC idle timeout of shard connections: how long a silent shard (killed, or cut off)
+    /// takes to be declared lost and failed over. Default [`DEFAULT_SHARD_IDLE_TIMEOUT`]
+    /// (5 s). The effective timeout is the smaller of this and the shard's own
+    /// (`[connection] idle_timeout`, 30 s by default). Errors outside `1 ms ..= 1 day`.
+    pub fn shard_idle_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
+        check_idle("shard_idle_timeout", timeout)?;
+        self.shard_idle_timeout = timeout;
+        Ok(self)
+    }
+
+    /// QUIC keep-alive interval of shard connections (`None` disables; then a quiet session
+    /// relies on the shard's keep-alive). Default [`DEFAULT_SHARD_KEEP_ALIVE`] (1 s). Errors
+    /// unless `0 < interval < shard_idle_timeout` (set the shard idle timeout first).
+    pub fn shard_keep_alive_interval(
+        mut self,
+        interval: Option<Duration>,
+    ) -> Result<Self, ConfigError> {
+        check_keep_alive(
+            "shard_keep_alive_interval",
+            interval,
+            self.shard_idle_timeout,
+        )?;
+        self.shard_keep_alive = interval;
         Ok(self)
     }
 
@@ -321,14 +353,19 @@ impl ClientBuilder {
         };
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| TlsError::NotQuic(e.to_string()))?;
-        let mut transport = quinn::TransportConfig::default();
-        // Invariant: idle_timeout() bounds the value to ≤ 1 day, far below QUIC's 2^62 ms.
-        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
-            .map_err(|_| out_of_range("idle_timeout", "too large for QUIC"))?;
-        transport.max_idle_timeout(Some(idle));
-        transport.keep_alive_interval(self.keep_alive);
-        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
-        quic.transport_config(Arc::new(transport));
+        let crypto = Arc::new(crypto);
+        let quic = quic_config(
+            crypto.clone(),
+            "idle_timeout",
+            self.idle_timeout,
+            self.keep_alive,
+        )?;
+        let shard_quic = quic_config(
+            crypto,
+            "shard_idle_timeout",
+            self.shard_idle_timeout,
+            self.shard_keep_alive,
+        )?;
 
         let hub_server_name = self
             .hub_server_name
@@ -353,6 +390,7 @@ impl ClientBuilder {
             hub_server_name,
             hello,
             quic,
+            shard_quic,
             machine: self.machine,
             bind: self.bind,
             connect_timeout: self.connect_timeout,
@@ -364,13 +402,58 @@ fn out_of_range(name: &'static str, detail: &'static str) -> ConfigError {
     ConfigError::OutOfRange { name, detail }
 }
 
+fn check_idle(field: &'static str, timeout: Duration) -> Result<(), ConfigError> {
+    if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(86_400) {
+        return Err(out_of_range(field, "must be within 1 ms ..= 1 day"));
+    }
+    Ok(())
+}
+
+fn check_keep_alive(
+    field: &'static str,
+    interval: Option<Duration>,
+    idle: Duration,
+) -> Result<(), ConfigError> {
+    if let Some(i) = interval
+        && (i.is_zero() || i >= idle)
+    {
+        return Err(out_of_range(
+            field,
+            "must be positive and below the idle timeout",
+        ));
+    }
+    Ok(())
+}
+
+/// A quinn client config with `idle` / `keep_alive` on the shared TLS config.
+fn quic_config(
+    crypto: Arc<QuicClientConfig>,
+    field: &'static str,
+    idle: Duration,
+    keep_alive: Option<Duration>,
+) -> Result<quinn::ClientConfig, ConfigError> {
+    let mut transport = quinn::TransportConfig::default();
+    // Invariant: check_idle bounds the value to ≤ 1 day, far below QUIC's 2^62 ms; still an
+    // error rather than a panic.
+    let idle = quinn::IdleTimeout::try_from(idle)
+        .map_err(|_| out_of_range(field, "too large for QUIC"))?;
+    transport.max_idle_timeout(Some(idle));
+    transport.keep_alive_interval(keep_alive);
+    let mut quic = quinn::ClientConfig::new(crypto);
+    quic.transport_config(Arc::new(transport));
+    Ok(quic)
+}
+
 /// A validated configuration, ready to connect.
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub(crate) hub: HubAddress,
     pub(crate) hub_server_name: String,
     pub(crate) hello: Hello,
+    /// Hub connections.
     pub(crate) quic: quinn::ClientConfig,
+    /// Shard connections (shorter idle timeout, keep-alive: fast failover).
+    pub(crate) shard_quic: quinn::ClientConfig,
     pub(crate) machine: ClientConfig,
     pub(crate) bind: Option<SocketAddr>,
     pub(crate) connect_timeout: Option<Duration>,
@@ -475,6 +558,24 @@ mod tests {
         let b = base().idle_timeout(Duration::from_secs(5)).unwrap();
         assert!(b.keep_alive_interval(Some(Duration::from_secs(1))).is_ok());
         assert!(base().keep_alive_interval(None).is_ok());
+        // Shard connections have their own pair, checked against each other.
+        assert!(base().shard_idle_timeout(Duration::ZERO).is_err());
+        assert!(
+            base()
+                .shard_keep_alive_interval(Some(DEFAULT_SHARD_IDLE_TIMEOUT))
+                .is_err()
+        );
+        assert!(
+            base()
+                .shard_keep_alive_interval(Some(DEFAULT_SHARD_KEEP_ALIVE))
+                .is_ok()
+        );
+        let b = base().shard_idle_timeout(Duration::from_secs(60)).unwrap();
+        assert!(
+            b.shard_keep_alive_interval(Some(Duration::from_secs(30)))
+                .is_ok()
+        );
+        assert!(DEFAULT_SHARD_KEEP_ALIVE < DEFAULT_SHARD_IDLE_TIMEOUT);
         assert!(base().connect_timeout(Some(Duration::ZERO)).is_err());
         let mut c = ClientConfig::default();
         c.race_width = 0;

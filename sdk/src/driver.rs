@@ -27,7 +27,10 @@ pub(crate) struct Driver {
     machine: ClientMachine,
     attach_timeout: std::time::Duration,
     endpoint: quinn::Endpoint,
+    /// Hub connections.
     quic: quinn::ClientConfig,
+    /// Shard connections (their own idle timeout and keep-alive).
+    shard_quic: quinn::ClientConfig,
     hub_addr: HubAddress,
     hub_server_name: String,
     hello: Hello,
@@ -56,6 +59,7 @@ impl Driver {
         config: ClientConfig,
         endpoint: quinn::Endpoint,
         quic: quinn::ClientConfig,
+        shard_quic: quinn::ClientConfig,
         hub_addr: HubAddress,
         hub_server_name: String,
         hello: Hello,
@@ -65,6 +69,7 @@ impl Driver {
             machine: ClientMachine::new(config, rand::random()),
             endpoint,
             quic,
+            shard_quic,
             hub_addr,
             hub_server_name,
             hello,
@@ -218,7 +223,7 @@ impl Driver {
             resume: self.resume,
         };
         let quic_endpoint = self.endpoint.clone();
-        let quic = self.quic.clone();
+        let quic = self.shard_quic.clone();
         let handle = self.tasks.spawn(async move {
             Event::Shard(id, Box::new(shard::attach(&quic_endpoint, quic, req).await))
         });

@@ -20,7 +20,8 @@ use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use sha2::{Digest, Sha256};
 use sibyl_certs::{ClientTlsBuilder, Trust};
 use sibyl_interop::runner::{
-    ATTACHED_FILE, EVENT_DONE_FILE, EXIT_UNSUPPORTED, PROGRESS_FILE, REASON_FILE, parse_shard_addrs,
+    ATTACHED_FILE, EVENT_DONE_FILE, EVENT_REQUEST_FILE, EVENT_STARTED_FILE, EXIT_UNSUPPORTED,
+    PROGRESS_FILE, REASON_FILE, parse_shard_addrs,
 };
 use sibyl_proto::frame::{Action, Attach, Hello, Profile, Ticket, Want};
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL};
@@ -87,6 +88,15 @@ enum Outcome {
 }
 
 fn main() -> ExitCode {
+    // SDK events (attach, session end, rebind) with timestamps on stderr, for the cell's log.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,sibyl_sdk=info".into()),
+        )
+        .try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -137,10 +147,7 @@ async fn run(env: Env) -> anyhow::Result<Outcome> {
         "refuse-expired" => refuse_expired(&env).await,
         "refuse-wrong-group" => refuse_wrong_group(&env).await,
         "token-replay" => token_replay(&env).await,
-        "transfer" | "resume" | "drain" | "loss" | "blackhole" => transfer(&env).await,
-        "rebind" => Ok(Outcome::Unsupported(
-            "rebind: sibyl-sdk has no Client::rebind hook yet (quinn Endpoint::rebind)".into(),
-        )),
+        "transfer" | "resume" | "drain" | "loss" | "blackhole" | "rebind" => transfer(&env).await,
         other => Ok(Outcome::Unsupported(format!("unknown test case {other:?}"))),
     }
 }
@@ -417,8 +424,18 @@ async fn token_replay(env: &Env) -> anyhow::Result<Outcome> {
 /// `transfer` and the data-plane variants: publish `RECORDS` records through the SDK and
 /// receive them on a subscription from `earliest`, checking order, count and a running hash
 /// of (offset, key, payload) on both sides. For `resume`/`drain` the runner kills or drains
-/// the attached shard once `progress.txt` reaches `EVENT_AT`.
+/// the attached shard once `progress.txt` reaches `EVENT_AT`; for `blackhole` it blackholes
+/// every proxy for 5 s; for `rebind` the client moves to a new UDP port itself
+/// ([`Client::rebind`]) and checks that the session survived (same session id: migration,
+/// not a reconnect).
+///
+/// For `blackhole` and `rebind` the publisher sends the first half, then waits until the
+/// event started (received `EVENT_AT` and the blackhole is on / the socket moved) before it
+/// sends the rest, so the second half crosses the network after the event, whatever the
+/// SDK had buffered.
 async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
+    let gated = matches!(env.case.as_str(), "blackhole" | "rebind");
+    let (event_tx, mut event_rx) = tokio::sync::watch::channel(false);
     let client = tokio::time::timeout(STEP * 2, sdk_client(env, &env.api_key))
         .await
         .context("connect timed out")??;
@@ -443,6 +460,12 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
     let send = async {
         let mut sent = Sha256::new();
         for i in 0..n {
+            if gated && i == n / 2 {
+                tokio::time::timeout(STEP * 3, event_rx.wait_for(|started| *started))
+                    .await
+                    .context("the mid-stream event never started")?
+                    .context("receiver gone")?;
+            }
             let p = payload(i);
             sent.update(&p);
             publisher
@@ -457,6 +480,7 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
         let mut got = Sha256::new();
         let mut last: std::collections::BTreeMap<u32, u64> = Default::default();
         let mut count = 0u64;
+        let mut rebound = None;
         while count < n {
             let r = tokio::time::timeout(STEP * 3, sub.next())
                 .await
@@ -478,6 +502,29 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
             );
             got.update(&r.payload);
             count += 1;
+            if gated && Some(count) == env.event_at.map(|a| a.clamp(1, n / 2)) {
+                if env.case == "rebind" {
+                    let before = client.local_addr().context("no local address")?;
+                    let session = client.session_id();
+                    let after = client.rebind().context("rebind")?;
+                    ensure!(after != before, "rebind kept the address {before}");
+                    eprintln!("rebind at record {count}: {before} -> {after}");
+                    rebound = Some((before, after, session));
+                } else {
+                    std::fs::write(env.out.join(EVENT_REQUEST_FILE), b"")
+                        .context("asking for the blackhole")?;
+                    let started = env.out.join(EVENT_STARTED_FILE);
+                    let wait = async {
+                        while !started.exists() {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::time::timeout(STEP, wait)
+                        .await
+                        .context("the runner never started the blackhole")?;
+                }
+                let _ = event_tx.send(true);
+            }
             if count.is_multiple_of(50) || Some(count) == env.event_at {
                 let _ = std::fs::write(env.out.join(PROGRESS_FILE), count.to_string());
                 if let Some(s) = client.session() {
@@ -488,11 +535,29 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        anyhow::Ok(got.finalize())
+        anyhow::Ok((got.finalize(), rebound))
     };
-    let (sent, got) = tokio::try_join!(send, recv)?;
+    let (sent, (got, rebound)) = tokio::try_join!(send, recv)?;
     ensure!(sent == got, "hash mismatch");
-    if matches!(env.case.as_str(), "resume" | "drain") {
+    let mut note = String::new();
+    if env.case == "rebind" {
+        let (before, after, session) = rebound.context("never rebound")?;
+        let now = client.local_addr().context("no local address")?;
+        ensure!(
+            now == after && now != before,
+            "local address {now} (was {before}, rebound to {after})"
+        );
+        ensure!(
+            client.session_id() == session,
+            "the session changed ({session:?} -> {:?}): a reconnect, not a migration",
+            client.session_id()
+        );
+        note = format!(", migrated {before} -> {after} in session {session:?}");
+    }
+    // Done with both: no stream left for the close to cut.
+    drop(sub);
+    drop(publisher);
+    if matches!(env.case.as_str(), "resume" | "drain" | "blackhole") {
         ensure!(
             env.out.join(EVENT_DONE_FILE).exists(),
             "all records received before the runner's event"
@@ -500,7 +565,7 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
     }
     client.close().await;
     Ok(Outcome::Pass(format!(
-        "{n} records in order, sha256 {}",
+        "{n} records in order, sha256 {}{note}",
         hex::encode(sent)
     )))
 }

@@ -115,6 +115,10 @@ impl Case {
             Case::Blackhole => {
                 n.impairment = Some(ImpairmentKind::Blackhole);
             }
+            // A second shard in the group, so the cached ticket fails over at once.
+            Case::Resume | Case::Drain => {
+                n.shards_per_group = Some(2);
+            }
             _ => {}
         }
         n
@@ -169,4 +173,6 @@ pub struct ServerNeeds {
     pub token_lifetime: Option<Duration>,
     /// Impairment proxies in front of the hub and every shard.
     pub impairment: Option<ImpairmentKind>,
+    /// Shards per group, if the default (one) does not do.
+    pub shards_per_group: Option<u32>,
 }

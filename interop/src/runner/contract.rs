@@ -22,6 +22,9 @@ pub const REASON_FILE: &str = "reason.txt";
 /// File (in `OUTPUT_DIR`) the runner creates once it has carried out a mid-stream event
 /// (kill, blackhole end, …); a client that must do something after the event waits for it.
 pub const EVENT_DONE_FILE: &str = "event-done";
+/// File (in `OUTPUT_DIR`) the runner creates when it starts a mid-stream event (signal sent,
+/// blackhole switched on); `event-done` follows when the event is over (at once for signals).
+pub const EVENT_STARTED_FILE: &str = "event-started";
 /// File (in `OUTPUT_DIR`) a client creates when it asks the runner for the mid-stream event
 /// (same meaning as `PROGRESS_FILE` reaching `EVENT_AT`, for clients that prefer a flag).
 pub const EVENT_REQUEST_FILE: &str = "event-request";

@@ -56,15 +56,22 @@ pub struct GatewayOptions {
     pub token_lifetime: Option<Duration>,
     /// How long to wait for the banner and every shard.
     pub patience: Duration,
+    /// `[shards] port_base` (deterministic shard ports) when set.
+    pub port_base: Option<u16>,
+    /// `[advertise] rewrite`: (bound shard address, address advertised in tickets).
+    pub rewrite: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Default for GatewayOptions {
-    /// Two groups (0 and 1) of one shard each, default token lifetime, 60 s patience.
+    /// Two groups (0 and 1) of one shard each, default token lifetime, 60 s patience,
+    /// ephemeral shard ports, no rewrite.
     fn default() -> Self {
         Self {
             groups: vec![(0, 1), (1, 1)],
             token_lifetime: None,
             patience: Duration::from_secs(60),
+            port_base: None,
+            rewrite: Vec::new(),
         }
     }
 }
@@ -83,6 +90,16 @@ impl GatewayOptions {
         s.push_str(
             "[[streams]]\nname = \"interop\"\npartitions = 1\ndurability = \"interval:5ms\"\n\n",
         );
+        if !self.rewrite.is_empty() {
+            s.push_str("[advertise.rewrite]\n");
+            for (from, to) in &self.rewrite {
+                s.push_str(&format!("\"{from}\" = \"{to}\"\n"));
+            }
+            s.push('\n');
+        }
+        if let Some(p) = self.port_base {
+            s.push_str(&format!("[shards]\nport_base = {p}\n\n"));
+        }
         for (id, n) in &self.groups {
             s.push_str(&format!("[[shards.groups]]\nid = {id}\nshards = {n}\n"));
         }

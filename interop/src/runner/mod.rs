@@ -5,7 +5,9 @@
 //!    run_cell: start server (Gateway: sibyl-gateway with a generated config │ Command: the
 //!              contract's ROLE=server) ──▶ ServerInfo {hub, ca, api key, shards}
 //!              ──▶ ClientEnv (contract.rs) ──▶ spawn client command, bounded by the case timeout
-//!              ──▶ mid-stream events (kill / SIGTERM a shard) when the client asks
+//!              (loss/blackhole: impair.rs puts netem proxies in front of the hub and each
+//!              shard: fixed shard ports + [advertise] rewrite to the proxies)
+//!              ──▶ mid-stream events (kill / SIGTERM a shard, blackhole) when the client asks
 //!              ──▶ exit code: 0 pass │ 127 unsupported │ other fail (reason: reason.txt or stderr)
 //!              ──▶ Cell ──▶ Matrix (matrix.rs) ──▶ matrix.md + matrix.json
 //! ```
@@ -16,15 +18,18 @@
 mod case;
 mod contract;
 mod gateway;
+mod impair;
 mod matrix;
 mod run;
 
 pub use case::{Case, ImpairmentKind, ServerNeeds, UnknownCase};
 pub use contract::{
-    ATTACHED_FILE, ClientEnv, EVENT_DONE_FILE, EVENT_REQUEST_FILE, EXIT_UNSUPPORTED, ExitVerdict,
-    PROGRESS_FILE, REASON_FILE, parse_shard_addrs, reason_of, verdict_of,
+    ATTACHED_FILE, ClientEnv, EVENT_DONE_FILE, EVENT_REQUEST_FILE, EVENT_STARTED_FILE,
+    EXIT_UNSUPPORTED, ExitVerdict, PROGRESS_FILE, REASON_FILE, parse_shard_addrs, reason_of,
+    verdict_of,
 };
 pub use gateway::{Gateway, GatewayOptions, ShardReady, parse_ready};
+pub use impair::{BLACKHOLE, Netem, free_port_range, impairment_of};
 pub use matrix::{Cell, Matrix, Verdict};
 pub use run::{ClientSpec, Runner, RunnerOptions, SERVER_ENV_FILE, ServerSpec};
 

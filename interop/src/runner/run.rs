@@ -12,9 +12,11 @@ use nix::unistd::Pid;
 use crate::runner::RunnerError;
 use crate::runner::case::Case;
 use crate::runner::contract::{
-    self, ATTACHED_FILE, ClientEnv, EVENT_DONE_FILE, EVENT_REQUEST_FILE, ExitVerdict, PROGRESS_FILE,
+    self, ATTACHED_FILE, ClientEnv, EVENT_DONE_FILE, EVENT_REQUEST_FILE, EVENT_STARTED_FILE,
+    ExitVerdict, PROGRESS_FILE,
 };
 use crate::runner::gateway::{Gateway, GatewayOptions};
+use crate::runner::impair::{BLACKHOLE, Netem, free_port_range, impairment_of};
 use crate::runner::matrix::{Cell, Matrix, Verdict};
 
 /// File (in the server's `OUTPUT_DIR`) where an external server command writes what clients
@@ -66,16 +68,15 @@ impl ServerSpec {
     /// Why this server cannot run `case` (known before starting it), if so.
     pub fn unsupported(&self, case: Case) -> Option<String> {
         let ServerSpec::Gateway { data_plane, .. } = self else {
+            if case.server_needs().impairment.is_some() {
+                return Some(
+                    "impairment proxies need the runner to write the server's advertised shard \
+                     addresses (built-in sibyl-gateway only)"
+                        .into(),
+                );
+            }
             return None;
         };
-        if case.server_needs().impairment.is_some() {
-            return Some(
-                "sibyl-gateway binds every shard on port 0, so the [advertise] rewrite to \
-                 per-shard impairment proxies cannot be written before start (needs a fixed \
-                 shard port option)"
-                    .into(),
-            );
-        }
         if case.is_data_plane() && !data_plane {
             return Some(
                 "data-plane cases disabled for sibyl-gateway (SIBYL_INTEROP_DATA_PLANE=0: \
@@ -120,14 +121,22 @@ struct ServerInfo {
 }
 
 enum Running {
-    Gateway(Gateway),
-    Command { child: Child },
+    /// The gateway, and the impairment proxies in front of it for loss/blackhole.
+    Gateway(Gateway, Option<Box<Netem>>),
+    Command {
+        child: Child,
+    },
 }
 
 impl Running {
     fn stop(self) {
         match self {
-            Running::Gateway(g) => g.stop(Duration::from_secs(10)),
+            Running::Gateway(g, netem) => {
+                g.stop(Duration::from_secs(10));
+                if let Some(n) = netem {
+                    n.stop();
+                }
+            }
             Running::Command { mut child } => stop_child(&mut child, Duration::from_secs(5)),
         }
     }
@@ -198,10 +207,13 @@ impl Runner {
             Err(e) => return cell(Verdict::Fail, Some(format!("server: {e}"))),
         };
         let (verdict, reason) = self.run_client(client, case, &info, &running, &client_dir);
-        if verdict != Verdict::Pass
-            && let Running::Gateway(g) = &running
-        {
-            let _ = std::fs::write(server_dir.join("gateway.log"), g.log_tail(400).join("\n"));
+        if let Running::Gateway(g, netem) = &running {
+            if verdict != Verdict::Pass {
+                let _ = std::fs::write(server_dir.join("gateway.log"), g.log_tail(400).join("\n"));
+            }
+            if let Some(n) = netem {
+                let _ = std::fs::write(server_dir.join("netem.txt"), n.stats_line() + "\n");
+            }
         }
         running.stop();
         cell(verdict, reason)
@@ -282,7 +294,9 @@ impl Runner {
         };
         let timeout = case.timeout() * self.options.timeout_scale.max(1);
         let deadline = Instant::now() + timeout;
+        // `event_done`: the event was started; `blackhole_until`: a blackhole to end then.
         let mut event_done = false;
+        let mut blackhole_until: Option<Instant> = None;
         let status = loop {
             match child.try_wait() {
                 Ok(Some(s)) => break Some(s),
@@ -299,11 +313,24 @@ impl Runner {
                 break None;
             }
             if !event_done
-                && matches!(case, Case::Resume | Case::Drain)
+                && matches!(case, Case::Resume | Case::Drain | Case::Blackhole)
                 && event_requested(dir, env.event_at)
             {
                 event_done = true;
-                if let Err(e) = shard_event(case, server, dir) {
+                let started = if case == Case::Blackhole {
+                    blackhole_until = Some(Instant::now() + BLACKHOLE);
+                    blackhole(server, true, dir)
+                } else {
+                    shard_event(case, server, dir)
+                };
+                if let Err(e) = started {
+                    stop_child(&mut child, Duration::ZERO);
+                    return (Verdict::Fail, Some(format!("runner: {e}")));
+                }
+            }
+            if blackhole_until.is_some_and(|t| Instant::now() >= t) {
+                blackhole_until = None;
+                if let Err(e) = blackhole(server, false, dir) {
                     stop_child(&mut child, Duration::ZERO);
                     return (Verdict::Fail, Some(format!("runner: {e}")));
                 }
@@ -321,7 +348,7 @@ impl Runner {
         let code = status.code();
         match contract::verdict_of(code) {
             ExitVerdict::Pass => {
-                if matches!(case, Case::Resume | Case::Drain) && !event_done {
+                if matches!(case, Case::Resume | Case::Drain | Case::Blackhole) && !event_done {
                     return (
                         Verdict::Fail,
                         Some("client passed without asking for the mid-stream event".into()),
@@ -352,10 +379,28 @@ fn event_requested(dir: &Path, event_at: Option<u64>) -> bool {
     matches!((progress, event_at), (Some(p), Some(at)) if p >= at)
 }
 
+/// Switches the blackhole on every proxy on (creates `event-started`) or off (creates
+/// `event-done`).
+fn blackhole(server: &Running, on: bool, dir: &Path) -> Result<(), RunnerError> {
+    let Running::Gateway(_, Some(netem)) = server else {
+        return Err(RunnerError::Server(
+            "blackhole needs the runner's impairment proxies".into(),
+        ));
+    };
+    netem.set_blackhole(on);
+    let (file, what) = if on {
+        (EVENT_STARTED_FILE, "blackhole on")
+    } else {
+        (EVENT_DONE_FILE, "blackhole off")
+    };
+    std::fs::write(dir.join(file), format!("{what}\n"))
+        .map_err(|e| RunnerError::Io(format!("writing {file}"), e))
+}
+
 /// Kills (`resume`) or drains (`drain`) the shard named in `attached.txt`, then creates
-/// `event-done`.
+/// `event-started` and `event-done`.
 fn shard_event(case: Case, server: &Running, dir: &Path) -> Result<(), RunnerError> {
-    let Running::Gateway(g) = server else {
+    let Running::Gateway(g, _) = server else {
         return Err(RunnerError::Server(
             "mid-stream shard events need the runner to own the server (sibyl-gateway)".into(),
         ));
@@ -371,8 +416,11 @@ fn shard_event(case: Case, server: &Running, dir: &Path) -> Result<(), RunnerErr
         Signal::SIGTERM
     };
     g.signal_shard(addr, signal)?;
-    std::fs::write(dir.join(EVENT_DONE_FILE), format!("{signal} {addr}\n"))
-        .map_err(|e| RunnerError::Io(format!("writing {EVENT_DONE_FILE}"), e))
+    for file in [EVENT_STARTED_FILE, EVENT_DONE_FILE] {
+        std::fs::write(dir.join(file), format!("{signal} {addr}\n"))
+            .map_err(|e| RunnerError::Io(format!("writing {file}"), e))?;
+    }
+    Ok(())
 }
 
 fn start_server(
@@ -383,22 +431,61 @@ fn start_server(
     match spec {
         ServerSpec::Gateway { bin, .. } => {
             let needs = case.server_needs();
-            let opts = GatewayOptions {
+            let mut opts = GatewayOptions {
                 token_lifetime: needs.token_lifetime,
                 ..GatewayOptions::default()
             };
+            if let Some(n) = needs.shards_per_group {
+                for g in &mut opts.groups {
+                    g.1 = n;
+                }
+            }
+            let Some(kind) = needs.impairment else {
+                let g = Gateway::start(bin, &opts)?;
+                let info = ServerInfo {
+                    hub: g.hub,
+                    ca_file: g.ca_file(),
+                    api_key: g.api_key.clone(),
+                    shards: g
+                        .current_shards()
+                        .iter()
+                        .map(|r| (r.group, r.addr))
+                        .collect(),
+                };
+                return Ok((Running::Gateway(g, None), info));
+            };
+            // Shard ports fixed in advance, a proxy in front of each, tickets advertising the
+            // proxies; then the hub's proxy once the hub's port is known.
+            let total: u32 = opts.groups.iter().map(|g| g.1).sum();
+            let total =
+                u16::try_from(total).map_err(|_| RunnerError::Usage(format!("{total} shards")))?;
+            let base = free_port_range(total)?;
+            // Fixed: the same packets in the same order see the same losses.
+            let seed = 0x51B7;
+            let mut netem = Netem::for_shards(base, total, impairment_of(kind, seed))?;
+            opts.port_base = Some(base);
+            opts.rewrite = netem.rewrite();
             let g = Gateway::start(bin, &opts)?;
+            let advertised: std::collections::HashMap<SocketAddr, SocketAddr> =
+                opts.rewrite.iter().copied().collect();
+            let mut shards = Vec::new();
+            for r in g.current_shards() {
+                let Some(a) = advertised.get(&r.addr) else {
+                    return Err(RunnerError::Server(format!(
+                        "shard {}/{} bound {}, outside port_base {base}",
+                        r.group, r.shard, r.addr
+                    )));
+                };
+                shards.push((r.group, *a));
+            }
+            let hub = netem.start_hub(g.hub)?;
             let info = ServerInfo {
-                hub: g.hub,
+                hub,
                 ca_file: g.ca_file(),
                 api_key: g.api_key.clone(),
-                shards: g
-                    .current_shards()
-                    .iter()
-                    .map(|r| (r.group, r.addr))
-                    .collect(),
+                shards,
             };
-            Ok((Running::Gateway(g), info))
+            Ok((Running::Gateway(g, Some(Box::new(netem))), info))
         }
         ServerSpec::Command { command, .. } => start_command_server(command, case, dir),
     }
