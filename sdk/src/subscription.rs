@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
+use sibyl_proto::forecast::{ForecastConfig, PartitionMetrics};
 use sibyl_proto::frame::{Grant, Mode, Start, Subscribe};
 use sibyl_proto::{ErrorCode, Frame};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -59,23 +60,38 @@ pub struct Record {
     pub payload: Bytes,
 }
 
-/// Tunables of a [`Subscription`]. `Default`: buffer 4 MiB, position interval 200 ms, reactive
-/// fetch size 1 000 records, open timeout 10 s.
-#[derive(Debug, Clone, Copy)]
+/// Tunables of a [`Subscription`]. `Default`: buffer 4 MiB, position interval 200 ms
+/// (reactive) / 50 ms (predictive), reactive fetch size 1 000 records topped up at half,
+/// open timeout 10 s, and for predictive mode a forecaster with 250 ms buckets over a 15 s
+/// window (otherwise [`ForecastConfig::default`]).
+#[derive(Debug, Clone)]
 pub struct SubscriptionConfig {
     buffer_bytes: usize,
-    position_interval: Duration,
+    position_interval: Option<Duration>,
     fetch_records: u32,
+    fetch_on_empty: bool,
     open_timeout: Duration,
+    forecast: ForecastConfig,
+}
+
+/// The forecaster a predictive subscription uses unless configured: 250 ms buckets over a
+/// 15 s window, so a rate change shows within a bucket (the pre-fetch depth follows it).
+fn default_forecast() -> ForecastConfig {
+    let mut f = ForecastConfig::default();
+    f.bucket = Duration::from_millis(250);
+    f.window = Duration::from_secs(15);
+    f
 }
 
 impl Default for SubscriptionConfig {
     fn default() -> Self {
         Self {
             buffer_bytes: 4 * 1024 * 1024,
-            position_interval: Duration::from_millis(200),
+            position_interval: None,
             fetch_records: 1000,
+            fetch_on_empty: false,
             open_timeout: Duration::from_secs(10),
+            forecast: default_forecast(),
         }
     }
 }
@@ -97,7 +113,24 @@ impl SubscriptionConfig {
         if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&t) {
             return Err(range("position_interval", "10 ms ..= 60 s"));
         }
-        self.position_interval = t;
+        self.position_interval = Some(t);
+        Ok(self)
+    }
+
+    /// Reactive mode: send a `Fetch` only when a partition's buffer is empty (the
+    /// Kafka-style on-demand baseline) instead of topping up at half. Default false.
+    pub fn fetch_on_empty(mut self, on: bool) -> Self {
+        self.fetch_on_empty = on;
+        self
+    }
+
+    /// Predictive mode: the consumption forecaster (window, bucket, model, request interval,
+    /// change threshold). Checked with [`ForecastConfig::validate`].
+    pub fn forecast(mut self, forecast: ForecastConfig) -> Result<Self, ConfigError> {
+        if forecast.validate().is_err() {
+            return Err(range("forecast", "see ForecastConfig::validate"));
+        }
+        self.forecast = forecast;
         Ok(self)
     }
 
@@ -180,14 +213,21 @@ impl SubscribeBuilder {
     /// `Assignment` (or the `SubError` refusing it) within the config's `open_timeout`.
     pub async fn open(self) -> Result<Subscription, SubscribeError> {
         let cfg = self.config;
+        let position_interval = cfg.position_interval.unwrap_or(match self.mode {
+            Mode::Predictive => Duration::from_millis(50),
+            _ => Duration::from_millis(200),
+        });
         let (sub_id, streams) = self.inner.register_subscription();
         let stream: Arc<str> = self.stream.as_str().into();
         let shared = Arc::new(Shared {
             machine: Mutex::new(SubMachine::new(
                 MachineConfig {
                     mode: self.mode,
-                    position_interval: cfg.position_interval,
+                    position_interval,
                     fetch_records: cfg.fetch_records,
+                    fetch_on_empty: cfg.fetch_on_empty,
+                    forecast: cfg.forecast.clone(),
+                    buffer_bytes: cfg.buffer_bytes as u64,
                 },
                 self.start.clone(),
             )),
@@ -223,6 +263,7 @@ impl SubscribeBuilder {
             done: false,
             close: close_tx,
             task: Some(task),
+            waiting_since: None,
         };
         match tokio::time::timeout(cfg.open_timeout, opened_rx).await {
             Ok(Ok(Ok(()))) => Ok(sub),
@@ -281,6 +322,8 @@ pub struct Subscription {
     done: bool,
     close: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// When the app started waiting on an empty buffer (app wait per record).
+    waiting_since: Option<Instant>,
 }
 
 impl Subscription {
@@ -297,6 +340,12 @@ impl Subscription {
     /// Counters: records delivered, duplicates dropped, reconnects, ….
     pub fn metrics(&self) -> SubscriptionMetrics {
         self.shared.machine().metrics()
+    }
+
+    /// Predictive mode: forecast quality per partition (predicted vs actual records/s, MASE,
+    /// the forecaster's α); empty in reactive mode.
+    pub fn forecast_metrics(&self) -> Vec<PartitionMetrics> {
+        self.shared.machine().forecast_metrics()
     }
 
     /// The next offset the app will receive, per partition seen (what a resume starts from).
@@ -353,7 +402,13 @@ impl Stream for Subscription {
                 };
                 let (verdict, poke) = {
                     let mut m = this.shared.machine();
-                    let v = m.on_deliver(rec.partition, rec.offset, Instant::now());
+                    let now = Instant::now();
+                    let v = m.on_deliver(rec.partition, rec.offset, now);
+                    if v == Deliver::Deliver {
+                        let waited = this.waiting_since.take().map(|t| now - t);
+                        let bytes = (rec.key.len() + rec.payload.len()) as u64;
+                        m.took(rec.partition, bytes, waited, now);
+                    }
                     (v, m.take_poke())
                 };
                 if d.records.is_empty() {
@@ -377,7 +432,21 @@ impl Stream for Subscription {
                     this.done = true;
                     return Poll::Ready(None);
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if this.waiting_since.is_none() {
+                        let now = Instant::now();
+                        this.waiting_since = Some(now);
+                        let poke = {
+                            let mut m = this.shared.machine();
+                            m.on_starved(now);
+                            m.take_poke()
+                        };
+                        if poke {
+                            this.shared.poke.notify_one();
+                        }
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -514,6 +583,11 @@ impl Driver {
         };
         tracing::debug!(sub_id = self.sub_id, ?start, "subscribe");
         if write_frame(&mut send, subscribe).await.is_err() {
+            return lost;
+        }
+        // Predictive: the first `Forecast` (buffer capacity, current predictions) goes out
+        // with `Subscribe`, so the shard plans the first batches with it.
+        if self.transmit(&mut send).await.is_err() {
             return lost;
         }
         let (ftx, mut frames) = mpsc::unbounded_channel();
@@ -707,6 +781,7 @@ impl Driver {
             match t {
                 Transmit::Position(p) => write_frame(send, p).await?,
                 Transmit::Fetch(f) => write_frame(send, f).await?,
+                Transmit::Forecast(f) => write_frame(send, f).await?,
             }
         }
         Ok(())

@@ -5,18 +5,34 @@
 //! control stream: Subscribe ─▶ scope check (token) ─▶ stream exists (store link)
 //!   ◀── Grant{rate, burst, lease}        (TokenBucket; renewed half-way through the lease)
 //!   ◀── Assignment{epoch, partitions}    (all partitions, or the group's share)
-//!   ──▶ Position (recorded; drives group hand-over), Fetch (reactive credit), Forecast (ignored)
+//!   ──▶ Position (recorded; drives group hand-over and the pre-fetch window), Fetch
+//!       (reactive credit), Forecast (predictive: PrefetchPlanner + DeviationTracker)
 //! pump per partition: open uni ─ priority ─ PartitionOpen ─▶ loop:
-//!   tokens ← bucket (and credit in reactive mode) ─▶ CachedReader::read(next, ≤ tokens)
-//!   ─ empty: wait for the store link's tail watch ─▶ write Records (one chunk) ─▶ next
+//!   tokens ← bucket (and credit in reactive mode, the pre-fetch room in predictive mode)
+//!   ─▶ CachedReader::read(next, ≤ tokens) ─ empty: wait for the store link's tail watch
+//!   ─▶ write Records (one chunk) ─▶ next
 //! ```
+//!
+//! Predictive mode (seed 000). The shard-wide [`PrefetchPlanner`] turns each `Forecast`
+//! into a per-partition depth (predicted rate × lead time, lead = `conn.rtt()` + the
+//! client's position lag + the planner's jitter margin, within the shard's memory budget).
+//! A pump keeps at most `depth × HEADROOM × boost` records *in flight* (sent and not yet
+//! covered by a `Position`), pushes a warm-up batch on a newly assigned partition, and
+//! never lets the bytes in flight of the whole subscription exceed the buffer the client
+//! advertised in its last `Forecast` (64 KiB, the SDK's smallest buffer, until one
+//! arrives): that is the client's free pre-fetch buffer as seen from the shard. `boost`
+//! doubles when the client reports it drained everything while the pump was holding back
+//! (the forecast lags a rate increase) and halves with each new forecast. The partition
+//! stream's QUIC priority follows the predicted bytes/s. A [`DeviationTracker`] compares
+//! positions with the forecast; a persistent deviation replaces that partition's predicted
+//! load with the measured one until the next forecast.
 //!
 //! Flow control: a pump reads the next batch only after the previous one was handed to
 //! QUIC, so a consumer that stops reading stops its pumps (QUIC flow control) and nothing
 //! else buffers. Batches are forwarded as stored by the hub (the `Records` body is built
 //! once by the hub and copied once into the QUIC chunk).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,7 +40,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use sibyl_proto::frame::{
-    AssignedPartition, Assignment, Grant, Mode, PartitionOpen, Start, SubError, Subscribe,
+    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen, Start,
+    SubError, Subscribe,
 };
 use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder, FrameType};
 use sibyl_tokens::{Action, Claims};
@@ -35,6 +52,7 @@ use tracing::debug;
 use super::groups::{Change, GroupCoordinator, MemberId};
 use crate::config::SubscribeConfig;
 use crate::grants::TokenBucket;
+use crate::predict::{DeviationConfig, DeviationTracker, PrefetchConfig, PrefetchPlanner, SubKey};
 use crate::quic::{self, StreamError};
 use crate::storelink::{CachedReader, LinkError, RemoteError};
 
@@ -46,7 +64,21 @@ pub struct DataPlane {
     members: Mutex<HashMap<MemberId, mpsc::UnboundedSender<Change>>>,
     next_member: AtomicU64,
     groups_changed: Notify,
+    planner: Mutex<PrefetchPlanner>,
 }
+
+/// In-flight records a pump allows per record of planned depth (covers the forecast's
+/// error and the granularity of positions).
+const HEADROOM: u64 = 2;
+/// Largest starvation boost of a pump's window.
+const MAX_BOOST: u64 = 64;
+/// How late the shard learns what the client consumed: the SDK's position interval in
+/// predictive mode (plus a starvation `Position` at once). Added to the lead time.
+const POSITION_LAG: Duration = Duration::from_millis(50);
+/// Client buffer assumed until the first `Forecast` advertises one: the SDK's smallest.
+const DEFAULT_CLIENT_BUFFER: u64 = 64 * 1024;
+/// A pump holding back re-checks the planner at least this often.
+const RECHECK: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for DataPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,6 +103,7 @@ impl DataPlane {
             members: Mutex::new(HashMap::new()),
             next_member: AtomicU64::new(1),
             groups_changed: Notify::new(),
+            planner: Mutex::new(PrefetchPlanner::new(PrefetchConfig::default())),
         });
         // Drives hand-over timeouts; ends when the data plane is dropped.
         let weak = Arc::downgrade(&dp);
@@ -88,6 +121,11 @@ impl DataPlane {
     /// The store reader.
     pub fn reader(&self) -> &CachedReader {
         &self.reader
+    }
+
+    /// Bytes of pre-fetch depth the planner has allocated across all subscriptions.
+    pub fn prefetch_allocated_bytes(&self) -> u64 {
+        lock(&self.planner).allocated_bytes()
     }
 
     fn dispatch(&self, changes: Vec<Change>) {
@@ -152,6 +190,21 @@ struct PumpCtl {
     credit: AtomicU64,
     credit_added: Notify,
     stop: watch::Sender<bool>,
+    /// Predictive: the client's latest `Position` on this partition (0: none yet).
+    acked: AtomicU64,
+    /// Predictive: a `Position` or a `Forecast` arrived.
+    wake: Notify,
+}
+
+/// Predictive pre-fetch state of one subscription, shared with its pumps.
+struct SubPrefetch {
+    key: SubKey,
+    /// The client's advertised pre-fetch buffer (bytes).
+    capacity: AtomicU64,
+    /// Bytes sent on all partition streams and not yet covered by a `Position`.
+    inflight_bytes: AtomicU64,
+    /// Incremented on each `Forecast` (pumps halve their boost).
+    forecasts: AtomicU64,
 }
 
 struct Sub {
@@ -163,6 +216,9 @@ struct Sub {
     pumps: HashMap<u32, Arc<PumpCtl>>,
     tasks: JoinSet<()>,
     positions: BTreeMap<u32, u64>,
+    prefetch: Arc<SubPrefetch>,
+    deviation: DeviationTracker,
+    last_forecast: Option<Forecast>,
 }
 
 /// Serves one control stream whose first frame was `sub`, for a session holding `claims`.
@@ -223,9 +279,23 @@ pub async fn serve_subscription(
         pumps: HashMap::new(),
         tasks: JoinSet::new(),
         positions: BTreeMap::new(),
+        prefetch: Arc::new(SubPrefetch {
+            key: SubKey(0),
+            capacity: AtomicU64::new(DEFAULT_CLIENT_BUFFER),
+            inflight_bytes: AtomicU64::new(0),
+            forecasts: AtomicU64::new(0),
+        }),
+        deviation: DeviationTracker::new(DeviationConfig::default()),
+        last_forecast: None,
     };
     let (change_tx, mut change_rx) = mpsc::unbounded_channel::<Change>();
     let member = dp.next_member.fetch_add(1, Ordering::Relaxed);
+    if let Some(p) = Arc::get_mut(&mut s.prefetch) {
+        p.key = SubKey(member);
+    }
+    if s.sub.mode == Mode::Predictive {
+        lock(&dp.planner).set_rtt(SubKey(member), conn.rtt() + POSITION_LAG);
+    }
     let group = s.sub.group.clone();
     if let Some(g) = &group {
         lock(&dp.members).insert(member, change_tx.clone());
@@ -245,15 +315,30 @@ pub async fn serve_subscription(
         let all = (0..partitions).map(|p| (p, None)).collect();
         let _ = change_tx.send(Change { member, owned: all });
     }
-    let result = control_loop(
-        &mut s,
-        &mut send,
-        &mut recv,
-        &mut dec,
-        &mut change_rx,
-        member,
-    )
-    .await;
+    // A `Forecast` sent with `Subscribe` (the SDK does) is planned before the first pumps
+    // start, so the client's buffer bound holds from the first batch.
+    let mut early = Ok(());
+    while early.is_ok() {
+        match dec.next_frame() {
+            Ok(Some(f)) => early = on_frame(&mut s, f, member),
+            Ok(None) => break,
+            Err(e) => early = Err(e.into()),
+        }
+    }
+    let result = match early {
+        Ok(()) => {
+            control_loop(
+                &mut s,
+                &mut send,
+                &mut recv,
+                &mut dec,
+                &mut change_rx,
+                member,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     if group.is_some() {
         lock(&dp.members).remove(&member);
         let changes = lock(&dp.groups).leave(member, Instant::now());
@@ -263,6 +348,7 @@ pub async fn serve_subscription(
     for ctl in s.pumps.values() {
         ctl.stop.send_replace(true);
     }
+    lock(&dp.planner).remove_sub(SubKey(member));
     match result {
         Ok(()) => {
             let _ = send.finish();
@@ -297,25 +383,16 @@ async fn control_loop(
 ) -> Result<(), StreamError> {
     loop {
         let renew_at = lock(&s.bucket).renew_at();
+        let deviation_at = s.deviation.poll_timeout();
         tokio::select! {
             f = quic::read_frame(recv, dec) => match f? {
                 None => return Ok(()),
-                Some(Frame::Position(p)) => {
-                    s.positions.insert(p.partition, p.next_offset);
-                    if s.sub.group.is_some() {
-                        let ch = lock(&s.dp.groups).position(member, p.partition, p.next_offset);
-                        s.dp.dispatch(ch);
-                    }
-                }
-                Some(Frame::Fetch(f)) => {
-                    if let Some(ctl) = s.pumps.get(&f.partition) {
-                        ctl.credit.fetch_add(u64::from(f.max_records), Ordering::SeqCst);
-                        ctl.credit_added.notify_one();
-                    }
-                }
-                Some(Frame::Forecast(_)) => {}
-                Some(other) => return Err(StreamError::Unexpected(other.frame_type())),
+                Some(f) => on_frame(s, f, member)?,
             },
+            () = sleep_until(deviation_at), if deviation_at.is_some() => {
+                s.deviation.handle_timeout(Instant::now());
+                on_deviations(s);
+            }
             Some(c) = changes.recv() => {
                 if apply(s, send, c).await.is_err() {
                     return Ok(());
@@ -336,6 +413,116 @@ async fn control_loop(
     }
 }
 
+/// A client frame on the control stream after `Subscribe`.
+fn on_frame(s: &mut Sub, frame: Frame, member: MemberId) -> Result<(), StreamError> {
+    let predictive = s.sub.mode == Mode::Predictive;
+    match frame {
+        Frame::Position(p) => {
+            s.positions.insert(p.partition, p.next_offset);
+            if predictive {
+                let now = Instant::now();
+                s.deviation
+                    .position(s.prefetch.key, p.partition, p.next_offset, now);
+                if let Some(ctl) = s.pumps.get(&p.partition) {
+                    ctl.acked.fetch_max(p.next_offset, Ordering::SeqCst);
+                    ctl.wake.notify_one();
+                }
+            }
+            if s.sub.group.is_some() {
+                let ch = lock(&s.dp.groups).position(member, p.partition, p.next_offset);
+                s.dp.dispatch(ch);
+            }
+        }
+        Frame::Fetch(f) => {
+            if let Some(ctl) = s.pumps.get(&f.partition) {
+                ctl.credit
+                    .fetch_add(u64::from(f.max_records), Ordering::SeqCst);
+                ctl.credit_added.notify_one();
+            }
+        }
+        Frame::Forecast(f) => {
+            if predictive {
+                on_forecast(s, f);
+            }
+        }
+        other => return Err(StreamError::Unexpected(other.frame_type())),
+    }
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Most partitions a `Forecast` may name (more than any stream has): a bound on the work
+/// one frame causes.
+const MAX_FORECAST_PARTITIONS: usize = 65_536;
+
+/// A `Forecast` in predictive mode: the planner's rates, depth and lead time, the client's
+/// buffer, the deviation tracker's predictions; pumps re-plan.
+fn on_forecast(s: &mut Sub, mut f: Forecast) {
+    f.partitions.truncate(MAX_FORECAST_PARTITIONS);
+    let key = s.prefetch.key;
+    let now = Instant::now();
+    {
+        let mut planner = lock(&s.dp.planner);
+        planner.set_rtt(key, s.conn.rtt() + POSITION_LAG);
+        planner.update_forecast(key, &f);
+    }
+    for pf in &f.partitions {
+        s.deviation
+            .predict(key, pf.partition, pf.records_per_s as f64, now);
+    }
+    s.prefetch
+        .capacity
+        .store(f.buffer_capacity_bytes, Ordering::SeqCst);
+    s.prefetch.forecasts.fetch_add(1, Ordering::SeqCst);
+    s.last_forecast = Some(f);
+    for ctl in s.pumps.values() {
+        ctl.wake.notify_one();
+    }
+}
+
+/// Persistent deviations between positions and the forecast: until the next `Forecast`,
+/// the planner uses the measured rate of each deviating partition as its load.
+fn on_deviations(s: &mut Sub) {
+    let Some(mut f) = s.last_forecast.clone() else {
+        while s.deviation.poll_flagged().is_some() {}
+        return;
+    };
+    let mut changed = false;
+    while let Some(d) = s.deviation.poll_flagged() {
+        debug!(
+            partition = d.partition,
+            predicted = d.predicted,
+            actual = d.actual,
+            "forecast deviates; planning with the measured rate"
+        );
+        if let Some(pf) = f.partitions.iter_mut().find(|p| p.partition == d.partition) {
+            let per_record = pf.bytes_per_s.checked_div(pf.records_per_s).unwrap_or(0);
+            pf.records_per_s = d.actual.round() as u64;
+            pf.bytes_per_s = pf.records_per_s.saturating_mul(per_record);
+            changed = true;
+        } else {
+            f.partitions.push(PartitionForecast {
+                partition: d.partition,
+                records_per_s: d.actual.round() as u64,
+                bytes_per_s: 0,
+            });
+            changed = true;
+        }
+    }
+    if changed {
+        lock(&s.dp.planner).update_forecast(s.prefetch.key, &f);
+        for ctl in s.pumps.values() {
+            ctl.wake.notify_one();
+        }
+    }
+}
+
 /// Applies a new owned set with a new epoch: every partition stream of the previous epoch
 /// is finished (the client treats them as stale), the `Assignment` is sent, and a pump per
 /// owned partition starts — a partition kept from the previous epoch at the client's last
@@ -349,6 +536,21 @@ async fn apply(s: &mut Sub, send: &mut SendStream, c: Change) -> Result<(), quin
     }
     let mut owned = c.owned;
     owned.sort_unstable();
+    let predictive = s.sub.mode == Mode::Predictive;
+    if predictive {
+        let key = s.prefetch.key;
+        let mut planner = lock(&s.dp.planner);
+        for p in previous.keys() {
+            if !owned.iter().any(|(o, _)| o == p) {
+                planner.revoked(key, *p);
+                s.deviation.remove(key, *p);
+            }
+        }
+        for (p, _) in &owned {
+            // Warm-up: a partition new to this subscription gets a warm-up batch.
+            planner.assigned(key, *p);
+        }
+    }
     let mut parts = Vec::with_capacity(owned.len());
     for (p, known) in owned {
         let start = match previous.remove(&p) {
@@ -369,10 +571,15 @@ async fn apply(s: &mut Sub, send: &mut SendStream, c: Change) -> Result<(), quin
                 }
             }
         };
+        let priority = if predictive {
+            lock(&s.dp.planner).priority(s.prefetch.key, p)
+        } else {
+            0
+        };
         parts.push(AssignedPartition {
             partition: p,
             start_offset: start,
-            priority: 0,
+            priority,
         });
     }
     let a = Assignment {
@@ -388,6 +595,8 @@ async fn apply(s: &mut Sub, send: &mut SendStream, c: Change) -> Result<(), quin
             credit: AtomicU64::new(0),
             credit_added: Notify::new(),
             stop,
+            acked: AtomicU64::new(ap.start_offset),
+            wake: Notify::new(),
         });
         s.pumps.insert(ap.partition, ctl.clone());
         let pump = Pump {
@@ -400,6 +609,7 @@ async fn apply(s: &mut Sub, send: &mut SendStream, c: Change) -> Result<(), quin
             next: ap.start_offset,
             priority: ap.priority,
             reactive: s.sub.mode == Mode::Reactive,
+            prefetch: predictive.then(|| s.prefetch.clone()),
             bucket: s.bucket.clone(),
             ctl,
         };
@@ -418,8 +628,25 @@ struct Pump {
     next: u64,
     priority: i32,
     reactive: bool,
+    prefetch: Option<Arc<SubPrefetch>>,
     bucket: Arc<Mutex<TokenBucket>>,
     ctl: Arc<PumpCtl>,
+}
+
+/// A pump's pre-fetch window (predictive mode).
+struct Window {
+    /// Batches sent and not yet covered by a `Position`: (offset after the batch, bytes).
+    sent: VecDeque<(u64, u64)>,
+    /// Sum of `sent` bytes.
+    bytes: u64,
+    /// Starvation multiplier of the depth (1 ..= `MAX_BOOST`).
+    boost: u64,
+    /// The last check found no room.
+    held: bool,
+    /// `SubPrefetch::forecasts` when the boost was last halved.
+    forecasts_seen: u64,
+    /// The stream's current QUIC priority.
+    priority: i32,
 }
 
 /// How long a pump waits before retrying after the store link failed.
@@ -439,21 +666,117 @@ impl Pump {
         if quic::write_frame(&mut send, &open).await.is_err() {
             return;
         }
+        let mut w = Window {
+            sent: VecDeque::new(),
+            bytes: 0,
+            boost: 1,
+            held: false,
+            forecasts_seen: 0,
+            priority: self.priority,
+        };
         tokio::select! {
-            _ = self.pump(&mut send) => {}
+            _ = self.pump(&mut send, &mut w) => {}
             _ = stop.wait_for(|s| *s) => {}
+        }
+        if let Some(pf) = &self.prefetch {
+            // The client drops (or already counted) what this stream carried.
+            pf.inflight_bytes.fetch_sub(w.bytes, Ordering::SeqCst);
         }
         let _ = send.finish();
     }
 
+    /// Predictive: forgets in-flight batches the client's `Position` covers.
+    fn settle(&self, pf: &SubPrefetch, w: &mut Window) -> u64 {
+        let acked = self.ctl.acked.load(Ordering::SeqCst);
+        while let Some(&(end, bytes)) = w.sent.front() {
+            if end > acked {
+                break;
+            }
+            w.sent.pop_front();
+            w.bytes -= bytes;
+            pf.inflight_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        }
+        acked
+    }
+
+    /// Predictive: the client buffer space the shard may still fill (bytes).
+    fn client_free(pf: &SubPrefetch) -> u64 {
+        pf.capacity
+            .load(Ordering::SeqCst)
+            .saturating_sub(pf.inflight_bytes.load(Ordering::SeqCst))
+    }
+
+    /// Predictive: how many records and bytes this pump may push now (zero: hold).
+    fn room(&self, send: &mut SendStream, pf: &SubPrefetch, w: &mut Window) -> (u64, u64) {
+        let acked = self.settle(pf, w);
+        let forecasts = pf.forecasts.load(Ordering::SeqCst);
+        if forecasts == 0 {
+            // No `Forecast` yet (a client that does not forecast): push within flow control
+            // and the grant only; what is sent is still counted for when one arrives.
+            return (u64::MAX, u64::MAX);
+        }
+        if forecasts != w.forecasts_seen {
+            w.forecasts_seen = forecasts;
+            w.boost = (w.boost / 2).max(1);
+        }
+        let inflight = self.next.saturating_sub(acked);
+        if inflight == 0 && w.held {
+            // The client consumed everything while this pump held back: the forecast lags.
+            w.boost = (w.boost * 2).min(MAX_BOOST);
+        }
+        let (depth, warm, priority) = {
+            let p = lock(&self.dp.planner);
+            (
+                p.depth(pf.key, self.partition).records,
+                p.warmup_left(pf.key, self.partition),
+                p.priority(pf.key, self.partition),
+            )
+        };
+        if priority != w.priority {
+            let _ = send.set_priority(priority);
+            w.priority = priority;
+        }
+        let base = if depth == 0 {
+            // No forecast for this partition yet: a warm-up-sized window until one arrives.
+            PrefetchConfig::default().warmup_records
+        } else {
+            depth.saturating_mul(HEADROOM)
+        };
+        let records = base
+            .saturating_mul(w.boost)
+            .saturating_sub(inflight)
+            .max(warm);
+        let bytes = Self::client_free(pf);
+        w.held = records == 0 || bytes == 0;
+        if w.held { (0, 0) } else { (records, bytes) }
+    }
+
+    /// Predictive: waits for a `Position`, a `Forecast` or the re-check period.
+    async fn hold(&self) {
+        tokio::select! {
+            () = self.ctl.wake.notified() => {}
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+
     /// Sends records until the stream fails (the caller stops it by dropping this future).
-    async fn pump(&mut self, send: &mut SendStream) {
+    async fn pump(&mut self, send: &mut SendStream, w: &mut Window) {
         let cfg = &self.dp.cfg;
         let reader = self.dp.reader.clone();
         let mut tail = reader.link().watch_tail(&self.stream, self.partition);
         let mut buf: Vec<u8> = Vec::new();
         loop {
             let mut want = u64::from(cfg.batch_records);
+            let mut max_bytes = cfg.batch_bytes;
+            if let Some(pf) = &self.prefetch {
+                let (records, bytes) = self.room(send, pf, w);
+                if records == 0 {
+                    self.hold().await;
+                    continue;
+                }
+                want = want.min(records);
+                max_bytes = u32::try_from(bytes.min(u64::from(max_bytes))).unwrap_or(max_bytes);
+            }
             if self.reactive {
                 let credit = self.ctl.credit.load(Ordering::SeqCst);
                 if credit == 0 {
@@ -483,13 +806,7 @@ impl Pump {
             // `want` ≤ batch_records ≤ 16384.
             let want = u32::try_from(want).unwrap_or(u32::MAX);
             let batch = match reader
-                .read(
-                    &self.stream,
-                    self.partition,
-                    self.next,
-                    want,
-                    cfg.batch_bytes,
-                )
+                .read(&self.stream, self.partition, self.next, want, max_bytes)
                 .await
             {
                 Ok(b) => b,
@@ -519,6 +836,25 @@ impl Pump {
                 continue;
             };
             let count = u64::from(records.count());
+            if let Some(pf) = &self.prefetch {
+                // A batch is at least one record, which may be larger than the free client
+                // buffer: hold it until it fits or nothing of the subscription is in flight.
+                let body = records.body_len() as u64;
+                loop {
+                    self.settle(pf, w);
+                    if pf.forecasts.load(Ordering::SeqCst) == 0
+                        || body <= Self::client_free(pf)
+                        || pf.inflight_bytes.load(Ordering::SeqCst) == 0
+                    {
+                        break;
+                    }
+                    self.hold().await;
+                }
+                w.sent.push_back((batch.next_offset(), body));
+                w.bytes += body;
+                pf.inflight_bytes.fetch_add(body, Ordering::SeqCst);
+                lock(&self.dp.planner).on_pushed(pf.key, self.partition, count);
+            }
             lock(&self.bucket).consume(count, Instant::now());
             if self.reactive {
                 let _ = self

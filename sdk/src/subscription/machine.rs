@@ -15,6 +15,14 @@
 //! 5. The driver sends what [`poll_transmit`](SubMachine::poll_transmit) gives and sleeps until
 //!    [`poll_timeout`](SubMachine::poll_timeout).
 //!
+//! Predictive mode (seed 000): every record the app takes feeds the subscription's
+//! [`ForecastEngine`] ([`took`](SubMachine::took)), whose requests go out as `Forecast`
+//! frames carrying the buffer capacity; each control stream starts with a `Forecast` of the
+//! current predictions (possibly none) so the shard knows the buffer at once. When the app
+//! finds nothing buffered ([`on_starved`](SubMachine::on_starved)) the positions go out at
+//! once, so the shard sees the drained buffer. [`PrefetchMetrics`] accounts hits, waits and
+//! discarded records in both modes.
+//!
 //! Invariant that makes delivery gap- and duplicate-free: per partition at most one reader is
 //! *current*; a reader pushes only while current (checked under the lock), so the queue holds
 //! each partition's batches in stream-switch order; the next offset handed to the app only ever
@@ -23,25 +31,37 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use sibyl_proto::frame::{Assignment, Fetch, Grant, Mode, PartitionOpen, Position, Start};
+use sibyl_proto::forecast::{
+    ForecastConfig, ForecastEngine, PartitionMetrics, PrefetchMetrics, PrefetchStats,
+};
+use sibyl_proto::frame::{
+    Assignment, Fetch, Forecast, Grant, Mode, PartitionForecast, PartitionOpen, Position, Start,
+};
 
 /// Identifies one partition-stream reader.
 pub(crate) type ReaderId = u64;
 
 /// The machine's tunables (see [`SubscriptionConfig`](crate::SubscriptionConfig)).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct MachineConfig {
     pub(crate) mode: Mode,
     pub(crate) position_interval: Duration,
     /// Reactive mode: records to keep buffered-or-requested per partition.
     pub(crate) fetch_records: u32,
+    /// Reactive mode: fetch only when a partition's buffer is empty (no pipelining).
+    pub(crate) fetch_on_empty: bool,
+    /// Predictive mode: the forecaster's configuration (validated by the caller).
+    pub(crate) forecast: ForecastConfig,
+    /// Predictive mode: the buffer capacity advertised in every `Forecast`.
+    pub(crate) buffer_bytes: u64,
 }
 
 /// What the driver must send on the control stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Transmit {
     Position(Position),
     Fetch(Fetch),
+    Forecast(Forecast),
 }
 
 /// Verdict on a partition stream's `PartitionOpen`.
@@ -74,7 +94,7 @@ pub(crate) enum MachineError {
 }
 
 /// Counters of one subscription.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub struct SubscriptionMetrics {
     /// Records handed to the application.
@@ -88,6 +108,27 @@ pub struct SubscriptionMetrics {
     pub assignments: u64,
     /// Partition streams stopped as stale or replaced.
     pub streams_stopped: u64,
+    /// Pre-fetch figures: records received, hits (already buffered when the app asked),
+    /// misses, discarded (received and dropped unread: wasted pre-fetch), hit ratio,
+    /// wasted ratio, app wait per record p50/p99/max. Both modes.
+    pub prefetch: PrefetchStats,
+    /// Predictive mode: mean MASE of the per-partition forecasters (forecast error against
+    /// the naive forecast; < 1 beats it), `None` while undefined or in reactive mode.
+    pub forecast_mase: Option<f64>,
+}
+
+impl SubscriptionMetrics {
+    fn new() -> Self {
+        Self {
+            records_delivered: 0,
+            duplicates_dropped: 0,
+            reconnects: 0,
+            assignments: 0,
+            streams_stopped: 0,
+            prefetch: PrefetchMetrics::new().stats(),
+            forecast_mase: None,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -157,11 +198,24 @@ pub(crate) struct SubMachine {
     /// Set when the app side changed something the driver must act on.
     poke: bool,
     metrics: SubscriptionMetrics,
+    /// Predictive mode: the consumption forecaster.
+    engine: Option<ForecastEngine>,
+    prefetch: PrefetchMetrics,
 }
 
 impl SubMachine {
     pub(crate) fn new(cfg: MachineConfig, start: Start) -> Self {
+        let engine = (cfg.mode == Mode::Predictive).then(|| {
+            // The builder validated the config; fall back to the defaults if it did not.
+            let mut e = ForecastEngine::new(cfg.forecast.clone())
+                .or_else(|_| ForecastEngine::new(ForecastConfig::default()))
+                .expect("the default forecast config is valid");
+            e.set_buffer_capacity(cfg.buffer_bytes);
+            e
+        });
         Self {
+            engine,
+            prefetch: PrefetchMetrics::new(),
             cfg,
             start,
             generation: 0,
@@ -173,7 +227,7 @@ impl SubMachine {
             last_position_at: None,
             out: VecDeque::new(),
             poke: false,
-            metrics: SubscriptionMetrics::default(),
+            metrics: SubscriptionMetrics::new(),
         }
     }
 
@@ -196,6 +250,25 @@ impl SubMachine {
             p.outstanding = 0;
             // The new Subscribe carries the position; only later changes need a Position.
             p.sent_position = p.next;
+        }
+        if let Some(e) = &self.engine {
+            // A new control stream (maybe a new shard): advertise the buffer and every
+            // current prediction at once.
+            let partitions = e
+                .metrics()
+                .into_iter()
+                .filter_map(|m| {
+                    Some(PartitionForecast {
+                        partition: m.partition,
+                        records_per_s: m.predicted_records_per_s?.round() as u64,
+                        bytes_per_s: m.predicted_bytes_per_s?.round() as u64,
+                    })
+                })
+                .collect();
+            self.out.push_back(Transmit::Forecast(Forecast {
+                partitions,
+                buffer_capacity_bytes: self.cfg.buffer_bytes,
+            }));
         }
         self.resume_start()
     }
@@ -241,6 +314,13 @@ impl SubMachine {
             if p.next.is_none() {
                 p.next = Some(ap.start_offset);
                 p.sent_position = Some(ap.start_offset);
+            }
+        }
+        if let Some(e) = &mut self.engine {
+            for (&partition, p) in &self.parts {
+                if !p.assigned {
+                    e.forget(partition);
+                }
             }
         }
         let mut stop = Vec::new();
@@ -299,7 +379,9 @@ impl SubMachine {
     /// Reader `id` is about to push `n` records of `partition`: true if it may (it is
     /// current). Call under the lock that also covers the push.
     pub(crate) fn on_received(&mut self, id: ReaderId, partition: u32, n: u64) -> bool {
+        self.prefetch.received(n);
         if !self.is_current(id, partition) {
+            self.prefetch.discarded(n);
             return false;
         }
         if let Some(p) = self.parts.get_mut(&partition) {
@@ -321,14 +403,15 @@ impl SubMachine {
 
     /// The app is about to receive `offset` of `partition`.
     pub(crate) fn on_deliver(&mut self, partition: u32, offset: u64, now: Instant) -> Deliver {
+        let low = self.low_water();
         let p = self.parts.entry(partition).or_default();
         p.buffered = p.buffered.saturating_sub(1);
         if p.next.is_some_and(|n| offset < n) {
             self.metrics.duplicates_dropped += 1;
+            self.prefetch.discarded(1);
             return Deliver::Duplicate;
         }
         p.next = Some(offset.saturating_add(1));
-        let low = u64::from(self.cfg.fetch_records.max(1)) / 2;
         if self.cfg.mode == Mode::Reactive && p.buffered + p.outstanding == low {
             self.poke = true;
         }
@@ -341,6 +424,51 @@ impl SubMachine {
             self.position_due = Some(at.max(now));
         }
         Deliver::Deliver
+    }
+
+    /// Reactive mode: a partition is topped up when buffered + requested falls to this.
+    fn low_water(&self) -> u64 {
+        if self.cfg.fetch_on_empty {
+            0
+        } else {
+            u64::from(self.cfg.fetch_records.max(1)) / 2
+        }
+    }
+
+    /// The app took a delivered record of `partition` (`bytes` of key and payload); it had
+    /// waited `waited` for it (`None`: it was already buffered).
+    pub(crate) fn took(
+        &mut self,
+        partition: u32,
+        bytes: u64,
+        waited: Option<Duration>,
+        now: Instant,
+    ) {
+        match waited {
+            Some(w) => self.prefetch.miss(w),
+            None => self.prefetch.hit(1),
+        }
+        if let Some(e) = &mut self.engine {
+            // Over `max_partitions` the partition is simply not forecast.
+            let _ = e.record(partition, 1, bytes, now);
+            if e.poll_timeout().is_some_and(|t| t <= now) {
+                self.poke = true;
+            }
+        }
+    }
+
+    /// The app asked for a record and nothing was buffered. Predictive mode: positions go
+    /// out at once so the shard sees the drained buffer.
+    pub(crate) fn on_starved(&mut self, now: Instant) {
+        if self.engine.is_some() && self.generation > 0 {
+            self.position_due = Some(now);
+            self.poke = true;
+        }
+    }
+
+    /// Forecast quality per partition (predictive mode; empty in reactive mode).
+    pub(crate) fn forecast_metrics(&self) -> Vec<PartitionMetrics> {
+        self.engine.as_ref().map_or_else(Vec::new, |e| e.metrics())
     }
 
     /// True (once) when the driver should run `poll_transmit` / re-arm its timer because of
@@ -410,11 +538,14 @@ impl SubMachine {
         if self.cfg.mode == Mode::Reactive {
             self.fill_fetches(now);
         }
+        if let Some(f) = self.engine.as_mut().and_then(|e| e.poll_request(now)) {
+            self.out.push_back(Transmit::Forecast(f));
+        }
     }
 
     fn fill_fetches(&mut self, now: Instant) {
         let target = u64::from(self.cfg.fetch_records.max(1));
-        let low = target / 2;
+        let low = self.low_water();
         let Some(lease) = self.lease.as_mut() else {
             return;
         };
@@ -451,14 +582,18 @@ impl SubMachine {
     /// input (the position timer, or grant tokens for a blocked fetch).
     pub(crate) fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let mut t = self.position_due;
+        if let Some(at) = self.engine.as_ref().and_then(ForecastEngine::poll_timeout) {
+            t = Some(t.map_or(at, |x| x.min(at)));
+        }
         if self.cfg.mode == Mode::Reactive
             && let Some(l) = &self.lease
             && now < l.expires
         {
-            let target = u64::from(self.cfg.fetch_records.max(1));
-            let starved = self.parts.values().any(|p| {
-                p.assigned && p.reader.is_some() && p.buffered + p.outstanding <= target / 2
-            });
+            let low = self.low_water();
+            let starved = self
+                .parts
+                .values()
+                .any(|p| p.assigned && p.reader.is_some() && p.buffered + p.outstanding <= low);
             if starved && l.whole_tokens() == 0 {
                 let mut l = *l;
                 l.refill(now);
@@ -493,7 +628,17 @@ impl SubMachine {
     }
 
     pub(crate) fn metrics(&self) -> SubscriptionMetrics {
-        self.metrics
+        let mases: Vec<f64> = self
+            .forecast_metrics()
+            .iter()
+            .filter_map(|m| m.mase)
+            .collect();
+        SubscriptionMetrics {
+            prefetch: self.prefetch.stats(),
+            forecast_mase: (!mases.is_empty())
+                .then(|| mases.iter().sum::<f64>() / mases.len() as f64),
+            ..self.metrics
+        }
     }
 }
 
@@ -507,6 +652,9 @@ mod tests {
             mode,
             position_interval: Duration::from_millis(200),
             fetch_records: 100,
+            fetch_on_empty: false,
+            forecast: ForecastConfig::default(),
+            buffer_bytes: 1 << 20,
         }
     }
 
@@ -600,6 +748,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
         m.begin_generation();
+        assert_eq!(drain(&mut m, t0), [initial_forecast()]);
         m.handle_assignment(&assignment(1, &[(0, 0), (1, 0)]), t0)
             .unwrap();
         assert_eq!(drain(&mut m, t0), []);
@@ -765,6 +914,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
         m.begin_generation();
+        assert_eq!(drain(&mut m, t0), [initial_forecast()]);
         m.handle_grant(
             Grant {
                 rate_records_per_s: 10,
@@ -778,5 +928,100 @@ mod tests {
         accept(&mut m, 0, 1);
         assert_eq!(drain(&mut m, t0), []);
         assert_eq!(m.grant(t0).map(|g| g.burst), Some(10));
+    }
+
+    fn initial_forecast() -> Transmit {
+        Transmit::Forecast(Forecast {
+            partitions: vec![],
+            buffer_capacity_bytes: 1 << 20,
+        })
+    }
+
+    #[test]
+    fn predictive_mode_forecasts_what_the_app_takes_and_reports_starvation() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        assert_eq!(drain(&mut m, t0), [initial_forecast()]);
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        let r = accept(&mut m, 0, 1);
+        assert!(m.on_received(r, 0, 200));
+        // 100 records/s for 2 s (1 s buckets by default), 10 bytes each.
+        for i in 0..200u64 {
+            let now = t0 + Duration::from_millis(i * 10);
+            assert_eq!(m.on_deliver(0, i, now), Deliver::Deliver);
+            m.took(0, 10, None, now);
+        }
+        let t2 = t0 + Duration::from_secs(2);
+        let forecasts: Vec<Forecast> = drain(&mut m, t2)
+            .into_iter()
+            .filter_map(|t| match t {
+                Transmit::Forecast(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(forecasts.len(), 1, "{forecasts:?}");
+        let f = &forecasts[0];
+        assert_eq!(f.buffer_capacity_bytes, 1 << 20);
+        assert_eq!(f.partitions.len(), 1);
+        assert!((90..=110).contains(&f.partitions[0].records_per_s), "{f:?}");
+        assert!((900..=1100).contains(&f.partitions[0].bytes_per_s), "{f:?}");
+        // A miss is accounted, and starvation sends the position at once.
+        m.on_deliver(0, 200, t2);
+        m.took(0, 10, Some(Duration::from_millis(30)), t2);
+        m.on_starved(t2);
+        assert!(m.take_poke());
+        assert!(
+            drain(&mut m, t2).contains(&Transmit::Position(Position {
+                partition: 0,
+                next_offset: 201
+            }))
+        );
+        let mt = m.metrics();
+        assert_eq!((mt.prefetch.hits, mt.prefetch.misses), (200, 1));
+        assert_eq!(mt.prefetch.received, 200);
+        assert!(mt.prefetch.wait_max >= Duration::from_millis(29));
+        // A revoked partition is forgotten by the forecaster.
+        m.handle_assignment(&assignment(2, &[]), t2).unwrap();
+        assert!(m.forecast_metrics().is_empty());
+    }
+
+    #[test]
+    fn reactive_fetch_on_empty_waits_for_an_empty_buffer() {
+        let t0 = Instant::now();
+        let mut c = cfg(Mode::Reactive);
+        c.fetch_on_empty = true;
+        let mut m = SubMachine::new(c, Start::Earliest);
+        m.begin_generation();
+        m.handle_grant(
+            Grant {
+                rate_records_per_s: 1000,
+                burst: 1000,
+                lease_expires_ms: 60_000,
+            },
+            t0,
+            0,
+        );
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        let r = accept(&mut m, 0, 1);
+        let fetch = |n| {
+            Transmit::Fetch(Fetch {
+                partition: 0,
+                max_records: n,
+            })
+        };
+        assert_eq!(drain(&mut m, t0), [fetch(100)]);
+        assert!(m.on_received(r, 0, 100));
+        for o in 0..99 {
+            m.on_deliver(0, o, t0);
+        }
+        // One record left: no fetch yet (the half-way top-up is off).
+        assert!(!drain(&mut m, t0).iter().any(|t| matches!(t, Transmit::Fetch(_))));
+        m.on_deliver(0, 99, t0);
+        assert!(drain(&mut m, t0).contains(&fetch(100)));
+        // Duplicates count as discarded pre-fetch.
+        assert!(m.on_received(r, 0, 1));
+        assert_eq!(m.on_deliver(0, 5, t0), Deliver::Duplicate);
+        assert_eq!(m.metrics().prefetch.discarded, 1);
     }
 }
