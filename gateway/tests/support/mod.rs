@@ -123,6 +123,14 @@ impl Gateway {
             }
             Some(l.strip_prefix("dev API key:")?.trim().to_owned())
         });
+        // Shards log to stderr and the banner goes to stdout: a ready line may already have
+        // been read while waiting for the banner.
+        gw.ready = gw
+            .log
+            .iter()
+            .map(String::as_str)
+            .filter_map(parse_ready)
+            .collect();
         while gw.ready.len() < shards {
             let r = gw.until(parse_ready);
             gw.ready.push(r);
