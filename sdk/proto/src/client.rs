@@ -9,6 +9,19 @@ use std::time::{Duration, Instant};
 use crate::error::{ErrorCode, Retry};
 use crate::frame::{Endpoint, Refused, Ticket};
 
+/// Default [`ClientConfig::race_delay`]: 100 ms.
+///
+/// A healthy shard attaches in two round trips (QUIC/TLS handshake, then `Attach` →
+/// `Attached`), so on edge paths up to about 50 ms RTT the first endpoint wins alone and the
+/// round costs one handshake on the client and on the shards instead of two (which also
+/// halves the handshake load a fleet-wide reconnect puts on a group). A shard that refuses
+/// or is unreachable reports a failure and the next endpoint starts at once; only a
+/// silently dead or stalled shard costs this delay, versus the whole
+/// [`attach_timeout`](ClientConfig::attach_timeout) without racing. It is the lower bound
+/// of RFC 8305's connection attempt delay (100 ms minimum, 250 ms recommended for one
+/// TCP round trip).
+pub const DEFAULT_RACE_DELAY: Duration = Duration::from_millis(100);
+
 /// Configuration of [`ClientMachine`]. All fields have documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -25,8 +38,13 @@ pub struct ClientConfig {
     /// A shard attempt that has not attached by then is abandoned and counted failed.
     /// Default 10 s.
     pub attach_timeout: Duration,
-    /// How many endpoints are raced at first. Default 2 (minimum 1).
+    /// How many endpoints may be in flight at once. Default 2 (minimum 1).
     pub race_width: usize,
+    /// Staggered racing (Happy Eyeballs style): the round starts with the top endpoint
+    /// alone; the next one joins only when no attempt has attached within `race_delay` of
+    /// the latest start (a failure starts the next one at once). `Duration::ZERO` starts
+    /// `race_width` endpoints together. Default [`DEFAULT_RACE_DELAY`] (100 ms).
+    pub race_delay: Duration,
     /// Give up after this many consecutive failed rounds; `None` (default) retries forever
     /// (except on codes whose [`Retry`] is `Never`).
     pub max_failures: Option<u32>,
@@ -40,6 +58,7 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_secs(10),
             attach_timeout: Duration::from_secs(10),
             race_width: 2,
+            race_delay: DEFAULT_RACE_DELAY,
             max_failures: None,
         }
     }
@@ -66,7 +85,8 @@ pub enum ClientAction {
     /// Connect to the hub and send `Hello`; report with `handle_ticket`, `handle_refused`
     /// or `handle_hub_failed`.
     ConnectHub,
-    /// Start these shard attempts (up to `race_width` at once, one at a time on fallback).
+    /// Start these shard attempts (one at a time when staggered, up to `race_width` at
+    /// once with `race_delay` zero; the next one down the list on each failure).
     ConnectShards {
         /// The attempts, in priority order.
         attempts: Vec<ShardAttempt>,
@@ -98,6 +118,9 @@ pub enum Timer {
     Backoff,
     /// The earliest in-flight shard attempt's attach deadline.
     Attach,
+    /// Staggered racing: start the next endpoint of the round (`race_delay` after the
+    /// latest start, while fewer than `race_width` are in flight and none attached).
+    Race,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +137,8 @@ enum State {
         order: Vec<usize>,
         next: usize,
         in_flight: Vec<(AttemptId, usize, Instant)>,
+        /// When the latest attempt of the round started (the [`Timer::Race`] base).
+        last_start: Instant,
     },
     Backoff {
         then: Next,
@@ -145,9 +170,13 @@ struct Cached {
 ///    `ErrorCode::Draining`); after a short jittered backoff the machine reconnects, reusing the cached ticket while it is
 ///    valid for more than `token_expiry_margin`, trying the lost endpoint last.
 ///
-/// Failover: the top `race_width` endpoints of the ticket are raced; the first to attach wins
-/// and the others are abandoned; each failure starts the next endpoint down the list; when all
-/// have failed the ticket is dropped and the hub is asked again after backoff. Codes whose
+/// Failover: the top `race_width` endpoints of the ticket are raced, staggered: the first
+/// starts alone and each further one joins when nothing attached within `race_delay` of the
+/// latest start ([`Timer::Race`]); the first to attach wins and the others are abandoned;
+/// each failure starts the next endpoint down the list at once; when all have failed the
+/// ticket is dropped and the hub is asked again after backoff. A requested reconnect
+/// ([`handle_reconnect_requested`](Self::handle_reconnect_requested)) tries the endpoint it
+/// leaves first (it was healthy, and its TLS session can be resumed). Codes whose
 /// [`Retry`] is `AfterHub` drop the ticket at once; `Never` gives up. Backoff is exponential
 /// with full jitter, drawn from a deterministic generator seeded by the caller.
 #[derive(Debug)]
@@ -210,7 +239,7 @@ impl ClientMachine {
 
     /// The earliest armed timer's deadline.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [Timer::Backoff, Timer::Attach]
+        [Timer::Backoff, Timer::Attach, Timer::Race]
             .iter()
             .filter_map(|t| self.timer(*t))
             .min()
@@ -220,13 +249,24 @@ impl ClientMachine {
         match (t, &self.state) {
             (Timer::Backoff, State::Backoff { until, .. }) => Some(*until),
             (Timer::Attach, State::Racing { in_flight, .. }) => in_flight.iter().map(|a| a.2).min(),
+            (
+                Timer::Race,
+                State::Racing {
+                    order,
+                    next,
+                    in_flight,
+                    last_start,
+                },
+            ) if in_flight.len() < self.config.race_width.max(1) && *next < order.len() => {
+                Some(*last_start + self.config.race_delay)
+            }
             _ => None,
         }
     }
 
     /// Fires every timer whose deadline is `<= now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for t in [Timer::Backoff, Timer::Attach] {
+        for t in [Timer::Backoff, Timer::Attach, Timer::Race] {
             if self.timer(t).is_none_or(|d| d > now) {
                 continue;
             }
@@ -253,6 +293,7 @@ impl ClientMachine {
                         self.handle_shard_failed(id, None, now);
                     }
                 }
+                Timer::Race => self.launch(1, now),
             }
         }
     }
@@ -354,15 +395,17 @@ impl ClientMachine {
 
     /// The application asked to drop the attached session and attach again (e.g. the
     /// SDK's `Client::reconnect`): a new round starts at once, with the cached ticket while
-    /// it is usable (else the hub), in the ticket's order. Unlike
+    /// it is usable (else the hub), the endpoint just left first (it was healthy, and a TLS
+    /// session ticket the client holds for it lets the handshake resume), then the ticket's
+    /// order. Unlike
     /// [`handle_disconnected`](Self::handle_disconnected) this is not a failure: no backoff,
     /// nothing counted. Ignored unless attached.
     pub fn handle_reconnect_requested(&mut self, now: Instant) {
-        if !matches!(self.state, State::Attached { .. }) {
+        let State::Attached { index, .. } = self.state else {
             return;
-        }
+        };
         self.avoid = None;
-        self.start_round(now);
+        self.start_round_from(Some(index), now);
     }
 
     /// The attached session ended (connection lost or closed with `code`; on `GoAway` pass
@@ -396,6 +439,11 @@ impl ClientMachine {
 
     /// Starts a round: shards if the cached ticket is usable, else the hub.
     fn start_round(&mut self, now: Instant) {
+        self.start_round_from(None, now);
+    }
+
+    /// [`start_round`](Self::start_round) with endpoint `first` (if any) moved to the front.
+    fn start_round_from(&mut self, first: Option<usize>, now: Instant) {
         if !self.ticket_usable(now) {
             self.ticket = None;
             self.go_hub();
@@ -407,15 +455,26 @@ impl ClientMachine {
             order.retain(|i| *i != a);
             order.push(a);
         }
+        if let Some(f) = first.filter(|f| *f < n) {
+            order.retain(|i| *i != f);
+            order.insert(0, f);
+        }
         self.state = State::Racing {
             order,
             next: 0,
             in_flight: Vec::new(),
+            last_start: now,
         };
-        self.launch(self.config.race_width.max(1), now);
+        let width = if self.config.race_delay.is_zero() {
+            self.config.race_width.max(1)
+        } else {
+            1
+        };
+        self.launch(width, now);
     }
 
-    /// Launches up to `k` further endpoints of the round; ends the round if nothing is left.
+    /// Launches up to `k` further endpoints of the round (never more than `race_width` in
+    /// flight); ends the round if nothing is left.
     fn launch(&mut self, k: usize, now: Instant) {
         if !self.ticket_usable(now) {
             // The token nears expiry mid-round: finish with the hub instead.
@@ -426,10 +485,12 @@ impl ClientMachine {
         }
         let mut attempts = Vec::new();
         let deadline = now + self.config.attach_timeout;
+        let width = self.config.race_width.max(1);
         let State::Racing {
             order,
             next,
             in_flight,
+            last_start,
         } = &mut self.state
         else {
             return;
@@ -438,7 +499,7 @@ impl ClientMachine {
             .ticket
             .as_ref()
             .map_or(&[][..], |c| &c.ticket.endpoints[..]);
-        while attempts.len() < k && *next < order.len() {
+        while attempts.len() < k && in_flight.len() < width && *next < order.len() {
             let index = order[*next];
             *next += 1;
             let id = AttemptId(self.next_id);
@@ -451,6 +512,7 @@ impl ClientMachine {
         }
         let exhausted = in_flight.is_empty();
         if !attempts.is_empty() {
+            *last_start = now;
             self.actions
                 .push_back(ClientAction::ConnectShards { attempts });
         } else if exhausted {
@@ -571,24 +633,92 @@ mod tests {
         shards(&drain(m))
     }
 
+    const DELAY: Duration = DEFAULT_RACE_DELAY;
+
+    fn addrs(raced: &[(AttemptId, String)]) -> Vec<&str> {
+        raced.iter().map(|r| r.1.as_str()).collect()
+    }
+
     #[test]
-    fn happy_path_races_top_two_and_abandons_loser() {
+    fn happy_path_races_top_two_staggered_and_abandons_loser() {
         let t0 = Instant::now();
         let mut m = ClientMachine::new(ClientConfig::default(), 1);
-        let raced = to_racing(&mut m, ticket(3, 3600), t0);
-        assert_eq!(
-            raced.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
-            ["127.0.0.1:5000", "127.0.0.1:5001"]
-        );
+        // The top endpoint starts alone; the race timer is the earliest deadline.
+        let first = to_racing(&mut m, ticket(3, 3600), t0);
+        assert_eq!(addrs(&first), ["127.0.0.1:5000"]);
+        assert_eq!(m.poll_timeout(), Some(t0 + DELAY));
+        // Nothing happens before the delay.
+        m.handle_timeout(t0 + DELAY - Duration::from_millis(1));
+        assert!(drain(&mut m).is_empty());
+        // Not attached within the delay: the second joins, and no third (width 2).
+        let t1 = t0 + DELAY;
+        m.handle_timeout(t1);
+        let second = shards(&drain(&mut m));
+        assert_eq!(addrs(&second), ["127.0.0.1:5001"]);
         assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(10)));
-        m.handle_attached(raced[1].0, t0 + Duration::from_millis(20));
+        // The later one wins; the first is abandoned.
+        m.handle_attached(second[0].0, t1 + Duration::from_millis(20));
         let acts = drain(&mut m);
-        assert_eq!(acts[0], ClientAction::Abandon { id: raced[0].0 });
+        assert_eq!(acts[0], ClientAction::Abandon { id: first[0].0 });
         assert!(
-            matches!(&acts[1], ClientAction::Attached { id, endpoint } if *id == raced[1].0 && endpoint.addr == "127.0.0.1:5001")
+            matches!(&acts[1], ClientAction::Attached { id, endpoint } if *id == second[0].0 && endpoint.addr == "127.0.0.1:5001")
         );
         assert!(m.is_attached());
         assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn first_attached_within_the_delay_starts_no_second() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 1);
+        let first = to_racing(&mut m, ticket(3, 3600), t0);
+        m.handle_attached(first[0].0, t0 + DELAY / 2);
+        let acts = drain(&mut m);
+        assert!(
+            matches!(&acts[..], [ClientAction::Attached { id, .. }] if *id == first[0].0),
+            "{acts:?}"
+        );
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_timeout(t0 + DELAY);
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn zero_race_delay_starts_the_top_two_together() {
+        let t0 = Instant::now();
+        let cfg = ClientConfig {
+            race_delay: Duration::ZERO,
+            ..ClientConfig::default()
+        };
+        let mut m = ClientMachine::new(cfg, 1);
+        let raced = to_racing(&mut m, ticket(3, 3600), t0);
+        assert_eq!(addrs(&raced), ["127.0.0.1:5000", "127.0.0.1:5001"]);
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+        m.handle_attached(raced[1].0, t0);
+        let acts = drain(&mut m);
+        assert_eq!(acts[0], ClientAction::Abandon { id: raced[0].0 });
+        assert!(matches!(acts[1], ClientAction::Attached { .. }));
+    }
+
+    #[test]
+    fn wider_races_add_one_endpoint_per_delay() {
+        let t0 = Instant::now();
+        let cfg = ClientConfig {
+            race_width: 3,
+            ..ClientConfig::default()
+        };
+        let mut m = ClientMachine::new(cfg, 1);
+        assert_eq!(
+            addrs(&to_racing(&mut m, ticket(4, 3600), t0)),
+            ["127.0.0.1:5000"]
+        );
+        m.handle_timeout(t0 + DELAY);
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5001"]);
+        assert_eq!(m.poll_timeout(), Some(t0 + 2 * DELAY));
+        m.handle_timeout(t0 + 2 * DELAY);
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5002"]);
+        // Three in flight: the race timer is off until one fails.
+        assert_eq!(m.poll_timeout(), Some(t0 + Duration::from_secs(10)));
     }
 
     #[test]
@@ -600,14 +730,13 @@ mod tests {
         drain(&mut m);
         let t1 = t0 + Duration::from_secs(1);
         m.handle_reconnect_requested(t1);
-        // Straight to the shards, same order, no backoff timer beyond the attach timeout.
+        // Straight to the shards, same order, no backoff: only the race timer is armed.
         let again = shards(&drain(&mut m));
-        assert_eq!(
-            again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
-            ["127.0.0.1:5000", "127.0.0.1:5001"]
-        );
+        assert_eq!(addrs(&again), ["127.0.0.1:5000"]);
         assert_eq!(m.consecutive_failures(), 0);
-        assert_eq!(m.poll_timeout(), Some(t1 + Duration::from_secs(10)));
+        assert_eq!(m.poll_timeout(), Some(t1 + DELAY));
+        m.handle_timeout(t1 + DELAY);
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5001"]);
         // Not attached any more: a second request is ignored.
         m.handle_reconnect_requested(t1);
         assert!(drain(&mut m).is_empty());
@@ -621,17 +750,39 @@ mod tests {
     }
 
     #[test]
+    fn requested_reconnect_tries_the_endpoint_it_leaves_first() {
+        let t0 = Instant::now();
+        let mut m = ClientMachine::new(ClientConfig::default(), 3);
+        let first = to_racing(&mut m, ticket(3, 3600), t0);
+        m.handle_shard_failed(first[0].0, None, t0);
+        let second = shards(&drain(&mut m));
+        assert_eq!(addrs(&second), ["127.0.0.1:5001"]);
+        m.handle_attached(second[0].0, t0);
+        drain(&mut m);
+        m.handle_reconnect_requested(t0 + Duration::from_secs(1));
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5001"]);
+        m.handle_timeout(t0 + Duration::from_secs(1) + DELAY);
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5000"]);
+    }
+
+    #[test]
     fn first_endpoint_fails_then_next_down_the_list() {
         let t0 = Instant::now();
         let mut m = ClientMachine::new(ClientConfig::default(), 1);
         let raced = to_racing(&mut m, ticket(3, 3600), t0);
-        m.handle_shard_failed(raced[0].0, Some(ErrorCode::Overloaded), t0);
-        let next = shards(&drain(&mut m));
-        assert_eq!(next.len(), 1);
-        assert_eq!(next[0].1, "127.0.0.1:5002");
-        m.handle_attached(raced[1].0, t0);
+        // A failure starts the next endpoint at once, without waiting for the delay...
+        let t1 = t0 + Duration::from_millis(5);
+        m.handle_shard_failed(raced[0].0, Some(ErrorCode::Overloaded), t1);
+        let second = shards(&drain(&mut m));
+        assert_eq!(addrs(&second), ["127.0.0.1:5001"]);
+        // ...and the race timer counts from that start.
+        assert_eq!(m.poll_timeout(), Some(t1 + DELAY));
+        m.handle_timeout(t1 + DELAY);
+        let third = shards(&drain(&mut m));
+        assert_eq!(addrs(&third), ["127.0.0.1:5002"]);
+        m.handle_attached(second[0].0, t1 + DELAY);
         let acts = drain(&mut m);
-        assert_eq!(acts[0], ClientAction::Abandon { id: next[0].0 });
+        assert_eq!(acts[0], ClientAction::Abandon { id: third[0].0 });
         assert!(matches!(acts[1], ClientAction::Attached { .. }));
         // Late reports for stale attempts are ignored.
         m.handle_shard_failed(raced[0].0, None, t0);
@@ -643,13 +794,15 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ClientMachine::new(ClientConfig::default(), 9);
         let raced = to_racing(&mut m, ticket(2, 3600), t0);
-        m.handle_shard_failed(raced[0].0, None, t0);
+        m.handle_timeout(t0 + DELAY);
+        let second = shards(&drain(&mut m));
+        m.handle_shard_failed(raced[0].0, None, t0 + DELAY);
         assert!(drain(&mut m).is_empty());
-        m.handle_shard_failed(raced[1].0, Some(ErrorCode::Internal), t0);
+        m.handle_shard_failed(second[0].0, Some(ErrorCode::Internal), t0 + DELAY);
         assert!(drain(&mut m).is_empty());
         assert!(m.ticket().is_none());
         let deadline = m.poll_timeout().expect("backoff armed");
-        assert!(deadline <= t0 + Duration::from_millis(100));
+        assert!(deadline <= t0 + DELAY + Duration::from_millis(100));
         m.handle_timeout(deadline);
         assert_eq!(drain(&mut m), vec![ClientAction::ConnectHub]);
         assert_eq!(m.consecutive_failures(), 1);
@@ -660,12 +813,21 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ClientMachine::new(ClientConfig::default(), 1);
         let raced = to_racing(&mut m, ticket(3, 3600), t0);
+        m.handle_timeout(t0 + DELAY);
+        let second = shards(&drain(&mut m));
+        // The first times out: abandoned, the third starts in its place.
         let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(m.poll_timeout(), Some(t1));
         m.handle_timeout(t1);
         let acts = drain(&mut m);
         assert_eq!(acts[0], ClientAction::Abandon { id: raced[0].0 });
-        assert_eq!(shards(&acts[1..2]).len(), 1); // third endpoint started
-        assert_eq!(acts[2], ClientAction::Abandon { id: raced[1].0 });
+        assert_eq!(addrs(&shards(&acts[1..])), ["127.0.0.1:5002"]);
+        // Then the second's own deadline.
+        m.handle_timeout(t1 + DELAY);
+        assert_eq!(
+            drain(&mut m),
+            vec![ClientAction::Abandon { id: second[0].0 }]
+        );
     }
 
     #[test]
@@ -683,11 +845,12 @@ mod tests {
         m.handle_timeout(d);
         let acts = drain(&mut m);
         assert!(!acts.contains(&ClientAction::ConnectHub), "{acts:?}");
-        let again = shards(&acts);
-        assert_eq!(
-            again.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
-            ["127.0.0.1:5001", "127.0.0.1:5002"]
-        );
+        assert_eq!(addrs(&shards(&acts)), ["127.0.0.1:5001"]);
+        m.handle_timeout(d + DELAY);
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5002"]);
+        // The lost endpoint is last: a failure of 5001 brings it in.
+        m.handle_shard_failed(shards(&acts)[0].0, None, d + DELAY);
+        assert_eq!(addrs(&shards(&drain(&mut m))), ["127.0.0.1:5000"]);
     }
 
     #[test]
@@ -710,10 +873,12 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ClientMachine::new(ClientConfig::default(), 1);
         let raced = to_racing(&mut m, ticket(2, 3600), t0);
-        m.handle_shard_failed(raced[0].0, Some(ErrorCode::TokenExpired), t0);
+        m.handle_timeout(t0 + DELAY);
+        let second = shards(&drain(&mut m));
+        m.handle_shard_failed(raced[0].0, Some(ErrorCode::TokenExpired), t0 + DELAY);
         assert_eq!(
             drain(&mut m),
-            vec![ClientAction::Abandon { id: raced[1].0 }]
+            vec![ClientAction::Abandon { id: second[0].0 }]
         );
         let d = m.poll_timeout().unwrap();
         m.handle_timeout(d);

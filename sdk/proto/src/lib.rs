@@ -49,7 +49,9 @@ pub mod version;
 #[cfg(any(fuzzing, feature = "fuzzing"))]
 pub mod fuzzing;
 
-pub use client::{AttemptId, ClientAction, ClientConfig, ClientMachine, ShardAttempt, Timer};
+pub use client::{
+    AttemptId, ClientAction, ClientConfig, ClientMachine, DEFAULT_RACE_DELAY, ShardAttempt, Timer,
+};
 pub use codec::{Codec, DecodeLimits, FrameError, Reader};
 pub use error::{ErrorCode, Fault, Retry};
 pub use forecast::{
