@@ -16,8 +16,10 @@
 //! stop before measuring anything, while `baseline-<scenario>` runs the baseline alone.
 
 pub mod gateway;
+pub mod prefetch;
 pub mod quic;
 mod scenario;
+pub mod throughput;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -69,8 +69,20 @@ impl Scenario {
             Self::Throughput | Self::BaselineThroughput => &[Ratio {
                 figure: "bytes_per_s_16k",
                 baseline: "quinn_bytes_per_s",
-                target: Target::None,
+                target: Target::AtLeast(0.8),
             }],
+        }
+    }
+
+    /// Figures judged on their own (no baseline) with their targets, e.g. records/s on
+    /// this machine.
+    pub fn absolutes(self) -> &'static [(&'static str, Target)] {
+        match self {
+            Self::Throughput => &[
+                ("records_per_s_100b", Target::AtLeast(1_000_000.0)),
+                ("publish_records_per_s_100b", Target::AtLeast(500_000.0)),
+            ],
+            _ => &[],
         }
     }
 }
@@ -429,7 +441,7 @@ pub async fn run<S: SibylHalf>(
 /// The human line of ratios, e.g.
 /// `admission: tickets_per_s/quinn_handshakes_per_s = 0.91 (target >= 0.8, met)`.
 pub(crate) fn ratio_line(scenario: Scenario, summary: &Summary) -> String {
-    let parts: Vec<String> = scenario
+    let mut parts: Vec<String> = scenario
         .ratios()
         .iter()
         .map(|r| {
@@ -457,6 +469,12 @@ pub(crate) fn ratio_line(scenario: Scenario, summary: &Summary) -> String {
             }
         })
         .collect();
+    for (figure, target) in scenario.absolutes() {
+        if let Some(v) = summary.figures.get(*figure) {
+            let verdict = if target.met(*v) { "met" } else { "MISSED" };
+            parts.push(format!("{figure} = {v:.0} ({target}, {verdict})"));
+        }
+    }
     format!("{}: {}", summary.scenario, parts.join("; "))
 }
 
