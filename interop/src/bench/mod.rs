@@ -16,7 +16,6 @@
 //! stop before measuring anything, while `baseline-<scenario>` runs the baseline alone.
 
 pub mod gateway;
-pub mod prefetch;
 pub mod quic;
 mod scenario;
 pub mod throughput;
