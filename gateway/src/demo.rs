@@ -32,7 +32,7 @@ use futures::StreamExt;
 use sibyl_gateway::apikeys::ApiKeyStore;
 use sibyl_gateway::config::{Config, StreamSpec, SyntheticSpec};
 use sibyl_gateway::synthetic::Synthetic;
-use sibyl_sdk::{Client, Start, Trust};
+use sibyl_sdk::{Client, Mode, Start, Trust};
 use tokio::sync::watch;
 
 use crate::{Node, init_logging, unix_now};
@@ -66,12 +66,39 @@ pub(crate) struct DemoArgs {
     /// Zipf-like partition skew: 0 = uniform, 1 = partition k gets ∝ 1/(k+1).
     #[arg(long, default_value_t = 0.0)]
     skew: f64,
+    /// How the shards deliver: `predictive` (push within the grant, sized by the SDK's
+    /// forecasts) or `reactive` (only what the SDK's `Fetch` asks for).
+    #[arg(long, value_enum, default_value_t = DemoMode::Predictive)]
+    mode: DemoMode,
     /// Data directory to use and keep. Default: a fresh temporary directory, removed at exit.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Log filter for the log on stderr (RUST_LOG syntax). Default: `RUST_LOG`, else `warn`.
     #[arg(long = "log", value_name = "FILTER")]
     log: Option<String>,
+}
+
+/// `--mode`: the SDK's [`Mode`] as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DemoMode {
+    Predictive,
+    Reactive,
+}
+
+impl DemoMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Predictive => "predictive",
+            Self::Reactive => "reactive",
+        }
+    }
+
+    fn sdk(self) -> Mode {
+        match self {
+            Self::Predictive => Mode::Predictive,
+            Self::Reactive => Mode::Reactive,
+        }
+    }
 }
 
 /// Runs the demo; see the module doc.
@@ -230,6 +257,7 @@ async fn session(
             node.hub_addr.to_string(),
             node.dir.certs.ca_cert.clone(),
             key.clone(),
+            args.mode.sdk(),
             state.clone(),
             halt.clone(),
         ));
@@ -242,8 +270,9 @@ async fn session(
         });
     }
     println!(
-        "  {} consumers (each its own SDK client) subscribed from the earliest offset; {}",
+        "  {} consumers (each its own SDK client, {} mode) subscribed from the earliest offset; {}",
         args.consumers,
+        args.mode.name(),
         if args.seconds == 0 {
             "Ctrl-C to stop".to_owned()
         } else {
@@ -573,11 +602,12 @@ async fn consume(
     hub: String,
     ca: PathBuf,
     key: String,
+    mode: Mode,
     state: Arc<Mutex<ConsumerState>>,
     halt: watch::Receiver<bool>,
 ) {
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(e) = consume_inner(hub, ca, key, &state, halt).await {
+    if let Err(e) = consume_inner(hub, ca, key, mode, &state, halt).await {
         lock().errors.push(format!("{e:#}"));
     }
     lock().finished = true;
@@ -587,6 +617,7 @@ async fn consume_inner(
     hub: String,
     ca: PathBuf,
     key: String,
+    mode: Mode,
     state: &Mutex<ConsumerState>,
     mut halt: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -603,6 +634,7 @@ async fn consume_inner(
     let mut sub = client
         .subscribe(STREAM)
         .start(Start::Earliest)
+        .mode(mode)
         .open()
         .await
         .context("subscribing")?;
