@@ -52,6 +52,19 @@ pub struct PartitionCache {
     last_used: u64,
 }
 
+/// What a partition cache holds ahead of a reader ([`PartitionCache::ahead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ahead {
+    /// Offset after the cached run (where a fetch would continue).
+    pub next: u64,
+    /// Body bytes of the cached batches ending after the reader's position.
+    pub bytes: usize,
+    /// Records of the newest cached batch (a small one was fetched at the tail).
+    pub last_records: usize,
+    /// Body bytes of the newest cached batch.
+    pub last_bytes: usize,
+}
+
 impl PartitionCache {
     /// An empty cache.
     pub fn new() -> Self {
@@ -74,6 +87,24 @@ impl PartitionCache {
     /// Batches held.
     pub fn batches(&self) -> usize {
         self.batches.len()
+    }
+
+    /// What is cached ahead of a reader at `from`; `None` when `from` is not inside the
+    /// cached run.
+    pub fn ahead(&self, from: u64) -> Option<Ahead> {
+        let (first, next) = self.range()?;
+        if from < first || from > next {
+            return None;
+        }
+        let i = self.batches.partition_point(|b| b.next_offset() <= from);
+        let bytes = self.batches.range(i..).map(RecordBatch::body_len).sum();
+        let last = self.batches.back()?;
+        Some(Ahead {
+            next,
+            bytes,
+            last_records: last.len(),
+            last_bytes: last.body_len(),
+        })
     }
 
     /// The records from `from` on under the limits (see [`RecordBatch::slice`]), spanning
@@ -200,6 +231,11 @@ impl ShardCache {
         self.parts.get(stream)?.get(&partition)
     }
 
+    /// See [`PartitionCache::ahead`] (no statistics, no use mark).
+    pub fn ahead(&self, stream: &str, partition: u32, from: u64) -> Option<Ahead> {
+        self.partition(stream, partition)?.ahead(from)
+    }
+
     /// See [`PartitionCache::get`]; marks the partition used.
     pub fn get(
         &mut self,
@@ -305,6 +341,23 @@ mod tests {
 
     fn same(a: &RecordBatch, b: &RecordBatch) -> bool {
         Arc::ptr_eq(&a.shared().unwrap(), &b.shared().unwrap())
+    }
+
+    #[test]
+    fn ahead_counts_cached_bytes_past_a_position() {
+        let mut c = PartitionCache::new();
+        assert_eq!(c.ahead(0), None);
+        let (a, b) = (batch(0, 10, 5), batch(0, 15, 3));
+        let (la, lb) = (a.body_len(), b.body_len());
+        c.insert(a, usize::MAX);
+        c.insert(b, usize::MAX);
+        let at = |from| c.ahead(from).map(|x| (x.next, x.bytes, x.last_records, x.last_bytes));
+        assert_eq!(at(10), Some((18, la + lb, 3, lb)));
+        assert_eq!(at(14), Some((18, la + lb, 3, lb)));
+        assert_eq!(at(15), Some((18, lb, 3, lb)));
+        assert_eq!(at(18), Some((18, 0, 3, lb)));
+        assert_eq!(at(9), None);
+        assert_eq!(at(19), None);
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod reader;
 mod server;
 
 pub use batch::RecordBatch;
-pub use cache::{CacheConfig, CacheStats, PartitionCache, ShardCache};
+pub use cache::{Ahead, CacheConfig, CacheStats, PartitionCache, ShardCache};
 pub use client::{Backoff, LinkConfig, LinkError, StoreLink};
 pub use codec::{CodecError, RemoteError, Request, Response, StreamInfo};
 pub use reader::{CachedReader, ReaderConfig};

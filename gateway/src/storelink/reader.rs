@@ -114,6 +114,50 @@ impl CachedReader {
         lock(&self.shared.cache).bytes()
     }
 
+    /// Read-ahead while a reader catches up: when the newest cached batch of the partition
+    /// was a full fetch (at least half of [`ReaderConfig::fetch_records`] or
+    /// [`fetch_bytes`](ReaderConfig::fetch_bytes), so the log likely holds more; tail
+    /// appends make small batches and never trigger it) and less than one fetch's worth is
+    /// cached past the caller's new position, starts one background fetch at the end of the
+    /// cached run unless it is already in flight. The caller's next read then finds its
+    /// batch in the cache: the hub's read overlaps the shard's sending instead of following
+    /// it. The background fetch does not read ahead itself, so the cache stays at most about
+    /// two fetches ahead of the partition's readers.
+    fn read_ahead(&self, stream: &str, partition: u32, got: &RecordBatch) {
+        let sh = &*self.shared;
+        if got.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Some(a) = lock(&sh.cache).ahead(stream, partition, got.next_offset()) else {
+            return;
+        };
+        let full = a.last_records * 2 >= sh.cfg.fetch_records as usize
+            || a.last_bytes * 2 >= sh.cfg.fetch_bytes as usize;
+        if !full || a.bytes >= sh.cfg.fetch_bytes as usize {
+            return;
+        }
+        let end = a.next;
+        let key = (stream.to_owned(), partition, end);
+        {
+            let mut inflight = lock(&sh.inflight);
+            if inflight.contains_key(&key) {
+                return;
+            }
+            inflight.insert(key.clone(), Vec::new());
+        }
+        let reader = self.clone();
+        tokio::spawn(async move {
+            let sh = &*reader.shared;
+            let guard = InflightGuard {
+                shared: sh,
+                key: Some(key),
+            };
+            let (stream, partition, from) = guard.key.clone().unwrap_or_default();
+            let r = reader.fetch(guard, &stream, partition, from, 1, 0).await;
+            drop(r);
+        });
+    }
+
     /// Reads like [`StoreLink::read`] (an empty batch at the tail), from the cache when
     /// possible.
     pub async fn read(
@@ -127,7 +171,9 @@ impl CachedReader {
         let (max_r, max_b) = (max_records.max(1) as usize, max_bytes as usize);
         let sh = &*self.shared;
         loop {
-            if let Some(b) = lock(&sh.cache).get(stream, partition, from, max_r, max_b) {
+            let hit = lock(&sh.cache).get(stream, partition, from, max_r, max_b);
+            if let Some(b) = hit {
+                self.read_ahead(stream, partition, &b);
                 return Ok(b);
             }
             let key = (stream.to_owned(), partition, from);
@@ -153,33 +199,55 @@ impl CachedReader {
                     Err(_) => continue,
                 }
             }
-            let mut guard = InflightGuard {
+            let guard = InflightGuard {
                 shared: sh,
                 key: Some(key),
             };
-            sh.fetches.fetch_add(1, Relaxed);
-            let r = sh
-                .link
-                .read(
-                    stream,
-                    partition,
-                    from,
-                    sh.cfg.fetch_records.max(max_records),
-                    sh.cfg.fetch_bytes.max(max_bytes),
-                )
+            let r = self
+                .fetch(guard, stream, partition, from, max_records, max_bytes)
                 .await;
-            if let Ok(b) = &r {
-                lock(&sh.cache).insert(stream, b.clone());
-            }
-            let waiters = guard
-                .key
-                .take()
-                .and_then(|k| lock(&sh.inflight).remove(&k))
-                .unwrap_or_default();
-            for w in waiters {
-                let _ = w.send(r.clone());
-            }
-            return r.map(|b| b.slice(from, max_r, max_b).unwrap_or(b));
+            return r.map(|b| {
+                let b = b.slice(from, max_r, max_b).unwrap_or(b);
+                self.read_ahead(stream, partition, &b);
+                b
+            });
         }
+    }
+
+    /// One fetch through the link for the in-flight entry `guard` holds: fills the cache and
+    /// answers the entry's waiters.
+    async fn fetch(
+        &self,
+        mut guard: InflightGuard<'_>,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<RecordBatch, LinkError> {
+        let sh = &*self.shared;
+        sh.fetches.fetch_add(1, Relaxed);
+        let r = sh
+            .link
+            .read(
+                stream,
+                partition,
+                from,
+                sh.cfg.fetch_records.max(max_records),
+                sh.cfg.fetch_bytes.max(max_bytes),
+            )
+            .await;
+        if let Ok(b) = &r {
+            lock(&sh.cache).insert(stream, b.clone());
+        }
+        let waiters = guard
+            .key
+            .take()
+            .and_then(|k| lock(&sh.inflight).remove(&k))
+            .unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
+        r
     }
 }
