@@ -117,8 +117,10 @@ impl SubscriptionConfig {
         Ok(self)
     }
 
-    /// Reactive mode: send a `Fetch` only when a partition's buffer is empty (the
-    /// Kafka-style on-demand baseline) instead of topping up at half. Default false.
+    /// Reactive mode: fetch on demand (the Kafka-style baseline): only when the whole
+    /// subscription buffer is empty and nothing is requested, `fetch_records` in total split
+    /// over the assigned partitions, instead of topping each partition up at half. Default
+    /// false.
     pub fn fetch_on_empty(mut self, on: bool) -> Self {
         self.fetch_on_empty = on;
         self

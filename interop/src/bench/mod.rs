@@ -16,6 +16,7 @@
 //! stop before measuring anything, while `baseline-<scenario>` runs the baseline alone.
 
 pub mod gateway;
+pub mod prefetch;
 pub mod quic;
 mod scenario;
 pub mod throughput;

@@ -15,6 +15,9 @@ use sibyl_interop::bench::throughput::ThroughputHalf;
 use sibyl_interop::bench::{self, BenchError, NotBuilt, Scenario, Settings, quic::BenchTls};
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("prefetch") {
+        return prefetch();
+    }
     let settings = Settings::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,6 +53,32 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("sibyl-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sibyl-bench prefetch …` (`bench::prefetch`): its own flags, same output contract.
+fn prefetch() -> ExitCode {
+    use sibyl_interop::bench::prefetch::{PrefetchArgs, run};
+    let args = PrefetchArgs::parse_from(std::env::args().skip(1));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sibyl-bench: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&args)) {
+        Ok(summary) => {
+            println!("{}", summary.to_json_line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sibyl-bench prefetch: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -48,7 +48,7 @@ pub(crate) struct MachineConfig {
     pub(crate) position_interval: Duration,
     /// Reactive mode: records to keep buffered-or-requested per partition.
     pub(crate) fetch_records: u32,
-    /// Reactive mode: fetch only when a partition's buffer is empty (no pipelining).
+    /// Reactive mode: fetch only when the whole buffer is empty (no pipelining).
     pub(crate) fetch_on_empty: bool,
     /// Predictive mode: the forecaster's configuration (validated by the caller).
     pub(crate) forecast: ForecastConfig,
@@ -553,6 +553,24 @@ impl SubMachine {
             return;
         }
         lease.refill(now);
+        let mut target = target;
+        if self.cfg.fetch_on_empty {
+            // On demand: only once the whole subscription buffer is empty and nothing is
+            // requested, `fetch_records` in total, split over the live partitions.
+            let live = self
+                .parts
+                .values()
+                .filter(|p| p.assigned && p.reader.is_some());
+            let (mut n, mut have) = (0u64, 0u64);
+            for p in live {
+                n += 1;
+                have += p.buffered + p.outstanding;
+            }
+            if n == 0 || have > 0 {
+                return;
+            }
+            target = (target / n).max(1);
+        }
         for (&partition, p) in &mut self.parts {
             // Fetch only on a partition assigned in this generation with a current stream.
             if !p.assigned || p.reader.is_none() {
@@ -971,12 +989,10 @@ mod tests {
         m.took(0, 10, Some(Duration::from_millis(30)), t2);
         m.on_starved(t2);
         assert!(m.take_poke());
-        assert!(
-            drain(&mut m, t2).contains(&Transmit::Position(Position {
-                partition: 0,
-                next_offset: 201
-            }))
-        );
+        assert!(drain(&mut m, t2).contains(&Transmit::Position(Position {
+            partition: 0,
+            next_offset: 201
+        })));
         let mt = m.metrics();
         assert_eq!((mt.prefetch.hits, mt.prefetch.misses), (200, 1));
         assert_eq!(mt.prefetch.received, 200);
@@ -1016,7 +1032,11 @@ mod tests {
             m.on_deliver(0, o, t0);
         }
         // One record left: no fetch yet (the half-way top-up is off).
-        assert!(!drain(&mut m, t0).iter().any(|t| matches!(t, Transmit::Fetch(_))));
+        assert!(
+            !drain(&mut m, t0)
+                .iter()
+                .any(|t| matches!(t, Transmit::Fetch(_)))
+        );
         m.on_deliver(0, 99, t0);
         assert!(drain(&mut m, t0).contains(&fetch(100)));
         // Duplicates count as discarded pre-fetch.
