@@ -18,8 +18,16 @@ use crate::{ALPN, CertError, provider};
 /// Default for [`ServerTlsBuilder::reload_interval`]: 2 seconds.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
+/// TLS 1.3 sessions a server keeps for resumption (stateful tickets, in memory, per
+/// process): 4096, so a client reconnecting to the same shard resumes (no certificate sent,
+/// signed or verified) unless that many handshakes came between. rustls' default is 256;
+/// an entry is a few hundred bytes. Tickets are not shared between processes: a ticket only
+/// resumes on the shard (or hub) that issued it.
+pub const SESSION_CACHE_SIZE: usize = 4096;
+
 /// Builds the server's `rustls::ServerConfig`: TLS 1.3 only, ring provider, ALPN [`ALPN`],
-/// certificates chosen by SNI and reloaded when their files change, no 0-RTT.
+/// certificates chosen by SNI and reloaded when their files change, no 0-RTT, an in-memory
+/// session cache of [`SESSION_CACHE_SIZE`] for resumption.
 #[derive(Debug)]
 #[must_use]
 pub struct ServerTlsBuilder {
@@ -110,6 +118,7 @@ impl ServerTlsBuilder {
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![ALPN.to_vec()];
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
         Ok((Arc::new(config), ReloadHandle { resolver }))
     }
 }
@@ -322,6 +331,50 @@ mod tests {
         let (c, k) = (dir.join("s.pem"), dir.join("s.key"));
         ca.issue_leaf(&[], &opts).unwrap().save(&c, &k).unwrap();
         (ca, c, k)
+    }
+
+    /// Runs one in-memory TLS 1.3 handshake (TLS over a byte pipe) and returns how it went.
+    fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> rustls::HandshakeKind {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        let mut buf = Vec::new();
+        // Bounded: a TLS 1.3 handshake plus tickets takes a handful of flights.
+        for _ in 0..10 {
+            buf.clear();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        c.handshake_kind().unwrap()
+    }
+
+    #[test]
+    fn a_returning_client_resumes_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, c, k) = setup(dir.path());
+        let (server, _handle) = ServerTlsBuilder::new(&c, &k).build().unwrap();
+        let client = crate::ClientTlsBuilder::new(crate::Trust::CaPem(ca.cert_pem().into()))
+            .build()
+            .unwrap();
+        assert_eq!(handshake(&client, &server), rustls::HandshakeKind::Full);
+        // The server issued a ticket into its session cache: the next handshake resumes.
+        assert_eq!(handshake(&client, &server), rustls::HandshakeKind::Resumed);
+        // Another server process (its own cache) cannot resume it: full handshake.
+        let (other, _h) = ServerTlsBuilder::new(&c, &k).build().unwrap();
+        assert_eq!(handshake(&client, &other), rustls::HandshakeKind::Full);
     }
 
     #[test]

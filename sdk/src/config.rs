@@ -12,6 +12,7 @@ use sibyl_proto::{ClientConfig, SUPPORTED_VERSIONS};
 
 use crate::client::Client;
 use crate::error::{ConfigError, ConnectError, TlsError};
+use crate::shard::ShardQuic;
 
 /// The SDK version sent in `Hello.profile.sdk_version`.
 pub const SDK_VERSION: &str = concat!("sibyl-sdk/", env!("CARGO_PKG_VERSION"));
@@ -337,6 +338,9 @@ impl ClientBuilder {
         hub.validate()?;
         let api_key = self.api_key.ok_or(ConfigError::MissingApiKey)?;
         let trust = self.trust.ok_or(ConfigError::MissingTrust)?;
+        // An application's own rustls config keeps its resumption setting; the SDK's own
+        // gets one TLS session cache per shard address (see `ShardQuic`).
+        let own_tls = matches!(trust, TrustChoice::Custom(_));
         let tls = match trust {
             TrustChoice::Custom(c) => c,
             other => {
@@ -351,21 +355,20 @@ impl ClientBuilder {
                 b.build().map_err(TlsError::from)?
             }
         };
-        let crypto =
-            QuicClientConfig::try_from(tls).map_err(|e| TlsError::NotQuic(e.to_string()))?;
-        let crypto = Arc::new(crypto);
+        let crypto = QuicClientConfig::try_from(tls.clone())
+            .map_err(|e| TlsError::NotQuic(e.to_string()))?;
         let quic = quic_config(
-            crypto.clone(),
+            Arc::new(crypto),
             "idle_timeout",
             self.idle_timeout,
             self.keep_alive,
         )?;
-        let shard_quic = quic_config(
-            crypto,
+        let shard_transport = transport_config(
             "shard_idle_timeout",
             self.shard_idle_timeout,
             self.shard_keep_alive,
         )?;
+        let shard_quic = ShardQuic::new(tls, shard_transport, !own_tls);
 
         let hub_server_name = self
             .hub_server_name
@@ -432,6 +435,17 @@ fn quic_config(
     idle: Duration,
     keep_alive: Option<Duration>,
 ) -> Result<quinn::ClientConfig, ConfigError> {
+    let mut quic = quinn::ClientConfig::new(crypto);
+    quic.transport_config(transport_config(field, idle, keep_alive)?);
+    Ok(quic)
+}
+
+/// A quinn transport config with `idle` / `keep_alive`, quinn's defaults otherwise.
+fn transport_config(
+    field: &'static str,
+    idle: Duration,
+    keep_alive: Option<Duration>,
+) -> Result<Arc<quinn::TransportConfig>, ConfigError> {
     let mut transport = quinn::TransportConfig::default();
     // Invariant: check_idle bounds the value to ≤ 1 day, far below QUIC's 2^62 ms; still an
     // error rather than a panic.
@@ -439,9 +453,7 @@ fn quic_config(
         .map_err(|_| out_of_range(field, "too large for QUIC"))?;
     transport.max_idle_timeout(Some(idle));
     transport.keep_alive_interval(keep_alive);
-    let mut quic = quinn::ClientConfig::new(crypto);
-    quic.transport_config(Arc::new(transport));
-    Ok(quic)
+    Ok(Arc::new(transport))
 }
 
 /// A validated configuration, ready to connect.
@@ -453,7 +465,7 @@ pub(crate) struct Prepared {
     /// Hub connections.
     pub(crate) quic: quinn::ClientConfig,
     /// Shard connections (shorter idle timeout, keep-alive: fast failover).
-    pub(crate) shard_quic: quinn::ClientConfig,
+    pub(crate) shard_quic: ShardQuic,
     pub(crate) machine: ClientConfig,
     pub(crate) bind: Option<SocketAddr>,
     pub(crate) connect_timeout: Option<Duration>,

@@ -13,7 +13,7 @@ use crate::client::TicketInfo;
 use crate::config::HubAddress;
 use crate::error::ConnectError;
 use crate::hub::{self, HubAnswer};
-use crate::shard::{self, AttachRequest, ShardSession, peer_code};
+use crate::shard::{self, AttachRequest, ShardQuic, ShardSession, peer_code};
 use sibyl_proto::frame::Hello;
 
 /// A finished task's outcome.
@@ -30,7 +30,7 @@ pub(crate) struct Driver {
     /// Hub connections.
     quic: quinn::ClientConfig,
     /// Shard connections (their own idle timeout and keep-alive).
-    shard_quic: quinn::ClientConfig,
+    shard_quic: ShardQuic,
     hub_addr: HubAddress,
     hub_server_name: String,
     hello: Hello,
@@ -59,7 +59,7 @@ impl Driver {
         config: ClientConfig,
         endpoint: quinn::Endpoint,
         quic: quinn::ClientConfig,
-        shard_quic: quinn::ClientConfig,
+        shard_quic: ShardQuic,
         hub_addr: HubAddress,
         hub_server_name: String,
         hello: Hello,
@@ -223,9 +223,15 @@ impl Driver {
             resume: self.resume,
         };
         let quic_endpoint = self.endpoint.clone();
-        let quic = self.shard_quic.clone();
+        // The shard's own config (its TLS session cache); an error is reported as the
+        // attempt's outcome like any other.
+        let quic = self.shard_quic.for_addr(&req.endpoint.addr);
         let handle = self.tasks.spawn(async move {
-            Event::Shard(id, Box::new(shard::attach(&quic_endpoint, quic, req).await))
+            let result = match quic {
+                Ok(quic) => shard::attach(&quic_endpoint, quic, req).await,
+                Err(e) => Err(e),
+            };
+            Event::Shard(id, Box::new(result))
         });
         self.attempts.insert(id, handle);
     }

@@ -13,7 +13,7 @@
 //!  driver ◀── actions / deadlines ── ClientMachine (sibyl-proto, no I/O)
 //!    │   └── outcomes (handle_ticket, handle_attached, handle_shard_failed…) ──▶
 //!    ├─ hub task:    QUIC ─▶ hub, stream 0: Hello ─▶ ◀─ Ticket | Refused
-//!    └─ shard tasks: QUIC ─▶ shard (top two raced), stream 0:
+//!    └─ shard tasks: QUIC ─▶ shard (top two, staggered race; TLS session cache per shard address), stream 0:
 //!                    Attach{token, HMAC(secret, TLS exporter)} ─▶ ◀─ Attached | close(code)
 //!        ▼
 //!  Client ── one quinn::Endpoint (one UDP socket), hub connection (publishing, next),

@@ -1,7 +1,12 @@
 //! One shard attempt (connect, session stream, `Attach` with the proof, `Attached`) and the
 //! attached session's watch (connection close or `GoAway` on the session stream).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use rustls::client::{ClientSessionMemoryCache, Resumption};
 
 use sibyl_proto::frame::{Attach, Attached, Endpoint, GoAway};
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN};
@@ -9,6 +14,80 @@ use sibyl_proto::{ErrorCode, Frame, attach_proof};
 
 use crate::error::{ConnectError, ProtocolError};
 use crate::wire::{FrameReader, close_for, write_frame};
+
+/// Shard endpoints whose TLS session caches are kept; past this the map starts afresh.
+const MAX_CACHED_ENDPOINTS: usize = 64;
+/// TLS 1.3 tickets kept per shard endpoint (a shard issues two per handshake; each is used
+/// once).
+const TICKETS_PER_ENDPOINT: usize = 4;
+
+/// The quinn client configs of shard connections: one per shard address, each with its own
+/// TLS session cache, so a reconnect to a shard resumes the TLS session it had with that
+/// shard (PSK: no certificate sent, signed or verified).
+///
+/// Why per address: every shard of a group answers to the same server name, and rustls keys
+/// its session cache by server name alone, so one shared cache would offer shard A's
+/// ticket to shard B (a separate process that cannot decrypt it: a wasted ticket and a full
+/// handshake).
+#[derive(Clone)]
+pub(crate) struct ShardQuic {
+    tls: Arc<rustls::ClientConfig>,
+    transport: Arc<quinn::TransportConfig>,
+    /// False for an application's own rustls config: its resumption setting is kept as is.
+    per_endpoint_sessions: bool,
+    by_addr: HashMap<String, quinn::ClientConfig>,
+}
+
+impl std::fmt::Debug for ShardQuic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardQuic")
+            .field("endpoints", &self.by_addr.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardQuic {
+    /// Shard connections on `tls` with `transport`; with `per_endpoint_sessions` each shard
+    /// address gets its own in-memory TLS session cache (else `tls.resumption` is used as
+    /// it is, e.g. an application's own config that disabled resumption).
+    pub(crate) fn new(
+        tls: Arc<rustls::ClientConfig>,
+        transport: Arc<quinn::TransportConfig>,
+        per_endpoint_sessions: bool,
+    ) -> Self {
+        Self {
+            tls,
+            transport,
+            per_endpoint_sessions,
+            by_addr: HashMap::new(),
+        }
+    }
+
+    /// The config for connections to `addr` (built on first use).
+    pub(crate) fn for_addr(&mut self, addr: &str) -> Result<quinn::ClientConfig, ConnectError> {
+        if let Some(c) = self.by_addr.get(addr) {
+            return Ok(c.clone());
+        }
+        if self.by_addr.len() >= MAX_CACHED_ENDPOINTS {
+            self.by_addr.clear();
+        }
+        let tls = if self.per_endpoint_sessions {
+            let mut tls = (*self.tls).clone();
+            tls.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(
+                TICKETS_PER_ENDPOINT,
+            )));
+            Arc::new(tls)
+        } else {
+            self.tls.clone()
+        };
+        let crypto = QuicClientConfig::try_from(tls)
+            .map_err(|e| crate::error::TlsError::NotQuic(e.to_string()))?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        quic.transport_config(self.transport.clone());
+        self.by_addr.insert(addr.to_owned(), quic.clone());
+        Ok(quic)
+    }
+}
 
 /// What an attempt needs from the ticket.
 #[derive(Debug, Clone)]
