@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Stream;
 use sibyl_proto::forecast::{ForecastConfig, PartitionMetrics};
-use sibyl_proto::frame::{Grant, Mode, Start, Subscribe};
+use sibyl_proto::frame::{Grant, Mode, Records, Start, Subscribe};
 use sibyl_proto::{ErrorCode, Frame};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
@@ -801,6 +801,33 @@ struct PartitionReader {
     stopped: oneshot::Receiver<()>,
 }
 
+/// The records of `batch` as app [`Record`]s whose keys and payloads are slices of one
+/// shared buffer (the batch's record section): no copy and no allocation per record.
+fn share_records(stream: &Arc<str>, partition: u32, batch: Records) -> VecDeque<Record> {
+    let base = batch.data().as_ptr() as usize;
+    // Every key and payload borrows from `batch.data()`, so these offsets are in bounds.
+    let span = |s: &[u8]| {
+        let at = s.as_ptr() as usize - base;
+        at..at + s.len()
+    };
+    let spans: Vec<_> = batch
+        .iter()
+        .map(|rec| (rec.offset, rec.timestamp, span(rec.key), span(rec.payload)))
+        .collect();
+    let data = Bytes::from(batch.into_data());
+    spans
+        .into_iter()
+        .map(|(offset, timestamp_ms, key, payload)| Record {
+            stream: stream.clone(),
+            partition,
+            offset,
+            timestamp_ms,
+            key: data.slice(key),
+            payload: data.slice(payload),
+        })
+        .collect()
+}
+
 /// Reads one partition stream into the app's queue, pausing while the buffer is full.
 async fn read_partition(mut r: PartitionReader) {
     loop {
@@ -818,18 +845,9 @@ async fn read_partition(mut r: PartitionReader) {
             // Finished (revoked) or reset (REVOKED, or the connection is gone).
             Ok(None) | Err(_) => break,
         };
-        let records: VecDeque<Record> = batch
-            .iter()
-            .map(|rec| Record {
-                stream: r.shared.stream.clone(),
-                partition: r.partition,
-                offset: rec.offset,
-                timestamp_ms: rec.timestamp,
-                key: Bytes::copy_from_slice(rec.key),
-                payload: Bytes::copy_from_slice(rec.payload),
-            })
-            .collect();
-        let permits = u32::try_from(batch.body_len())
+        let body_len = batch.body_len();
+        let records = share_records(&r.shared.stream, r.partition, batch);
+        let permits = u32::try_from(body_len)
             .unwrap_or(u32::MAX)
             .min(r.buffer_max);
         let permit = tokio::select! {

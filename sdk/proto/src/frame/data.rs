@@ -180,6 +180,16 @@ impl Records {
             left: self.count,
         }
     }
+    /// The validated record section (everything after the 16-byte header): what
+    /// [`iter`](Self::iter) walks; every [`RecordRef`] key and payload borrows from it.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+    /// Consumes the batch, returning [`data`](Self::data) without copying (for zero-copy
+    /// views: note the records' positions first, then share the buffer).
+    pub fn into_data(self) -> Vec<u8> {
+        self.data
+    }
     /// Copies all records out.
     pub fn to_records(&self) -> Vec<Record> {
         self.iter().map(|r| r.to_owned()).collect()
