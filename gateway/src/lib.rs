@@ -42,6 +42,8 @@
 pub mod apikeys;
 pub mod config;
 pub mod datadir;
+#[cfg(any(fuzzing, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod grants;
 pub mod hub;
 pub mod ipc;

@@ -1,0 +1,168 @@
+//! Oracles for cargo-fuzz targets (feature `fuzzing` or `cfg(fuzzing)`), not a stable API.
+//!
+//! Every decoder the gateway runs on bytes it did not write itself — the hub↔shard IPC
+//! channel, the store link, and segment files read back at recovery — is reachable from here.
+//! Each function panics only when an oracle fails: a decoded value must re-encode and decode
+//! to itself, and a segment scan must stay within the input.
+
+use crate::ipc::{self, HubToShard, ShardToHub};
+use crate::storelink::codec::{self as link, ServerMsg};
+
+/// Decodes an IPC frame both ways (hub → shard and shard → hub); anything decoded must
+/// re-encode and decode to an equal message.
+pub fn ipc_decode(data: &[u8]) {
+    if let Ok(Some((msg, used))) = ipc::decode::<HubToShard>(data) {
+        assert!(used <= data.len());
+        let mut out = Vec::new();
+        ipc::encode(&msg, &mut out).expect("a decoded message re-encodes");
+        let (again, _) = ipc::decode::<HubToShard>(&out)
+            .expect("re-encoded message decodes")
+            .expect("re-encoded message is complete");
+        assert!(again == msg, "hub→shard IPC round trip changed the message");
+    }
+    if let Ok(Some((msg, used))) = ipc::decode::<ShardToHub>(data) {
+        assert!(used <= data.len());
+        let mut out = Vec::new();
+        ipc::encode(&msg, &mut out).expect("a decoded message re-encodes");
+        let (again, _) = ipc::decode::<ShardToHub>(&out)
+            .expect("re-encoded message decodes")
+            .expect("re-encoded message is complete");
+        assert_eq!(again, msg, "shard→hub IPC round trip changed the message");
+    }
+}
+
+/// Splits store-link frames out of `data` and decodes each body as a shard request and as a
+/// hub message; decoded requests and responses must round-trip.
+pub fn storelink_decode(data: &[u8]) {
+    let mut rest = data;
+    while let Ok(Some((body, used))) = link::split_frame(rest, 1 << 20) {
+        assert!(used > 0 && used <= rest.len());
+        if let Ok(req) = link::decode_request(body) {
+            let mut out = Vec::new();
+            link::encode_request(&req, &mut out).expect("a decoded request re-encodes");
+            let (again, _) = link::split_frame(&out, usize::MAX)
+                .expect("re-encoded request frames")
+                .expect("re-encoded request is complete");
+            assert_eq!(link::decode_request(again).ok(), Some(req));
+        }
+        if let Ok(ServerMsg::Response(resp)) = link::decode_server_msg(body) {
+            let mut out = Vec::new();
+            link::encode_response(&resp, &mut out).expect("a decoded response re-encodes");
+            let (again, _) = link::split_frame(&out, usize::MAX)
+                .expect("re-encoded response frames")
+                .expect("re-encoded response is complete");
+            assert_eq!(
+                link::decode_server_msg(again).ok(),
+                Some(ServerMsg::Response(resp))
+            );
+        }
+        rest = &rest[used..];
+    }
+}
+
+/// Scans `data` as a segment file, as recovery does; the scan must stay within the input and
+/// account for every record it reports.
+pub fn store_scan(data: &[u8]) {
+    crate::store::fuzz_scan_segment(data);
+}
+
+/// Seed inputs for each target, by target name: real encodings of typical messages and a
+/// segment with a few records, so the fuzzers start from valid structure.
+pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use crate::ipc::Load;
+    use crate::storelink::codec::Request;
+    let mut out = Vec::new();
+    let ipc_msgs: Vec<(String, Vec<u8>)> = vec![
+        ("ready", ShardToHub::Ready { udp_port: 4433 }),
+        (
+            "heartbeat",
+            ShardToHub::Heartbeat(Load {
+                connections: 3,
+                subscriptions: 5,
+                rss_bytes: 1 << 24,
+            }),
+        ),
+        ("draining", ShardToHub::Draining),
+        (
+            "exiting",
+            ShardToHub::Exiting {
+                reason: "drained".into(),
+            },
+        ),
+    ]
+    .into_iter()
+    .map(|(name, m)| {
+        let mut b = Vec::new();
+        ipc::encode(&m, &mut b).expect("seed encodes");
+        (name.to_owned(), b)
+    })
+    .chain(
+        [
+            (
+                "drain",
+                HubToShard::Drain {
+                    within: std::time::Duration::from_secs(10),
+                },
+            ),
+            (
+                "keyring",
+                HubToShard::KeyringUpdate {
+                    keyring: vec![0xa2; 40],
+                },
+            ),
+        ]
+        .into_iter()
+        .map(|(name, m)| {
+            let mut b = Vec::new();
+            ipc::encode(&m, &mut b).expect("seed encodes");
+            (name.to_owned(), b)
+        }),
+    )
+    .collect();
+    for (name, b) in ipc_msgs {
+        out.push(("ipc_decode", name, b));
+    }
+    let reqs = [
+        Request::Streams { id: 1 },
+        Request::Bounds {
+            id: 2,
+            stream: "events".into(),
+            partition: 3,
+        },
+        Request::Read {
+            id: 3,
+            stream: "events".into(),
+            partition: 0,
+            from: 42,
+            max_records: 1000,
+            max_bytes: 1 << 20,
+        },
+        Request::WatchTail {
+            id: 4,
+            stream: "events".into(),
+            partition: 1,
+        },
+        Request::Unwatch { watch: 4 },
+    ];
+    let mut all = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let mut b = Vec::new();
+        link::encode_request(r, &mut b).expect("seed encodes");
+        all.extend_from_slice(&b);
+        out.push(("storelink_decode", format!("request-{i}"), b));
+    }
+    out.push(("storelink_decode", "all-requests".into(), all));
+    let mut seg = vec![0u8];
+    for i in 0..4u64 {
+        crate::store::fuzz_encode_record(&mut seg, i, 1_700_000_000_000 + i, b"key", b"payload");
+    }
+    out.push(("store_scan", "four-records".into(), seg.clone()));
+    let mut torn = seg.clone();
+    torn.truncate(seg.len() - 5);
+    out.push(("store_scan", "torn-tail".into(), torn));
+    let mut flipped = seg;
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    out.push(("store_scan", "corrupt-middle".into(), flipped));
+    out
+}
