@@ -936,8 +936,9 @@ impl Task {
             return Ok(());
         }
         self.stats.batches.fetch_add(n, Ordering::Relaxed);
+        // One chunk handed to quinn as is (`write_all` would copy it once more).
         link.send
-            .write_all(&buf)
+            .write_chunk(Bytes::from(buf))
             .await
             .map_err(ConnectError::from_write)
     }
@@ -993,15 +994,19 @@ impl Task {
         let Some(s) = self.inflight.pop_front() else {
             return Ok(());
         };
+        // One window release and one counter update per batch, not per record, both before
+        // any future resolves (as `resolve` does).
+        let permits: usize = s.items.iter().map(|i| i.permits as usize).sum();
+        let n = s.items.len() as u64;
+        self.stats.acked.fetch_add(n, Ordering::Relaxed);
+        self.resolved += n;
+        self.window.add_permits(permits);
         for (i, item) in s.items.into_iter().enumerate() {
             let offset = ack.base_offset.saturating_add(i as u64);
-            self.resolve(
-                item,
-                Ok(RecordAck {
-                    partition: ack.partition,
-                    offset,
-                }),
-            );
+            let _ = item.ack.send(Ok(RecordAck {
+                partition: ack.partition,
+                offset,
+            }));
         }
         Ok(())
     }

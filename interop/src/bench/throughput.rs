@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sibyl_sdk::{Client, PublisherConfig, Start, SubscriptionConfig, Trust};
 
 use super::gateway::GatewayProcess;
@@ -61,6 +61,9 @@ durability = "interval:5ms"
 grant_rate = 1000000000
 grant_burst = 100000000
 "#;
+
+/// Sends a publishing loop keeps outstanding.
+const IN_FLIGHT: usize = 1 << 16;
 
 /// How long a run may go without progress before it is declared stuck.
 const STALL: Duration = Duration::from_secs(20);
@@ -103,6 +106,17 @@ fn publisher_config() -> Result<PublisherConfig, BenchError> {
         .map_err(sibyl_err)
 }
 
+/// The stream's next item, `Err` after [`STALL`] without one. A ready item is taken
+/// without arming a timer (a timer per record would cost more than the record).
+async fn next_within<S: futures::Stream + Unpin>(
+    s: &mut S,
+) -> Result<Option<S::Item>, tokio::time::error::Elapsed> {
+    if let Some(item) = s.next().now_or_never() {
+        return Ok(item);
+    }
+    tokio::time::timeout(STALL, s.next()).await
+}
+
 /// Publishes `count` records of `size` payload bytes (empty key) and waits for every ack.
 /// Returns the time from the first send to the last ack.
 async fn publish(
@@ -118,22 +132,30 @@ async fn publish(
         .map_err(sibyl_err)?;
     let payload = Bytes::from(vec![0x5a; size]);
     let start = Instant::now();
-    let mut acks = futures::stream::iter(0..count)
-        .map(|_| publisher.send(Bytes::new(), payload.clone()))
-        .buffer_unordered(1 << 20);
+    // Acks come in send order (one partition), so the oldest send is awaited first; up to
+    // IN_FLIGHT sends stay outstanding (the publisher's window bounds what is unacked).
+    let mut pending = std::collections::VecDeque::with_capacity(IN_FLIGHT);
     let mut acked = 0u64;
+    let mut sent = 0u64;
     while acked < count {
-        match tokio::time::timeout(STALL, acks.next()).await {
-            Ok(Some(r)) => {
-                r.map_err(sibyl_err)?;
-                acked += 1;
-            }
-            Ok(None) => break,
-            Err(_) => return Err(BenchError::BadParameter("publisher stalled")),
+        while sent < count && pending.len() < IN_FLIGHT {
+            pending.push_back(publisher.send(Bytes::new(), payload.clone()));
+            sent += 1;
         }
+        let Some(front) = pending.front_mut() else {
+            break;
+        };
+        let r = match front.now_or_never() {
+            Some(r) => r,
+            None => tokio::time::timeout(STALL, front)
+                .await
+                .map_err(|_| BenchError::BadParameter("publisher stalled"))?,
+        };
+        pending.pop_front();
+        r.map_err(sibyl_err)?;
+        acked += 1;
     }
     let took = start.elapsed();
-    drop(acks);
     publisher.close().await.map_err(sibyl_err)?;
     client.close().await;
     if acked != count {
@@ -155,7 +177,7 @@ async fn drain(
     let mut bytes = 0u64;
     let mut next = 0u64;
     while got < count {
-        match tokio::time::timeout(STALL, sub.next()).await {
+        match next_within(sub).await {
             Ok(Some(r)) => {
                 let r = r.map_err(sibyl_err)?;
                 if r.offset != next {
