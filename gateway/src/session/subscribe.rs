@@ -40,10 +40,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use sibyl_proto::frame::{
-    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen, Start,
-    SubError, Subscribe,
+    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen,
+    Records, Start, SubError, Subscribe,
 };
-use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder, FrameType};
+use sibyl_proto::{ErrorCode, Frame, FrameDecoder, FrameType};
 use sibyl_tokens::{Action, Claims};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
@@ -618,6 +618,15 @@ async fn apply(s: &mut Sub, send: &mut SendStream, c: Change) -> Result<(), quin
     Ok(())
 }
 
+/// A cached batch's record section as the owner of a [`Bytes`] (sent without copying).
+struct RecordData(Arc<Records>);
+
+impl AsRef<[u8]> for RecordData {
+    fn as_ref(&self) -> &[u8] {
+        self.0.data()
+    }
+}
+
 struct Pump {
     dp: Arc<DataPlane>,
     conn: Connection,
@@ -764,7 +773,6 @@ impl Pump {
         let cfg = &self.dp.cfg;
         let reader = self.dp.reader.clone();
         let mut tail = reader.link().watch_tail(&self.stream, self.partition);
-        let mut buf: Vec<u8> = Vec::new();
         loop {
             let mut want = u64::from(cfg.batch_records);
             let mut max_bytes = cfg.batch_bytes;
@@ -864,15 +872,21 @@ impl Pump {
                         Some(c.saturating_sub(count))
                     });
             }
-            buf.clear();
-            buf.reserve(5 + records.body_len());
-            buf.push(FrameType::Records.to_u8());
+            // The frame header and the batch header, then the record section itself, shared
+            // with the cache (no copy).
+            let mut head = Vec::with_capacity(21);
+            head.push(FrameType::Records.to_u8());
             // Batches are bounded by batch_bytes (≤ 1 MiB) plus one record: far below 4 GiB.
             let len = u32::try_from(records.body_len()).unwrap_or(u32::MAX);
-            buf.extend_from_slice(&len.to_be_bytes());
-            records.encode(&mut buf);
-            let chunk = Bytes::from(std::mem::take(&mut buf));
-            if send.write_chunk(chunk).await.is_err() {
+            head.extend_from_slice(&len.to_be_bytes());
+            records.encode_header(&mut head);
+            let data = batch
+                .shared()
+                .map(|r| Bytes::from_owner(RecordData(r)))
+                .unwrap_or_default();
+            if send.write_chunk(Bytes::from(head)).await.is_err()
+                || send.write_chunk(data).await.is_err()
+            {
                 return;
             }
             self.next = batch.next_offset();

@@ -185,6 +185,14 @@ impl Records {
     pub fn data(&self) -> &[u8] {
         &self.data
     }
+    /// Appends the 16-byte body header (partition, base_offset, count): the body is this
+    /// header followed by [`data`](Self::data), so a sender can write the two separately
+    /// and share the data without copying it.
+    pub fn encode_header(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.partition.to_be_bytes());
+        out.extend_from_slice(&self.base_offset.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+    }
     /// Consumes the batch, returning [`data`](Self::data) without copying (for zero-copy
     /// views: note the records' positions first, then share the buffer).
     pub fn into_data(self) -> Vec<u8> {
@@ -322,9 +330,7 @@ impl DecodeLimited for Records {
 impl Codec for Records {
     fn encode(&self, out: &mut Vec<u8>) {
         out.reserve(16 + self.data.len());
-        out.extend_from_slice(&self.partition.to_be_bytes());
-        out.extend_from_slice(&self.base_offset.to_be_bytes());
-        out.extend_from_slice(&self.count.to_be_bytes());
+        self.encode_header(out);
         out.extend_from_slice(&self.data);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self, FrameError> {
