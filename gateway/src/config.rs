@@ -454,8 +454,9 @@ pub struct ShardLimits {
     pub cpu_percent: Option<u32>,
     /// `RLIMIT_NOFILE` (open files, ≥ 64). Default 4096.
     pub open_files: Option<u64>,
-    /// `RLIMIT_AS` address-space bytes (≥ 256 MiB). Default: unset (async runtimes reserve
-    /// a lot of virtual memory; prefer `memory_bytes`).
+    /// `RLIMIT_AS` address-space bytes (≥ 256 MiB). Default 4 GiB: a bound on a runaway
+    /// shard that leaves room for the virtual memory async runtimes and allocator arenas
+    /// reserve (an idle shard maps ~20 MiB); `memory_bytes` (cgroup v2) is the precise limit.
     pub address_space_bytes: Option<u64>,
 }
 
@@ -465,7 +466,7 @@ impl Default for ShardLimits {
             memory_bytes: None,
             cpu_percent: None,
             open_files: Some(4096),
-            address_space_bytes: None,
+            address_space_bytes: Some(4 << 30),
         }
     }
 }
