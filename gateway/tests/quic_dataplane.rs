@@ -1,7 +1,7 @@
 //! The data plane across real processes: publishing on the hub over raw quinn + proto frames,
 //! subscriptions on shards (every start kind, tail, reactive fetch), crash safety of acked
 //! records, resume after a shard SIGKILL, bounded memory with a stalled consumer, and
-//! consumer groups.
+//! consumer groups (hand-over, rate-aware assignment from forecasts).
 
 mod support;
 
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use sibyl_proto::frame::{
-    Action, Assignment, Fetch, Mode, NewRecordRef, PartitionOpen, Position, Produce, ProduceAck,
-    PublishOpen, Record, Start, Subscribe, Ticket,
+    Action, Assignment, Fetch, Forecast, Mode, NewRecordRef, PartitionForecast, PartitionOpen,
+    Position, Produce, ProduceAck, PublishOpen, Record, Start, Subscribe, Ticket,
 };
 use sibyl_proto::{ErrorCode, Frame, FrameDecoder};
 use support::*;
@@ -632,5 +632,82 @@ fn consumer_group_members_split_and_hand_over() {
         let b = next_assignment(&mut b_r).await;
         assert_eq!(parts(&b), vec![0, 1, 2, 3]);
         drop(b_ctl);
+    });
+}
+
+#[test]
+fn consumer_group_spreads_forecast_load_not_partition_count() {
+    let gw = Gateway::start(
+        ONE_SHARD
+            .replace("partitions = 2", "partitions = 4")
+            .as_str(),
+        1,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let (_conn, t) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let a_conn = attach_shard(&ep, gw.shard_of(0).addr, &t).await;
+        let (_, t2) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let b_conn = attach_shard(&ep, gw.shard_of(0).addr, &t2).await;
+        let parts = |a: &Assignment| -> Vec<u32> {
+            let mut v: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
+            v.sort_unstable();
+            v
+        };
+        let position = |partition| {
+            Frame::Position(Position {
+                partition,
+                next_offset: 0,
+            })
+        };
+
+        let (mut a_ctl, mut a_r, a1) =
+            subscribe(&a_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        assert_eq!(parts(&a1), vec![0, 1, 2, 3]);
+        let (mut b_ctl, mut b_r, b1) =
+            subscribe(&b_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        assert!(parts(&b1).is_empty(), "{b1:?}");
+        // Without forecasts, loads are equal: two partitions move to B after A's positions.
+        let a2 = next_assignment(&mut a_r).await;
+        let to_b: Vec<u32> = (0..4).filter(|p| !parts(&a2).contains(p)).collect();
+        assert_eq!(to_b.len(), 2);
+        for p in &to_b {
+            send_frame(&mut a_ctl, position(*p)).await;
+            next_assignment(&mut b_r).await;
+        }
+        // B predicts its partitions hot (100 and 50 records/s), A's cold (1 each): B holds
+        // nearly all the load, so its 50/s partition moves to A and B keeps only the hottest
+        // (by count 3 against 1; a count-balanced split would stay 2 and 2).
+        let (hot, warm) = (to_b[0], to_b[1]);
+        let rate = |p: u32| match p {
+            p if p == hot => 100,
+            p if p == warm => 50,
+            _ => 1,
+        };
+        let forecast = Forecast {
+            partitions: (0..4)
+                .map(|p| PartitionForecast {
+                    partition: p,
+                    records_per_s: rate(p),
+                    bytes_per_s: rate(p) * 1000,
+                })
+                .collect(),
+            buffer_capacity_bytes: 1 << 20,
+        };
+        send_frame(&mut b_ctl, Frame::Forecast(forecast)).await;
+        let b3 = tokio::time::timeout(PATIENCE, next_assignment(&mut b_r))
+            .await
+            .expect("the forecast moves a partition");
+        assert_eq!(parts(&b3), vec![hot], "{b3:?}");
+        // Handed over only after B's position: A gets it then, never while B has it.
+        send_frame(&mut b_ctl, position(warm)).await;
+        let a3 = next_assignment(&mut a_r).await;
+        assert!(a3.epoch > a2.epoch);
+        let mut expected: Vec<u32> = parts(&a2);
+        expected.push(warm);
+        expected.sort_unstable();
+        assert_eq!(parts(&a3), expected);
+        drop((a_ctl, b_ctl));
     });
 }

@@ -11,7 +11,8 @@
 //!  DeviationTracker::poll_flagged ──▶ "forecast is off" (ask for / fall back from the forecast)
 //! ```
 //!
-//! Not wired into the shard's session driver yet (see `docs/ARCHITECTURE.md`).
+//! Driven by the shard's session layer (`session/subscribe.rs`): a `GroupAssigner` per
+//! consumer group, one `PrefetchPlanner` per shard, a `DeviationTracker` per subscription.
 
 mod assign;
 mod deviation;

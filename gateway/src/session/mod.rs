@@ -18,7 +18,6 @@
 //! [`FrameError::code`]: sibyl_proto::FrameError::code
 
 pub mod attach;
-pub mod groups;
 pub mod subscribe;
 
 use std::net::UdpSocket;
@@ -41,7 +40,6 @@ use crate::quic::{self, QuicSetupError, Role, StreamError};
 use crate::shard::ShardStats;
 
 pub use attach::{AttachContext, AttachRefusal, check_attach};
-pub use groups::GroupCoordinator;
 pub use subscribe::DataPlane;
 
 /// How long a `GoAway` may take to be acknowledged before the connection is closed anyway.

@@ -6,7 +6,11 @@
 //!   ◀── Grant{rate, burst, lease}        (TokenBucket; renewed half-way through the lease)
 //!   ◀── Assignment{epoch, partitions}    (all partitions, or the group's share)
 //!   ──▶ Position (recorded; drives group hand-over and the pre-fetch window), Fetch
-//!       (reactive credit), Forecast (predictive: PrefetchPlanner + DeviationTracker)
+//!       (reactive credit), Forecast (predictive: PrefetchPlanner + DeviationTracker,
+//!       and the group's GroupAssigner)
+//! consumer group (stream, group) on this shard: one GroupAssigner; join / leave /
+//!   Position / Forecast / hand-over deadline (100 ms tick) ─▶ poll_assignments ─▶ each
+//!   changed member's control loop (in epoch order) ─▶ Assignment
 //! pump per partition: open uni ─ priority ─ PartitionOpen ─▶ loop:
 //!   tokens ← bucket (and credit in reactive mode, the pre-fetch room in predictive mode)
 //!   ─▶ CachedReader::read(next, ≤ tokens) ─ empty: wait for the store link's tail watch
@@ -49,22 +53,67 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use super::groups::{Change, GroupCoordinator, MemberId};
 use crate::config::SubscribeConfig;
 use crate::grants::TokenBucket;
-use crate::predict::{DeviationConfig, DeviationTracker, PrefetchConfig, PrefetchPlanner, SubKey};
+use crate::predict::{
+    DeviationConfig, DeviationTracker, GroupAssigner, GroupConfig, PrefetchConfig, PrefetchPlanner,
+    SubKey,
+};
 use crate::quic::{self, StreamError};
 use crate::storelink::{CachedReader, LinkError, RemoteError};
 
-/// The shard's data plane: the store reader, the settings and the group coordinator.
+/// The shard's data plane: the store reader, the settings and the consumer groups.
 pub struct DataPlane {
     reader: CachedReader,
     cfg: SubscribeConfig,
-    groups: Mutex<GroupCoordinator>,
-    members: Mutex<HashMap<MemberId, mpsc::UnboundedSender<Change>>>,
+    groups: Mutex<HashMap<(String, String), Group>>,
     next_member: AtomicU64,
-    groups_changed: Notify,
     planner: Mutex<PrefetchPlanner>,
+}
+
+/// A subscription on this shard (also its group member id and pre-fetch key).
+type MemberId = u64;
+
+/// A subscription's new complete set of partitions, for its control loop (applied with
+/// the next epoch).
+struct Owned {
+    /// Each partition with the offset a newly given one starts at (`None`: the
+    /// subscription's start).
+    partitions: Vec<(u32, Option<u64>)>,
+}
+
+/// One consumer group of one stream on this shard: its assigner and its members' control
+/// loops.
+struct Group {
+    assigner: GroupAssigner,
+    /// Each member's control loop and the partitions last sent to it (`None`: nothing yet).
+    members: HashMap<MemberId, (mpsc::UnboundedSender<Owned>, Option<Vec<u32>>)>,
+}
+
+impl Group {
+    /// Sends each changed set of partitions to its member's control loop. A change of the
+    /// assigner's priorities alone is not sent: the pumps follow the planner's priority
+    /// without a new epoch. Called under the `groups` lock, so every member receives its
+    /// sets in order.
+    fn dispatch(&mut self) {
+        for a in self.assigner.poll_assignments() {
+            let Some((tx, sent)) = self.members.get_mut(&a.member.0) else {
+                continue;
+            };
+            let mut set: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
+            set.sort_unstable();
+            if sent.as_ref() == Some(&set) {
+                continue;
+            }
+            *sent = Some(set);
+            let partitions = a
+                .partitions
+                .iter()
+                .map(|p| (p.partition, Some(p.start_offset)))
+                .collect();
+            let _ = tx.send(Owned { partitions });
+        }
+    }
 }
 
 /// In-flight records a pump allows per record of planned depth (covers the forecast's
@@ -98,21 +147,24 @@ impl DataPlane {
     pub fn new(reader: CachedReader, cfg: SubscribeConfig) -> Arc<Self> {
         let dp = Arc::new(Self {
             reader,
-            groups: Mutex::new(GroupCoordinator::new(cfg.handover_timeout)),
+            groups: Mutex::new(HashMap::new()),
             cfg,
-            members: Mutex::new(HashMap::new()),
             next_member: AtomicU64::new(1),
-            groups_changed: Notify::new(),
             planner: Mutex::new(PrefetchPlanner::new(PrefetchConfig::default())),
         });
-        // Drives hand-over timeouts; ends when the data plane is dropped.
+        // Drives the groups' hand-over deadlines; ends when the data plane is dropped.
         let weak = Arc::downgrade(&dp);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let Some(dp) = weak.upgrade() else { return };
-                let changes = lock(&dp.groups).poll(Instant::now());
-                dp.dispatch(changes);
+                let now = Instant::now();
+                for g in lock(&dp.groups).values_mut() {
+                    if g.assigner.poll_timeout().is_some_and(|t| t <= now) {
+                        g.assigner.handle_timeout(now);
+                        g.dispatch();
+                    }
+                }
             }
         });
         dp
@@ -128,14 +180,69 @@ impl DataPlane {
         lock(&self.planner).allocated_bytes()
     }
 
-    fn dispatch(&self, changes: Vec<Change>) {
-        let members = lock(&self.members);
-        for c in changes {
-            if let Some(tx) = members.get(&c.member) {
-                let _ = tx.send(c);
-            }
+    /// Runs `f` on the assigner of `group` of `stream` (if it has members here) and sends
+    /// the assignments it changed.
+    fn with_group(&self, stream: &str, group: &str, f: impl FnOnce(&mut GroupAssigner, Instant)) {
+        let mut groups = lock(&self.groups);
+        if let Some(g) = groups.get_mut(&(stream.to_owned(), group.to_owned())) {
+            f(&mut g.assigner, Instant::now());
+            g.dispatch();
         }
-        self.groups_changed.notify_waiters();
+    }
+
+    /// `member` (sending on `tx`) joins `group` of `stream`; `starts` seeds the offsets of a
+    /// new group's partitions (the first member's `Start`, resolved).
+    fn join_group(
+        &self,
+        stream: &str,
+        group: &str,
+        partitions: u32,
+        starts: Vec<(u32, u64)>,
+        member: MemberId,
+        tx: mpsc::UnboundedSender<Owned>,
+    ) {
+        let mut groups = lock(&self.groups);
+        let g = groups
+            .entry((stream.to_owned(), group.to_owned()))
+            .or_insert_with(|| {
+                let config = GroupConfig {
+                    revoke_timeout: self.cfg.handover_timeout,
+                    ..GroupConfig::default()
+                };
+                Group {
+                    assigner: GroupAssigner::new(0..partitions, config),
+                    members: HashMap::new(),
+                }
+            });
+        for (p, o) in starts {
+            g.assigner.set_start_offset(p, o);
+        }
+        g.members.insert(member, (tx, None));
+        // Members join with equal capacity (the protocol carries no consumer capacity); the
+        // partitions' forecast rates make the assignment rate-aware. Cannot fail: 1.0 is a
+        // valid capacity and member ids are unique per data plane.
+        let _ = g
+            .assigner
+            .join(crate::predict::MemberId(member), 1.0, Instant::now());
+        g.dispatch();
+    }
+
+    /// `member` left `group` of `stream`: its partitions move on from their known positions.
+    fn leave_group(&self, stream: &str, group: &str, member: MemberId) {
+        let key = (stream.to_owned(), group.to_owned());
+        let mut groups = lock(&self.groups);
+        let Some(g) = groups.get_mut(&key) else {
+            return;
+        };
+        g.members.remove(&member);
+        let _ = g
+            .assigner
+            .leave(crate::predict::MemberId(member), Instant::now());
+        if g.members.is_empty() {
+            groups.remove(&key);
+        } else {
+            g.dispatch();
+        }
     }
 }
 
@@ -261,6 +368,26 @@ pub async fn serve_subscription(
             return;
         }
     };
+    // A new group starts where its first member's `Start` resolves to.
+    let mut group_starts = Vec::new();
+    if let Some(g) = &sub.group
+        && !lock(&dp.groups).contains_key(&(sub.stream.clone(), g.clone()))
+    {
+        for p in 0..partitions {
+            match resolve_start(&dp.reader, &sub.stream, p, &sub.start).await {
+                Ok(o) => group_starts.push((p, o)),
+                Err(e) => {
+                    if quic::write_frame(&mut send, &refuse(link_sub_error(&e)))
+                        .await
+                        .is_ok()
+                    {
+                        let _ = send.finish();
+                    }
+                    return;
+                }
+            }
+        }
+    }
     let cfg = &dp.cfg;
     let now = Instant::now();
     let bucket = TokenBucket::new(cfg.grant_rate, cfg.grant_burst, cfg.grant_lease, now);
@@ -288,7 +415,7 @@ pub async fn serve_subscription(
         deviation: DeviationTracker::new(DeviationConfig::default()),
         last_forecast: None,
     };
-    let (change_tx, mut change_rx) = mpsc::unbounded_channel::<Change>();
+    let (change_tx, mut change_rx) = mpsc::unbounded_channel::<Owned>();
     let member = dp.next_member.fetch_add(1, Ordering::Relaxed);
     if let Some(p) = Arc::get_mut(&mut s.prefetch) {
         p.key = SubKey(member);
@@ -298,22 +425,19 @@ pub async fn serve_subscription(
     }
     let group = s.sub.group.clone();
     if let Some(g) = &group {
-        lock(&dp.members).insert(member, change_tx.clone());
-        let (changes, mine) = {
-            let mut groups = lock(&dp.groups);
-            let changes = groups.join(&s.sub.stream, g, partitions, member, now);
-            let mine = groups.owned(member);
-            (changes, mine)
-        };
-        if !changes.iter().any(|c| c.member == member) {
-            // Nothing for it yet (hand-overs pending): an Assignment all the same.
-            let owned = mine.into_iter().map(|p| (p, None)).collect();
-            let _ = change_tx.send(Change { member, owned });
-        }
-        dp.dispatch(changes);
+        // The first assignment comes from the group (possibly empty while hand-overs to
+        // this member are pending).
+        dp.join_group(
+            &s.sub.stream,
+            g,
+            partitions,
+            group_starts,
+            member,
+            change_tx.clone(),
+        );
     } else {
-        let all = (0..partitions).map(|p| (p, None)).collect();
-        let _ = change_tx.send(Change { member, owned: all });
+        let partitions = (0..partitions).map(|p| (p, None)).collect();
+        let _ = change_tx.send(Owned { partitions });
     }
     // A `Forecast` sent with `Subscribe` (the SDK does) is planned before the first pumps
     // start, so the client's buffer bound holds from the first batch.
@@ -339,10 +463,8 @@ pub async fn serve_subscription(
         }
         Err(e) => Err(e),
     };
-    if group.is_some() {
-        lock(&dp.members).remove(&member);
-        let changes = lock(&dp.groups).leave(member, Instant::now());
-        dp.dispatch(changes);
+    if let Some(g) = &group {
+        dp.leave_group(&s.sub.stream, g, member);
     }
     // The subscription ends: finish every partition stream.
     for ctl in s.pumps.values() {
@@ -378,7 +500,7 @@ async fn control_loop(
     send: &mut SendStream,
     recv: &mut RecvStream,
     dec: &mut FrameDecoder,
-    changes: &mut mpsc::UnboundedReceiver<Change>,
+    changes: &mut mpsc::UnboundedReceiver<Owned>,
     member: MemberId,
 ) -> Result<(), StreamError> {
     loop {
@@ -428,9 +550,16 @@ fn on_frame(s: &mut Sub, frame: Frame, member: MemberId) -> Result<(), StreamErr
                     ctl.wake.notify_one();
                 }
             }
-            if s.sub.group.is_some() {
-                let ch = lock(&s.dp.groups).position(member, p.partition, p.next_offset);
-                s.dp.dispatch(ch);
+            if let Some(g) = &s.sub.group {
+                s.dp.with_group(&s.sub.stream, g, |a, now| {
+                    // A stale report (not owner, not revoking) changes nothing.
+                    a.position_known(
+                        crate::predict::MemberId(member),
+                        p.partition,
+                        p.next_offset,
+                        now,
+                    );
+                });
             }
         }
         Frame::Fetch(f) => {
@@ -480,6 +609,13 @@ fn on_forecast(s: &mut Sub, mut f: Forecast) {
         .capacity
         .store(f.buffer_capacity_bytes, Ordering::SeqCst);
     s.prefetch.forecasts.fetch_add(1, Ordering::SeqCst);
+    if let Some(g) = &s.sub.group {
+        // The group's partition loads (rate-aware assignment); the member is known while
+        // its control loop runs.
+        s.dp.with_group(&s.sub.stream, g, |a, now| {
+            let _ = a.update_forecast(crate::predict::MemberId(key.0), &f, now);
+        });
+    }
     s.last_forecast = Some(f);
     for ctl in s.pumps.values() {
         ctl.wake.notify_one();
@@ -528,13 +664,13 @@ fn on_deviations(s: &mut Sub) {
 /// owned partition starts — a partition kept from the previous epoch at the client's last
 /// `Position` (the SDK drops what it already has), a new one at the group's known position
 /// or the subscription's start.
-async fn apply(s: &mut Sub, send: &mut SendStream, c: Change) -> Result<(), quinn::WriteError> {
+async fn apply(s: &mut Sub, send: &mut SendStream, c: Owned) -> Result<(), quinn::WriteError> {
     s.epoch += 1;
     let mut previous = std::mem::take(&mut s.pumps);
     for ctl in previous.values() {
         ctl.stop.send_replace(true);
     }
-    let mut owned = c.owned;
+    let mut owned = c.partitions;
     owned.sort_unstable();
     let predictive = s.sub.mode == Mode::Predictive;
     if predictive {

@@ -351,7 +351,10 @@ mod tests {
         let (la, lb) = (a.body_len(), b.body_len());
         c.insert(a, usize::MAX);
         c.insert(b, usize::MAX);
-        let at = |from| c.ahead(from).map(|x| (x.next, x.bytes, x.last_records, x.last_bytes));
+        let at = |from| {
+            c.ahead(from)
+                .map(|x| (x.next, x.bytes, x.last_records, x.last_bytes))
+        };
         assert_eq!(at(10), Some((18, la + lb, 3, lb)));
         assert_eq!(at(14), Some((18, la + lb, 3, lb)));
         assert_eq!(at(15), Some((18, lb, 3, lb)));
