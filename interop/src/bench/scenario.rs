@@ -516,6 +516,31 @@ mod tests {
     }
 
     #[test]
+    fn ratio_line_judges_absolute_figures() {
+        let s = Summary {
+            scenario: "throughput".into(),
+            figures: [
+                ("bytes_per_s_16k".into(), 400.0),
+                ("records_per_s_100b".into(), 900_000.0),
+                ("publish_records_per_s_100b".into(), 600_000.0),
+            ]
+            .into(),
+            baseline: [("quinn_bytes_per_s".into(), 500.0)].into(),
+        };
+        let line = ratio_line(Scenario::Throughput, &s);
+        assert!(line.contains("= 0.800 (target >= 0.8, met)"), "{line}");
+        assert!(
+            line.contains("records_per_s_100b = 900000 (target >= 1000000, MISSED)"),
+            "{line}"
+        );
+        assert!(
+            line.contains("publish_records_per_s_100b = 600000 (target >= 500000, met)"),
+            "{line}"
+        );
+        assert!(Scenario::Admission.absolutes().is_empty());
+    }
+
+    #[test]
     fn scenario_names_match_clap() {
         use clap::ValueEnum;
         for s in Scenario::value_variants() {

@@ -278,3 +278,29 @@ impl SibylHalf for ThroughputHalf {
         Ok(f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_declares_the_three_streams_and_an_unlimiting_grant() {
+        let v: toml::Table = toml::from_str(THROUGHPUT_CONFIG).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        let find = |name: &str| {
+            streams
+                .iter()
+                .find(|s| s["name"].as_str() == Some(name))
+                .unwrap_or_else(|| panic!("stream {name}"))
+        };
+        assert_eq!(find(BULK_STREAM)["durability"].as_str(), Some("never"));
+        assert_eq!(find(SMALL_STREAM)["durability"].as_str(), Some("never"));
+        assert_eq!(
+            find(DURABLE_STREAM)["durability"].as_str(),
+            Some("interval:5ms")
+        );
+        // Far above the 1 M records/s target, so the grant never paces a run.
+        assert!(v["subscribe"]["grant_rate"].as_integer().unwrap() >= 100_000_000);
+        assert_eq!(v["shards"]["groups"].as_array().unwrap().len(), 1);
+    }
+}
