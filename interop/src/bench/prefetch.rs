@@ -386,7 +386,8 @@ async fn run_trace(
 /// Drives a [`GroupAssigner`] (12 partitions, equal load) through a membership-change trace
 /// (joins, a leave, a rejoin, a capacity change), completing every handover; returns the
 /// largest number of partitions moved beyond [`minimal_moves`] by one change, and the number
-/// of changes. Not through the real path: the shard's groups still use `GroupCoordinator`.
+/// of changes. The assigner is the one the shard's consumer groups use; here it runs without
+/// the network.
 fn group_moves_excess() -> (usize, usize) {
     let now = Instant::now();
     let parts: BTreeSet<u32> = (0..12).collect();
