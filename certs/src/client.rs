@@ -106,14 +106,15 @@ impl ClientTlsBuilder {
             Mode::Trust(Trust::PlatformRoots) => builder.with_root_certificates(platform_roots()?),
             Mode::Trust(Trust::PinnedSha256(pin)) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                    pin,
+                .with_custom_certificate_verifier(Arc::new(SignatureOnlyVerifier {
+                    identity: Identity::Pinned(pin),
                     algs: provider.signature_verification_algorithms,
                 })),
             Mode::DangerousAcceptAny => {
                 builder
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AcceptAnyVerifier {
+                    .with_custom_certificate_verifier(Arc::new(SignatureOnlyVerifier {
+                        identity: Identity::Any,
                         algs: provider.signature_verification_algorithms,
                     }))
             }
@@ -174,14 +175,25 @@ fn platform_roots() -> Result<RootCertStore, CertError> {
     Ok(roots)
 }
 
-/// Accepts exactly one end-entity certificate, by SHA-256 of its DER.
+/// Which end-entity certificates a [`SignatureOnlyVerifier`] accepts.
 #[derive(Debug)]
-struct PinnedVerifier {
-    pin: [u8; 32],
+enum Identity {
+    /// Exactly one, by SHA-256 of its DER (compared in constant time).
+    Pinned([u8; 32]),
+    /// Any; reachable only through `dangerous_accept_any_server_cert`.
+    Any,
+}
+
+/// A verifier that does not build a chain: it checks the end-entity certificate against
+/// `identity` and still verifies the TLS 1.3 handshake signature, so the peer must hold the
+/// certificate's private key.
+#[derive(Debug)]
+struct SignatureOnlyVerifier {
+    identity: Identity,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinnedVerifier {
+impl ServerCertVerifier for SignatureOnlyVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -190,8 +202,11 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let seen = sha256_fingerprint(end_entity);
-        if bool::from(seen.ct_eq(&self.pin)) {
+        let accepted = match &self.identity {
+            Identity::Pinned(pin) => bool::from(sha256_fingerprint(end_entity).ct_eq(pin)),
+            Identity::Any => true,
+        };
+        if accepted {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -207,49 +222,6 @@ impl ServerCertVerifier for PinnedVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The configs built here only enable TLS 1.3.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// Accepts any certificate; reachable only through `dangerous_accept_any_server_cert`.
-#[derive(Debug)]
-struct AcceptAnyVerifier {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AcceptAnyVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::PeerIncompatible(
             rustls::PeerIncompatible::Tls13RequiredForQuic,
         ))
