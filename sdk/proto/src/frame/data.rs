@@ -258,6 +258,35 @@ pub(crate) fn take_bytes<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], FrameError>
     r.take(len)
 }
 
+/// Checks one record's `timestamp · key · payload` (the part `Records` and `Produce` share),
+/// adding its key and payload bytes to `payload_total` against `max_batch_payload`.
+pub(crate) fn check_record_tail(
+    ty: u8,
+    w: &mut Reader<'_>,
+    payload_total: &mut u64,
+    limits: &DecodeLimits,
+) -> Result<(), FrameError> {
+    w.u64().map_err(|e| short(ty, e))?;
+    let k = take_bytes(w).map_err(|e| short(ty, e))?;
+    let p = take_bytes(w).map_err(|e| short(ty, e))?;
+    *payload_total += (k.len() + p.len()) as u64;
+    if *payload_total > u64::from(limits.max_batch_payload) {
+        return Err(FrameError::malformed(
+            ty,
+            "batch payload exceeds max_batch_payload",
+        ));
+    }
+    Ok(())
+}
+
+/// A batch body must end exactly after its last record.
+pub(crate) fn check_batch_end(ty: u8, w: &Reader<'_>) -> Result<(), FrameError> {
+    if w.remaining() != 0 {
+        return Err(FrameError::TrailingBytes { ty });
+    }
+    Ok(())
+}
+
 /// Checks the count against limits; shared by `Records` and `Produce`.
 pub(crate) fn check_count(ty: u8, count: u32, limits: &DecodeLimits) -> Result<(), FrameError> {
     if count == 0 {
@@ -304,20 +333,9 @@ impl DecodeLimited for Records {
                 return Err(FrameError::malformed(ty, "offset overflows u64"));
             }
             last_delta = delta;
-            w.u64().map_err(|e| short(ty, e))?;
-            let k = take_bytes(&mut w).map_err(|e| short(ty, e))?;
-            let p = take_bytes(&mut w).map_err(|e| short(ty, e))?;
-            payload_total += (k.len() + p.len()) as u64;
-            if payload_total > u64::from(limits.max_batch_payload) {
-                return Err(FrameError::malformed(
-                    ty,
-                    "batch payload exceeds max_batch_payload",
-                ));
-            }
+            check_record_tail(ty, &mut w, &mut payload_total, limits)?;
         }
-        if w.remaining() != 0 {
-            return Err(FrameError::TrailingBytes { ty });
-        }
+        check_batch_end(ty, &w)?;
         Ok(Self {
             partition,
             base_offset,

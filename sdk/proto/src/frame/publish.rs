@@ -17,7 +17,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::data::{BatchError, check_count, put_bytes, short, take_bytes};
+use super::data::{
+    BatchError, check_batch_end, check_count, check_record_tail, put_bytes, short, take_bytes,
+};
 use super::{DecodeLimited, FrameBody, Validate, cbor_frame};
 use crate::codec::{Codec, DecodeLimits, FrameError, Reader};
 use crate::error::ErrorCode;
@@ -220,20 +222,9 @@ impl DecodeLimited for Produce {
         let mut w = Reader::new(data);
         let mut payload_total: u64 = 0;
         for _ in 0..count {
-            w.u64().map_err(|e| short(ty, e))?;
-            let k = take_bytes(&mut w).map_err(|e| short(ty, e))?;
-            let p = take_bytes(&mut w).map_err(|e| short(ty, e))?;
-            payload_total += (k.len() + p.len()) as u64;
-            if payload_total > u64::from(limits.max_batch_payload) {
-                return Err(FrameError::malformed(
-                    ty,
-                    "batch payload exceeds max_batch_payload",
-                ));
-            }
+            check_record_tail(ty, &mut w, &mut payload_total, limits)?;
         }
-        if w.remaining() != 0 {
-            return Err(FrameError::TrailingBytes { ty });
-        }
+        check_batch_end(ty, &w)?;
         Ok(Self {
             seq,
             partition,
