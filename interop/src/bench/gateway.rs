@@ -32,6 +32,7 @@ use sibyl_proto::{Codec, Frame, FrameDecoder, SUPPORTED_VERSIONS};
 
 use super::quic::{BenchTls, Resumption, SERVER_NAME, Transport};
 use super::{BenchError, SibylHalf};
+use crate::runner::{ShardReady, parse_ready};
 
 /// Environment variable naming the `sibyl-gateway` binary to benchmark.
 pub const GATEWAY_BIN_ENV: &str = "SIBYL_GATEWAY_BIN";
@@ -106,37 +107,6 @@ pub fn gateway_binary() -> Result<PathBuf, GatewayError> {
         .find(|p| p.is_file())
         .cloned()
         .ok_or(GatewayError::BinaryNotFound { searched })
-}
-
-/// A `shard ready` log line of the gateway.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardReady {
-    /// Shard group id.
-    pub group: u32,
-    /// Shard index in its group.
-    pub shard: u32,
-    /// The shard process id.
-    pub pid: i32,
-    /// The shard's bound QUIC address.
-    pub addr: SocketAddr,
-}
-
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-}
-
-/// Parses a `shard ready group=… shard=… pid=… addr=…` log line.
-pub fn parse_shard_ready(line: &str) -> Option<ShardReady> {
-    if !line.contains("shard ready") {
-        return None;
-    }
-    Some(ShardReady {
-        group: field(line, "group")?.parse().ok()?,
-        shard: field(line, "shard")?.parse().ok()?,
-        pid: field(line, "pid")?.parse().ok()?,
-        addr: field(line, "addr")?.parse().ok()?,
-    })
 }
 
 /// A running `sibyl-gateway` (hub and its shard processes) on a temporary data dir, stopped
@@ -232,7 +202,7 @@ impl GatewayProcess {
             Some(l.trim().strip_prefix("dev API key:")?.trim().to_owned())
         })?;
         while gw.shards.len() < shards {
-            let r = gw.until(deadline, "every shard ready", parse_shard_ready)?;
+            let r = gw.until(deadline, "every shard ready", parse_ready)?;
             gw.shards.push(r);
         }
         Ok(gw)
