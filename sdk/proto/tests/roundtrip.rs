@@ -147,6 +147,14 @@ fn control() -> impl Strategy<Value = Frame> {
                 reconnect_after_ms
             }
         )),
+        (bytes(64), s(), any::<Option<u64>>()).prop_map(|(token, client_id, resume)| {
+            Frame::from(EarlyAttach {
+                token,
+                client_id,
+                resume,
+            })
+        }),
+        any::<[u8; 32]>().prop_map(|proof| Frame::from(AttachProof { proof })),
     ];
     let start = prop_oneof![
         Just(Start::Earliest),

@@ -21,7 +21,7 @@ pub use publish::{
     NewRecord, NewRecordIter, NewRecordRef, Produce, ProduceAck, ProduceError, PublishAccepted,
     PublishOpen,
 };
-pub use session::{Attach, Attached, GoAway, SessionLimits};
+pub use session::{Attach, AttachProof, Attached, EarlyAttach, GoAway, SessionLimits};
 pub use subscription::{
     AssignedPartition, Assignment, Fetch, Flip, FlipHint, Forecast, Grant, Mode, PartitionForecast,
     Position, Start, SubError, Subscribe,
@@ -138,6 +138,10 @@ frames! {
     Attached = 0x21, control = true;
     /// `0x22` shard→client, session stream: drain, reconnect elsewhere.
     GoAway = 0x22, control = true;
+    /// `0x23` client→shard, session stream (0-RTT): the token, proof to follow.
+    EarlyAttach = 0x23, control = true;
+    /// `0x24` client→shard, session stream: the proof of an `EarlyAttach`.
+    AttachProof = 0x24, control = true;
     /// `0x30` client→shard, control stream: start a subscription.
     Subscribe = 0x30, control = true;
     /// `0x31` shard→client, control stream: the partitions assigned to this subscription.

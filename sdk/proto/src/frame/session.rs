@@ -1,5 +1,6 @@
 //! Session stream frames (first bidi stream of a shard connection):
-//! `Attach` → `Attached`, later `GoAway`.
+//! `Attach` → `Attached`, later `GoAway`; or, in 0-RTT on a resumed connection,
+//! `EarlyAttach` → `Attached` (0.5-RTT) → `AttachProof` once the handshake is complete.
 
 use serde::{Deserialize, Serialize};
 
@@ -57,8 +58,35 @@ pub struct GoAway {
     pub reconnect_after_ms: u64,
 }
 
+/// `EarlyAttach` (`0x23`): `Attach` without the proof, for 0-RTT data on a resumed
+/// connection, where the TLS exporter the proof is computed over does not exist yet. The
+/// shard checks the token and answers `Attached` at once (0.5-RTT), then waits for
+/// `AttachProof` and serves nothing else on the connection until the proof verifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyAttach {
+    /// The ticket's token, verbatim.
+    #[serde(with = "serde_bytes")]
+    pub token: Vec<u8>,
+    /// The client id sent in `Hello` (the shard checks it against the token).
+    pub client_id: String,
+    /// As [`Attach::resume`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<u64>,
+}
+
+/// `AttachProof` (`0x24`): the proof of an `EarlyAttach`, sent as the next frame on the
+/// session stream once the handshake is complete (same derivation as [`Attach::proof`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachProof {
+    /// [`crate::attach_proof`] of the session secret over this connection's TLS exporter.
+    #[serde(with = "serde_bytes")]
+    pub proof: [u8; 32],
+}
+
 impl Validate for Attach {}
 impl Validate for Attached {}
 impl Validate for GoAway {}
+impl Validate for EarlyAttach {}
+impl Validate for AttachProof {}
 
-cbor_frame!(Attach, Attached, GoAway);
+cbor_frame!(Attach, Attached, GoAway, EarlyAttach, AttachProof);
