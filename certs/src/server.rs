@@ -35,6 +35,7 @@ pub struct ServerTlsBuilder {
     sni: Vec<(String, PathBuf, PathBuf)>,
     client_auth: Option<(PathBuf, bool)>,
     reload_interval: Duration,
+    early_data: bool,
 }
 
 impl ServerTlsBuilder {
@@ -46,6 +47,7 @@ impl ServerTlsBuilder {
             sni: Vec::new(),
             client_auth: None,
             reload_interval: DEFAULT_RELOAD_INTERVAL,
+            early_data: false,
         }
     }
 
@@ -70,6 +72,18 @@ impl ServerTlsBuilder {
     /// Default: [`DEFAULT_RELOAD_INTERVAL`] (2 s). `Duration::ZERO` checks on every handshake.
     pub fn reload_interval(mut self, d: Duration) -> Self {
         self.reload_interval = d;
+        self
+    }
+
+    /// Accepts TLS 1.3 early data (QUIC 0-RTT) from clients resuming a session: sets
+    /// `max_early_data_size` to `u32::MAX`, the only non-zero value QUIC allows. Off by
+    /// default. 0-RTT data can be replayed by an attacker on the path; turn this on only
+    /// for a protocol whose early requests are safe to replay (Sibyl's shards accept
+    /// `EarlyAttach` and serve nothing until the handshake completes and the proof
+    /// verifies). Resumption state lives in the stateful session cache, whose entries are
+    /// single-use, so a ticket cannot be replayed into a second accepted 0-RTT flight.
+    pub fn early_data(mut self, on: bool) -> Self {
+        self.early_data = on;
         self
     }
 
@@ -119,6 +133,9 @@ impl ServerTlsBuilder {
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![ALPN.to_vec()];
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+        if self.early_data {
+            config.max_early_data_size = u32::MAX;
+        }
         Ok((Arc::new(config), ReloadHandle { resolver }))
     }
 }
@@ -375,6 +392,26 @@ mod tests {
         // Another server process (its own cache) cannot resume it: full handshake.
         let (other, _h) = ServerTlsBuilder::new(&c, &k).build().unwrap();
         assert_eq!(handshake(&client, &other), rustls::HandshakeKind::Full);
+    }
+
+    #[test]
+    fn early_data_is_off_by_default_and_quic_sized_when_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_ca, c, k) = setup(dir.path());
+        let (off, _) = ServerTlsBuilder::new(&c, &k).build().unwrap();
+        assert_eq!(off.max_early_data_size, 0);
+        let (on, _) = ServerTlsBuilder::new(&c, &k)
+            .early_data(true)
+            .build()
+            .unwrap();
+        // QUIC requires exactly 0xffff_ffff (RFC 9001 §4.6.1); quinn refuses anything else.
+        assert_eq!(on.max_early_data_size, u32::MAX);
+        assert!(quinn_ok(on));
+    }
+
+    /// Whether quinn accepts `config` as a QUIC server crypto config.
+    fn quinn_ok(config: Arc<rustls::ServerConfig>) -> bool {
+        quinn::crypto::rustls::QuicServerConfig::try_from(config).is_ok()
     }
 
     #[test]
