@@ -105,13 +105,18 @@ pub fn server_config(
     Ok(server)
 }
 
-/// Loads `cert`/`key` (PEM) into a quinn server configuration.
+/// Loads `cert`/`key` (PEM) into a quinn server configuration; with `early_data`, resuming
+/// clients may send 0-RTT data (the shards, for `EarlyAttach`; see
+/// [`sibyl_certs::ServerTlsBuilder::early_data`]).
 pub fn server_config_from_files(
     cert: &std::path::Path,
     key: &std::path::Path,
     transport: TransportConfig,
+    early_data: bool,
 ) -> Result<quinn::ServerConfig, QuicSetupError> {
-    let (tls, _reload) = sibyl_certs::ServerTlsBuilder::new(cert, key).build()?;
+    let (tls, _reload) = sibyl_certs::ServerTlsBuilder::new(cert, key)
+        .early_data(early_data)
+        .build()?;
     server_config(tls, transport)
 }
 

@@ -347,3 +347,131 @@ fn sigterm_on_a_shard_sends_goaway_and_the_hub_replaces_it() {
         assert!(matches!(s.first, Some(Frame::Attached(_))));
     });
 }
+
+/// A client endpoint that keeps TLS sessions and sends 0-RTT data when it resumes one.
+fn client_0rtt(ca: &std::path::Path) -> quinn::Endpoint {
+    let tls = sibyl_certs::ClientTlsBuilder::new(sibyl_certs::Trust::CaFile(ca.to_owned()))
+        .build()
+        .unwrap();
+    let mut tls = (*tls).clone();
+    tls.enable_early_data = true;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(std::sync::Arc::new(tls));
+    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(
+        crypto.unwrap(),
+    )));
+    ep
+}
+
+/// A resumed connection to `addr` carrying 0-RTT data: its session stream (opened in 0-RTT)
+/// with `EarlyAttach` for `t` (or `early` instead) already written.
+async fn early_attach(
+    ep: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    t: &sibyl_proto::frame::Ticket,
+    token: Option<Vec<u8>>,
+) -> (
+    quinn::Connection,
+    quinn::ZeroRttAccepted,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let connecting = ep.connect(addr, "localhost").unwrap();
+    let Ok((conn, accepted)) = connecting.into_0rtt() else {
+        panic!("no 0-RTT: the shard's TLS session ticket does not allow early data")
+    };
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let early = sibyl_proto::frame::EarlyAttach {
+        token: token.unwrap_or_else(|| t.token.clone()),
+        client_id: "app-1".into(),
+        resume: None,
+    };
+    send_frame(&mut send, Frame::EarlyAttach(early)).await;
+    (conn, accepted, send, recv)
+}
+
+#[test]
+fn early_attach_in_0rtt_is_served_only_after_its_proof() {
+    let gw = Gateway::start(TWO_GROUPS, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client_0rtt(&gw.ca());
+        let t = ticket(&ep, &gw).await;
+        let addr = t.endpoints[0].addr.parse().unwrap();
+        // A first (full) handshake with the shard leaves TLS session tickets behind.
+        let s = attach(&ep, addr, &t, None).await;
+        assert!(matches!(s.first, Some(Frame::Attached(_))), "{:?}", s.first);
+        s.conn.close(0u32.into(), b"done");
+
+        // Resumed, 0-RTT: Attached comes back before any proof; a control stream opened
+        // before the proof is not served, and a wrong proof closes with PROOF_FAILED.
+        let (conn, accepted, mut send, mut recv) = early_attach(&ep, addr, &t, None).await;
+        assert!(
+            matches!(recv_frame(&mut recv).await, Some(Frame::Attached(_))),
+            "EarlyAttach answered"
+        );
+        assert!(accepted.await, "the shard took the 0-RTT data");
+        let (mut cs, mut cr) = conn.open_bi().await.unwrap();
+        send_frame(&mut cs, subscribe_prices()).await;
+        let wrong = proof(&conn, &t).map(|b| b ^ 0xff);
+        send_frame(
+            &mut send,
+            Frame::AttachProof(sibyl_proto::frame::AttachProof { proof: wrong }),
+        )
+        .await;
+        assert_eq!(close_code(&conn).await, ErrorCode::ProofFailed);
+        assert!(
+            recv_frame(&mut cr).await.is_none(),
+            "served before the proof"
+        );
+
+        // Anything but AttachProof after EarlyAttach is a protocol violation.
+        let (conn, _accepted, mut send, mut recv) = early_attach(&ep, addr, &t, None).await;
+        assert!(matches!(
+            recv_frame(&mut recv).await,
+            Some(Frame::Attached(_))
+        ));
+        send_frame(&mut send, attach_frame(&t, proof(&conn, &t))).await;
+        assert_eq!(close_code(&conn).await, ErrorCode::ProtocolViolation);
+
+        // A token that does not open is refused before any answer.
+        let mut bad = t.token.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let (conn, _accepted, _send, mut recv) = early_attach(&ep, addr, &t, Some(bad)).await;
+        assert!(recv_frame(&mut recv).await.is_none());
+        assert_eq!(close_code(&conn).await, ErrorCode::TokenInvalid);
+
+        // The right proof: the session is served.
+        let (conn, _accepted, mut send, mut recv) = early_attach(&ep, addr, &t, None).await;
+        assert!(matches!(
+            recv_frame(&mut recv).await,
+            Some(Frame::Attached(_))
+        ));
+        let right = proof(&conn, &t);
+        send_frame(
+            &mut send,
+            Frame::AttachProof(sibyl_proto::frame::AttachProof { proof: right }),
+        )
+        .await;
+        let (mut cs, mut cr) = conn.open_bi().await.unwrap();
+        send_frame(&mut cs, subscribe_prices()).await;
+        // No stream "prices" in this config: answered (NOT_FOUND), so the session is live.
+        let Some(Frame::SubError(e)) = recv_frame(&mut cr).await else {
+            panic!("expected SubError")
+        };
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(conn.close_reason().is_none());
+        conn.close(0u32.into(), b"done");
+    });
+}
+
+fn subscribe_prices() -> Frame {
+    Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        stream: "prices".into(),
+        start: sibyl_proto::frame::Start::Earliest,
+        group: None,
+        mode: sibyl_proto::frame::Mode::Predictive,
+    })
+}

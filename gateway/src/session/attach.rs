@@ -1,4 +1,6 @@
 //! The attach check, I/O-free: token, group, client id and proof → claims or the close code.
+//! `EarlyAttach` (0-RTT) runs the same checks in two steps: [`check_token`] at once,
+//! [`check_proof`] when `AttachProof` arrives after the handshake.
 //!
 //! ```text
 //! Attach{token, proof, client_id} + exporter(this connection) + now
@@ -60,9 +62,23 @@ pub fn check_attach(
     exporter: &[u8; 32],
     now: u64,
 ) -> Result<Claims, AttachRefusal> {
+    let claims = check_token(ctx, &attach.token, &attach.client_id, now)?;
+    check_proof(&claims, exporter, &attach.proof)?;
+    Ok(claims)
+}
+
+/// Every check of an `Attach` but the proof (what an `EarlyAttach` gets before its
+/// `AttachProof`): the token opens (`TOKEN_EXPIRED`, `TOKEN_INVALID`), is for this group
+/// (`WRONG_GROUP`) and was issued to `client_id` (`TOKEN_INVALID`).
+pub fn check_token(
+    ctx: &AttachContext<'_>,
+    token: &[u8],
+    client_id: &str,
+    now: u64,
+) -> Result<Claims, AttachRefusal> {
     let claims = ctx
         .keyring
-        .open_at(&attach.token, ctx.aad, &ctx.open, now)
+        .open_at(token, ctx.aad, &ctx.open, now)
         .map_err(|e| AttachRefusal::new(open_error_code(&e), e.to_string()))?;
     if claims.shard_group != ctx.group {
         return Err(AttachRefusal::new(
@@ -73,20 +89,30 @@ pub fn check_attach(
             ),
         ));
     }
-    if claims.client_id != attach.client_id {
+    if claims.client_id != client_id {
         return Err(AttachRefusal::new(
             ErrorCode::TokenInvalid,
             "token was issued to another client_id",
         ));
     }
-    if !sibyl_proto::verify_attach_proof(claims.session_secret.as_bytes(), exporter, &attach.proof)
-    {
-        return Err(AttachRefusal::new(
+    Ok(claims)
+}
+
+/// The proof check (`PROOF_FAILED`): `proof` is the MAC of the token's session secret over
+/// this connection's TLS `exporter`.
+pub fn check_proof(
+    claims: &Claims,
+    exporter: &[u8; 32],
+    proof: &[u8; 32],
+) -> Result<(), AttachRefusal> {
+    if sibyl_proto::verify_attach_proof(claims.session_secret.as_bytes(), exporter, proof) {
+        Ok(())
+    } else {
+        Err(AttachRefusal::new(
             ErrorCode::ProofFailed,
             "attach proof does not match this connection",
-        ));
+        ))
     }
-    Ok(claims)
 }
 
 #[cfg(test)]

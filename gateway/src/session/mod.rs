@@ -3,9 +3,13 @@
 //! ```text
 //! quinn::Endpoint (ShardRuntime.socket) ──accept──▶ one task per connection:
 //!   draining? ──▶ close(DRAINING)
-//!   first bidi stream = session stream ── FrameDecoder (bounded, attach_timeout) ──▶ Attach
-//!     └─ attach::check_attach(keyring, AAD, skew, group, exporter, now) ─▶ close(code) | ok
-//!   ◀── Attached{session_id, limits, server_time}; ShardStats.connections += 1
+//!   (0.5-RTT: the connection is used before its handshake completes)
+//!   first bidi stream = session stream ── FrameDecoder (bounded, attach_timeout) ──▶
+//!     Attach:      handshake done ─ attach::check_attach(…, exporter, now) ─▶ close(code) | ok
+//!                  ◀── Attached{session_id, limits, server_time}
+//!     EarlyAttach (0-RTT): attach::check_token ─▶ close(code) | ◀── Attached (0.5-RTT)
+//!                  ──▶ AttachProof; handshake done ─ attach::check_proof(exporter) ─▶ close | ok
+//!   ShardStats.connections += 1 (only once the proof verified)
 //!   loop: session stream (any frame = PROTOCOL_VIOLATION, garbage = its code),
 //!         control streams (first frame bounded), drain signal ──▶ GoAway(DRAINING), close
 //! SessionServer::drain(within): refuse new, GoAway to all, wait for none left (bounded),
@@ -25,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use sibyl_proto::frame::{Attached, GoAway, SessionLimits, SubError};
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN};
@@ -148,7 +153,7 @@ impl SessionServer {
     ) -> Result<Self, SessionError> {
         let keyring = Keyring::from_bytes(keyring)?;
         let transport = quic::transport_config(&init.connection, Role::Shard);
-        let server = quic::server_config_from_files(&init.cert, &init.key, transport)?;
+        let server = quic::server_config_from_files(&init.cert, &init.key, transport, true)?;
         let endpoint = quic::endpoint(socket, server)?;
         let (drain, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -259,44 +264,92 @@ fn close_on(conn: &Connection, e: &StreamError) {
 }
 
 async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, _live: LiveGuard) {
-    let conn = match incoming.await {
+    let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
             debug!("shard handshake failed: {e}");
             return;
         }
     };
+    // 0.5-RTT: the connection is usable before the handshake completes, so an `EarlyAttach`
+    // sent as 0-RTT data is answered in the shard's first flight. Nothing but the session
+    // stream is read, and no proof checked, until `handshake` resolves (the exporter needs
+    // the whole handshake). quinn always grants this on the server side.
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok((conn, done)) => (conn, Some(done.shared())),
+        Err(connecting) => match connecting.await {
+            Ok(conn) => (conn, None),
+            Err(e) => {
+                debug!("shard handshake failed: {e}");
+                return;
+            }
+        },
+    };
     if shared.is_draining() {
         quic::close(&conn, ErrorCode::Draining, "shard draining");
         return;
     }
     let within = shared.conn.attach_timeout;
-    let (mut send, mut recv) = match tokio::time::timeout(within, conn.accept_bi()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!("connection ended before Attach: {e}");
+    // One budget for the whole attach, however many steps it takes.
+    let attach = tokio::time::timeout(within, attach(&shared, &conn, handshake.clone())).await;
+    if attach.as_ref().is_ok_and(Result::is_err) {
+        // An application close sent before the handshake completes reaches the client
+        // without its code (RFC 9000 §10.2.3, e.g. a refused `EarlyAttach`): let it complete.
+        if let Some(done) = handshake {
+            let _ = tokio::time::timeout(within, done).await;
+        }
+    }
+    let (claims, send, recv, dec) = match attach {
+        Ok(Ok(attached)) => attached,
+        Ok(Err(AttachFailure::Refused(refusal))) => {
+            info!(peer = %conn.remote_address(), code = %refusal.code, reason = %refusal.reason, "attach refused");
+            quic::close(&conn, refusal.code, &refusal.reason);
             return;
         }
+        Ok(Err(AttachFailure::Stream(e))) => return close_on(&conn, &e),
+        Ok(Err(AttachFailure::Gone)) => return,
         Err(_) => return close_on(&conn, &StreamError::Timeout(within)),
     };
-    let mut dec = FrameDecoder::new(shared.limits);
-    let first = tokio::time::timeout(within, quic::read_frame(&mut recv, &mut dec))
-        .await
-        .unwrap_or(Err(StreamError::Timeout(within)));
-    let attach = match first {
-        Ok(Some(Frame::Attach(a))) => a,
-        Ok(Some(other)) => return close_on(&conn, &StreamError::Unexpected(other.frame_type())),
-        Ok(None) => return close_on(&conn, &StreamError::Ended),
-        Err(e) => return close_on(&conn, &e),
-    };
-    let mut exporter = [0u8; EXPORTER_LEN];
-    if conn
-        .export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
-        .is_err()
-    {
-        quic::close(&conn, ErrorCode::Internal, "TLS exporter unavailable");
-        return;
+    let _attached = AttachedGuard::new(&shared.stats);
+    session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
+}
+
+/// Resolves when the connection's handshake completes (several waiters).
+type Handshake = futures::future::Shared<quinn::ZeroRttAccepted>;
+
+/// Why an attach did not complete.
+enum AttachFailure {
+    /// A check failed: close with its code.
+    Refused(AttachRefusal),
+    /// The session stream failed or carried the wrong frame.
+    Stream(StreamError),
+    /// The connection ended first (nothing to report).
+    Gone,
+}
+
+impl From<StreamError> for AttachFailure {
+    fn from(e: StreamError) -> Self {
+        Self::Stream(e)
     }
+}
+
+/// Reads the session stream's first frame and runs the attach: `Attach` (proof included)
+/// → checks → `Attached`; or `EarlyAttach` (0-RTT) → token checks → `Attached` at once →
+/// `AttachProof` after the handshake → proof check. Returns the claims and the session
+/// stream once the proof has verified.
+async fn attach(
+    shared: &Shared,
+    conn: &Connection,
+    handshake: Option<Handshake>,
+) -> Result<(sibyl_tokens::Claims, SendStream, RecvStream, FrameDecoder), AttachFailure> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| {
+        debug!("connection ended before Attach: {e}");
+        AttachFailure::Gone
+    })?;
+    let mut dec = FrameDecoder::new(shared.limits);
+    let first = quic::read_frame(&mut recv, &mut dec)
+        .await?
+        .ok_or(StreamError::Ended)?;
     let keyring = shared.keyring();
     let ctx = AttachContext {
         keyring: &keyring,
@@ -305,39 +358,82 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, _live: LiveGuard)
         group: shared.group,
     };
     let (now_s, now_ms) = unix_now();
-    let claims = match check_attach(&ctx, &attach, &exporter, now_s) {
-        Ok(c) => c,
-        Err(refusal) => {
-            info!(peer = %conn.remote_address(), code = %refusal.code, reason = %refusal.reason, "attach refused");
-            quic::close(&conn, refusal.code, &refusal.reason);
-            return;
+    let attached = || -> Result<Attached, AttachFailure> {
+        let mut session_id = [0u8; 8];
+        getrandom::fill(&mut session_id).map_err(|_| {
+            AttachFailure::Refused(AttachRefusal {
+                code: ErrorCode::Internal,
+                reason: "randomness unavailable".into(),
+            })
+        })?;
+        Ok(Attached {
+            session_id: u64::from_be_bytes(session_id),
+            limits: SessionLimits {
+                max_streams: shared.conn.max_streams,
+                max_frame: shared.conn.max_frame,
+                idle_timeout_ms: u64::try_from(shared.conn.idle_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
+            },
+            server_time: now_ms,
+        })
+    };
+    let claims = match first {
+        Frame::Attach(a) => {
+            let exporter = exporter(conn, handshake).await?;
+            let claims =
+                check_attach(&ctx, &a, &exporter, now_s).map_err(AttachFailure::Refused)?;
+            let attached = attached()?;
+            debug!(client_id = %claims.client_id, session_id = attached.session_id, "attached");
+            quic::write_frame(&mut send, &Frame::Attached(attached))
+                .await
+                .map_err(|_| AttachFailure::Gone)?;
+            claims
         }
+        Frame::EarlyAttach(a) => {
+            let claims = attach::check_token(&ctx, &a.token, &a.client_id, now_s)
+                .map_err(AttachFailure::Refused)?;
+            let attached = attached()?;
+            let session_id = attached.session_id;
+            quic::write_frame(&mut send, &Frame::Attached(attached))
+                .await
+                .map_err(|_| AttachFailure::Gone)?;
+            let proof = match quic::read_frame(&mut recv, &mut dec).await? {
+                Some(Frame::AttachProof(p)) => p.proof,
+                Some(other) => return Err(StreamError::Unexpected(other.frame_type()).into()),
+                None => return Err(StreamError::Ended.into()),
+            };
+            let exporter = exporter(conn, handshake).await?;
+            attach::check_proof(&claims, &exporter, &proof).map_err(AttachFailure::Refused)?;
+            debug!(client_id = %claims.client_id, session_id, "attached (0-RTT)");
+            claims
+        }
+        other => return Err(StreamError::Unexpected(other.frame_type()).into()),
     };
-    let mut session_id = [0u8; 8];
-    if getrandom::fill(&mut session_id).is_err() {
-        quic::close(&conn, ErrorCode::Internal, "randomness unavailable");
-        return;
+    Ok((claims, send, recv, dec))
+}
+
+/// This connection's TLS exporter for the attach proof, once the handshake is complete.
+async fn exporter(
+    conn: &Connection,
+    handshake: Option<Handshake>,
+) -> Result<[u8; EXPORTER_LEN], AttachFailure> {
+    if let Some(done) = handshake {
+        // Resolves when the handshake completes (always `true` on the server side); a
+        // connection that failed first shows in `close_reason`.
+        done.await;
     }
-    let attached = Attached {
-        session_id: u64::from_be_bytes(session_id),
-        limits: SessionLimits {
-            max_streams: shared.conn.max_streams,
-            max_frame: shared.conn.max_frame,
-            idle_timeout_ms: u64::try_from(shared.conn.idle_timeout.as_millis())
-                .unwrap_or(u64::MAX),
-        },
-        server_time: now_ms,
-    };
-    let session_id = attached.session_id;
-    if quic::write_frame(&mut send, &Frame::Attached(attached))
-        .await
-        .is_err()
-    {
-        return;
+    if conn.close_reason().is_some() {
+        return Err(AttachFailure::Gone);
     }
-    let _attached = AttachedGuard::new(&shared.stats);
-    debug!(client_id = %claims.client_id, session_id, "attached");
-    session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
+    let mut out = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, EXPORTER_CONTEXT)
+        .map_err(|_| {
+            AttachFailure::Refused(AttachRefusal {
+                code: ErrorCode::Internal,
+                reason: "TLS exporter unavailable".into(),
+            })
+        })?;
+    Ok(out)
 }
 
 /// The attached session: watches the session stream, serves control streams (each
