@@ -106,6 +106,34 @@ fn connect_attaches_and_reports_group_and_endpoint() {
         expected.sort();
         assert_eq!(listed, expected);
         assert_eq!(s.limits.max_frame, 65536);
+        // A fresh client has no TLS session with the shard: a full handshake, then Attach.
+        assert!(!s.zero_rtt);
+        client.close().await;
+    });
+}
+
+#[test]
+fn reconnect_to_a_known_shard_attaches_in_0rtt() {
+    let gw = Gateway::start(ONE_GROUP_TWO_SHARDS, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let client = connect(builder(&gw, &gw.dev_key).want_subscribe("prices"))
+            .await
+            .expect("connect");
+        let first = client.session().expect("session info");
+        assert!(!first.zero_rtt);
+        // The shard's TLS session tickets arrived with the first connection's handshake:
+        // the reconnect resumes, sends EarlyAttach as 0-RTT data and proves afterwards.
+        for _ in 0..3 {
+            let again = tokio::time::timeout(WAIT, client.reconnect())
+                .await
+                .expect("reconnect in time")
+                .expect("reconnect");
+            assert_ne!(again.session_id, first.session_id);
+            assert!(again.zero_rtt, "{again:?}");
+            assert_eq!(again.endpoint, first.endpoint);
+            assert_eq!(again.shard_group, 7);
+        }
         client.close().await;
     });
 }

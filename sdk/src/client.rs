@@ -88,6 +88,9 @@ pub struct SessionInfo {
     pub server_time: u64,
     /// The ticket the session was attached with.
     pub ticket: TicketInfo,
+    /// The session was attached in the connection's first flight: `EarlyAttach` as 0-RTT
+    /// data on a resumed TLS session with this shard (reconnects to a shard seen before).
+    pub zero_rtt: bool,
 }
 
 enum Command {
@@ -517,6 +520,7 @@ fn publish(
         limits: s.attached.limits,
         server_time: s.attached.server_time,
         ticket,
+        zero_rtt: s.zero_rtt,
     };
     {
         let mut shared = inner.shared();
@@ -541,7 +545,7 @@ fn session_info(inner: &Inner) -> Option<SessionInfo> {
 }
 
 enum Phase {
-    Attached(ShardSession),
+    Attached(Box<ShardSession>),
     Connecting,
     Failed,
 }
@@ -556,7 +560,7 @@ async fn supervise(
     let mut waiters: Vec<oneshot::Sender<Result<SessionInfo, ConnectError>>> = Vec::new();
     // A draining shard's connection stays open until the next session attaches.
     let mut draining: Option<quinn::Connection> = None;
-    let mut phase = Phase::Attached(session);
+    let mut phase = Phase::Attached(Box::new(session));
     loop {
         phase = match phase {
             Phase::Attached(mut s) => {
@@ -604,7 +608,7 @@ async fn supervise(
                             for w in waiters.drain(..) {
                                 let _ = w.send(info.clone().ok_or(ConnectError::Shutdown));
                             }
-                            Phase::Attached(s)
+                            Phase::Attached(Box::new(s))
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "reconnect gave up");

@@ -1,5 +1,6 @@
-//! One shard attempt (connect, session stream, `Attach` with the proof, `Attached`) and the
-//! attached session's watch (connection close or `GoAway` on the session stream).
+//! One shard attempt (connect, session stream, `Attach` with the proof, `Attached`; or on a
+//! resumed connection `EarlyAttach` in 0-RTT, `Attached`, `AttachProof`) and the attached
+//! session's watch (connection close or `GoAway` on the session stream).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,11 +9,11 @@ use std::sync::Arc;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::client::{ClientSessionMemoryCache, Resumption};
 
-use sibyl_proto::frame::{Attach, Attached, Endpoint, GoAway};
+use sibyl_proto::frame::{Attach, AttachProof, Attached, EarlyAttach, Endpoint, GoAway};
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN};
 use sibyl_proto::{ErrorCode, Frame, attach_proof};
 
-use crate::error::{ConnectError, ProtocolError};
+use crate::error::{ConnectError, ProtocolError, TransportError};
 use crate::wire::{FrameReader, close_for, write_frame};
 
 /// Shard endpoints whose TLS session caches are kept; past this the map starts afresh.
@@ -76,6 +77,8 @@ impl ShardQuic {
             tls.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(
                 TICKETS_PER_ENDPOINT,
             )));
+            // A resumed connection carries `EarlyAttach` as 0-RTT data (see `attach`).
+            tls.enable_early_data = true;
             Arc::new(tls)
         } else {
             self.tls.clone()
@@ -105,6 +108,8 @@ pub(crate) struct ShardSession {
     pub(crate) conn: quinn::Connection,
     pub(crate) endpoint: Endpoint,
     pub(crate) attached: Attached,
+    /// Attached with `EarlyAttach` in 0-RTT data (a resumed TLS session the shard took).
+    pub(crate) zero_rtt: bool,
     /// Kept open for the session's lifetime (dropping it would finish the stream).
     _send: quinn::SendStream,
     reader: FrameReader,
@@ -138,8 +143,12 @@ pub(crate) fn peer_code(e: &ConnectError) -> Option<ErrorCode> {
     }
 }
 
-/// Connects to `req.endpoint`, opens the session stream, sends `Attach` with the proof bound
-/// to this connection's TLS exporter and waits for `Attached`.
+/// Connects to `req.endpoint`, opens the session stream and attaches: with a resumable TLS
+/// session for this shard, `EarlyAttach` goes out as 0-RTT data and `Attached` comes back in
+/// the shard's first flight (0.5-RTT), then `AttachProof` follows once the handshake is
+/// complete; otherwise (or when the shard rejects the 0-RTT data) the handshake completes
+/// first and `Attach` carries the proof. Either way the proof is bound to this connection's
+/// TLS exporter.
 pub(crate) async fn attach(
     quic_endpoint: &quinn::Endpoint,
     quic: quinn::ClientConfig,
@@ -150,16 +159,32 @@ pub(crate) async fn attach(
         .addr
         .parse()
         .map_err(|_| ProtocolError::BadEndpoint(req.endpoint.addr.clone()))?;
-    let conn = quic_endpoint
+    let connecting = quic_endpoint
         .connect_with(quic, addr, &req.endpoint.server_name)
-        .map_err(ConnectError::from_connect)?
-        .await
-        .map_err(ConnectError::from_connection)?;
-    match session_stream(&conn, &req).await {
+        .map_err(ConnectError::from_connect)?;
+    let (conn, result, zero_rtt) = match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            let (result, zero_rtt) = match early_session_stream(&conn, accepted, &req).await {
+                // The shard did not take the 0-RTT data (e.g. it restarted and lost its
+                // session cache): the handshake is complete now, attach the 1-RTT way.
+                Ok(None) => (session_stream(&conn, &req).await, false),
+                Ok(Some(attached)) => (Ok(attached), true),
+                Err(e) => (Err(e), true),
+            };
+            (conn, result, zero_rtt)
+        }
+        Err(connecting) => {
+            let conn = connecting.await.map_err(ConnectError::from_connection)?;
+            let result = session_stream(&conn, &req).await;
+            (conn, result, false)
+        }
+    };
+    match result {
         Ok((send, reader, attached)) => Ok(ShardSession {
             conn,
             endpoint: req.endpoint,
             attached,
+            zero_rtt,
             _send: send,
             reader,
         }),
@@ -170,13 +195,15 @@ pub(crate) async fn attach(
     }
 }
 
+/// What a session stream yields once attached.
+type Attaching = (quinn::SendStream, FrameReader, Attached);
+
+/// The 1-RTT attach on a connection whose handshake is complete: `Attach` with the proof.
 async fn session_stream(
     conn: &quinn::Connection,
     req: &AttachRequest,
-) -> Result<(quinn::SendStream, FrameReader, Attached), ConnectError> {
-    let mut exporter = [0u8; EXPORTER_LEN];
-    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
-        .map_err(|_| ProtocolError::Exporter)?;
+) -> Result<Attaching, ConnectError> {
+    let exporter = exporter(conn)?;
     let (mut send, recv) = conn
         .open_bi()
         .await
@@ -189,11 +216,76 @@ async fn session_stream(
     };
     write_frame(&mut send, attach).await?;
     let mut reader = FrameReader::new(recv);
+    let attached = expect_attached(conn, &mut reader).await?;
+    Ok((send, reader, attached))
+}
+
+/// The 0-RTT attach: `EarlyAttach` in 0-RTT data, `Attached` in the shard's first flight,
+/// then `AttachProof`. `Ok(None)`: the shard rejected the 0-RTT data (nothing it sent
+/// reached the shard's application; attach again the 1-RTT way on this connection).
+async fn early_session_stream(
+    conn: &quinn::Connection,
+    accepted: quinn::ZeroRttAccepted,
+    req: &AttachRequest,
+) -> Result<Option<Attaching>, ConnectError> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(ConnectError::from_connection)?;
+    let early = EarlyAttach {
+        token: req.token.clone(),
+        client_id: req.client_id.clone(),
+        resume: req.resume,
+    };
+    let mut reader = FrameReader::new(recv);
+    let attached = match write_frame(&mut send, early).await {
+        Ok(()) => expect_attached(conn, &mut reader).await,
+        Err(e) => Err(e),
+    };
+    let attached = match attached {
+        Ok(a) => a,
+        Err(e) if zero_rtt_rejected(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // `Attached` arrived under 1-RTT keys, so the handshake is complete: this resolves at
+    // once (false only if the 0-RTT data was rejected, which a reply rules out).
+    if !accepted.await {
+        return Ok(None);
+    }
+    let proof = AttachProof {
+        proof: attach_proof(&req.secret, &exporter(conn)?),
+    };
+    write_frame(&mut send, proof).await?;
+    Ok(Some((send, reader, attached)))
+}
+
+/// Whether `e` is quinn telling that data sent as 0-RTT was rejected by the server.
+fn zero_rtt_rejected(e: &ConnectError) -> bool {
+    matches!(
+        e,
+        ConnectError::Transport(TransportError::Read(quinn::ReadError::ZeroRttRejected))
+            | ConnectError::Transport(TransportError::Write(quinn::WriteError::ZeroRttRejected))
+    )
+}
+
+/// This connection's TLS exporter for the attach proof (the handshake must be complete).
+fn exporter(conn: &quinn::Connection) -> Result<[u8; EXPORTER_LEN], ConnectError> {
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
+        .map_err(|_| ProtocolError::Exporter)?;
+    Ok(exporter)
+}
+
+/// Reads the shard's answer to an attach: `Attached`, or the close code of a refusal.
+async fn expect_attached(
+    conn: &quinn::Connection,
+    reader: &mut FrameReader,
+) -> Result<Attached, ConnectError> {
     const EXPECTED: &str = "Attached";
     // A refusing shard closes the connection with its code: the read reports it as
     // `ConnectError::Closed`.
     match reader.next().await {
-        Ok(Some(Frame::Attached(a))) => Ok((send, reader, a)),
+        Ok(Some(Frame::Attached(a))) => Ok(a),
         Ok(Some(other)) => Err(ProtocolError::Unexpected {
             expected: EXPECTED,
             got: other.frame_type(),
