@@ -384,9 +384,13 @@ mod tests {
     }
 
     fn coord() -> GroupCoordinator {
-        let mut c = CoordConfig::default();
-        c.group.revoke_timeout = Duration::from_secs(5);
-        GroupCoordinator::new(c)
+        GroupCoordinator::new(CoordConfig {
+            group: GroupConfig {
+                revoke_timeout: Duration::from_secs(5),
+                ..GroupConfig::default()
+            },
+            ..CoordConfig::default()
+        })
     }
 
     /// The latest pushed set of each member.
@@ -561,9 +565,10 @@ mod tests {
         c.leave(a, t0).unwrap();
         assert!(c.poll_pushes().is_empty(), "nobody left to tell");
         assert_eq!((c.member_count(), c.group_count()), (0, 0));
-        let mut small = CoordConfig::default();
-        small.max_members_per_link = 1;
-        let mut c = GroupCoordinator::new(small);
+        let mut c = GroupCoordinator::new(CoordConfig {
+            max_members_per_link: 1,
+            ..CoordConfig::default()
+        });
         c.join(a, "s", "g", 1, &[], t0).unwrap();
         assert_eq!(
             c.join(m(1, 2), "s", "h", 1, &[], t0),

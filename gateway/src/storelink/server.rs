@@ -481,11 +481,14 @@ fn group_request(req: &Request) -> Option<GroupRequest<'_>> {
     })
 }
 
+/// A member's latest push: `(epoch, partitions)`.
+type PendingPush = (u64, Vec<(u32, u64)>);
+
 /// Pending group pushes of one link, coalesced per member (each push is the member's
 /// complete set, so only the latest matters): bounded by the link's member count.
 #[derive(Default)]
 struct Outbox {
-    pending: Mutex<BTreeMap<u64, (u64, Vec<(u32, u64)>)>>,
+    pending: Mutex<BTreeMap<u64, PendingPush>>,
     ready: Notify,
 }
 
