@@ -154,6 +154,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             member: 7,
             partition: 1,
             next_offset: 43,
+            serving: false,
         },
         Request::GroupForecast {
             member: 7,

@@ -399,8 +399,8 @@ async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
     let mut ra = a.join_group(1, "orders", "g", vec![(0, 3), (1, 4)]).await;
     let a1 = next_push(&mut ra).await;
     assert_eq!(a1.partitions, vec![(0, 3), (1, 4)]);
-    a.group_position(1, 0, 10);
-    a.group_position(1, 1, 20);
+    a.group_position(1, 0, 10, true);
+    a.group_position(1, 1, 20, true);
     // The hub handled them before B joins: a request answered after them on A's link.
     a.streams().await.unwrap();
     let mut rb = b.join_group(1, "orders", "g", vec![(0, 0), (1, 0)]).await;
@@ -412,7 +412,7 @@ async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
     let kept = a2.partitions[0].0;
     let moved = 1 - kept;
     // A's final position of the revoked partition completes the hand-over.
-    a.group_position(1, moved, 33);
+    a.group_position(1, moved, 33, false);
     let b2 = next_push(&mut rb).await;
     assert_eq!(
         b2.partitions,
@@ -445,8 +445,8 @@ async fn group_members_are_revoked_while_the_link_is_down_and_rejoin() {
         .join_group(5, "orders", "g", vec![(0, 0), (1, 0)])
         .await;
     assert_eq!(parts(&next_push(&mut rx).await), vec![0, 1]);
-    link.group_position(5, 0, 12);
-    link.group_position(5, 1, 34);
+    link.group_position(5, 0, 12, true);
+    link.group_position(5, 1, 34, true);
     // Make sure the hub processed them: a request answered after them on the same link.
     link.streams().await.unwrap();
     // The hub's listener restarts: every link drops and the hub forgets its groups.

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use sibyl_proto::frame::{Forecast, PartitionForecast};
 
-use crate::predict::{AssignError, GroupAssigner, GroupConfig, MemberId};
+use crate::predict::{AssignError, GroupAssigner, GroupConfig, MemberId, PartitionState};
 
 /// A shard link, numbered by the hub for as long as it runs (never reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,6 +47,18 @@ pub struct GroupPush {
     pub epoch: u64,
     /// `(partition, start_offset)`, ascending by partition: the member's complete set.
     pub partitions: Vec<(u32, u64)>,
+}
+
+/// What a relayed `Position` did ([`GroupCoordinator::position`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionReport {
+    /// Neither the owner's position nor a final one of a hand-over (an unknown member, a
+    /// partition it does not own, or one its shard still served): nothing changed.
+    Stale,
+    /// The owner's committed position: recorded (a later owner starts there).
+    Recorded,
+    /// The previous owner's final position: the hand-over completed (pushes may follow).
+    HandedOver,
 }
 
 /// Misuse of the coordinator by a shard (the driver logs it and drops the message).
@@ -230,27 +242,37 @@ impl GroupCoordinator {
         gone.len()
     }
 
-    /// The member's client reported `Position`: recorded if it owns the partition; completes
-    /// a hand-over if it is the partition's previous owner. False (nothing changes) for a
-    /// stale report or an unknown member.
+    /// The member's client reported `Position`; `serving` says whether its shard still
+    /// sends it the partition (had not applied a revocation yet when the report arrived).
+    /// Recorded if the member owns the partition; completes a hand-over if the member is the
+    /// partition's previous owner and its shard no longer serves it (so the report is the
+    /// client's position after the revocation, not an earlier one overtaking it).
     pub fn position(
         &mut self,
         who: LinkMember,
         partition: u32,
         next_offset: u64,
+        serving: bool,
         now: Instant,
-    ) -> bool {
+    ) -> PositionReport {
         let Some((key, id)) = self.members.get(&who).cloned() else {
-            return false;
+            return PositionReport::Stale;
         };
         let Some(g) = self.groups.get_mut(&key) else {
-            return false;
+            return PositionReport::Stale;
         };
-        let known = g.assigner.position_known(id, partition, next_offset, now);
-        if known {
-            self.dispatch(&key);
+        match g.assigner.state(partition) {
+            Some(PartitionState::Owned(m)) if m == id => {
+                g.assigner.position_known(id, partition, next_offset, now);
+                PositionReport::Recorded
+            }
+            Some(PartitionState::Revoking { from, .. }) if from == id && !serving => {
+                g.assigner.position_known(id, partition, next_offset, now);
+                self.dispatch(&key);
+                PositionReport::HandedOver
+            }
+            _ => PositionReport::Stale,
         }
-        known
     }
 
     /// The member's client sent a `Forecast`: `(partition, records/s, bytes/s)` become the
@@ -430,7 +452,8 @@ mod tests {
         );
         apply(&mut latest, first);
         for p in 0..4 {
-            assert!(c.position(a, p, 100 + u64::from(p), t0));
+            let r = c.position(a, p, 100 + u64::from(p), true, t0);
+            assert_eq!(r, PositionReport::Recorded);
         }
         assert!(c.poll_pushes().is_empty(), "positions alone change nothing");
         // B's starts are ignored: the group exists.
@@ -444,10 +467,20 @@ mod tests {
         let revoked: Vec<u32> = (0..4)
             .filter(|p| !latest[&a].iter().any(|(q, _)| q == p))
             .collect();
-        // B's early report on a partition it does not own is stale.
-        assert!(!c.position(b, revoked[0], 0, t0));
+        // B's early report on a partition it does not own is stale, and so is one of A's
+        // sent while its shard still served the partition (it overtook the revocation).
+        assert_eq!(
+            c.position(b, revoked[0], 0, false, t0),
+            PositionReport::Stale
+        );
+        assert_eq!(
+            c.position(a, revoked[0], 150, true, t0),
+            PositionReport::Stale
+        );
+        assert!(c.poll_pushes().is_empty());
         for p in &revoked {
-            assert!(c.position(a, *p, 200 + u64::from(*p), t0));
+            let r = c.position(a, *p, 200 + u64::from(*p), false, t0);
+            assert_eq!(r, PositionReport::HandedOver);
             apply(&mut latest, c.poll_pushes());
             disjoint(&latest);
         }
@@ -508,7 +541,8 @@ mod tests {
         for _ in 0..3 {
             for who in [a1, a2, b] {
                 for p in 0..6 {
-                    c.position(who, p, 40 + u64::from(p), t0);
+                    let serving = latest.get(&who).is_some_and(|s| s.iter().any(|x| x.0 == p));
+                    c.position(who, p, 40 + u64::from(p), serving, t0);
                 }
             }
             apply(&mut latest, c.poll_pushes());
@@ -550,7 +584,7 @@ mod tests {
         let mut c = coord();
         let a = m(1, 1);
         assert_eq!(c.leave(a, t0), Err(CoordError::UnknownMember(a)));
-        assert!(!c.position(a, 0, 1, t0));
+        assert_eq!(c.position(a, 0, 1, false, t0), PositionReport::Stale);
         assert!(c.forecast(a, &[(0, 1, 1)], t0).is_err());
         assert_eq!(
             c.join(a, "s", "g", 0, &[], t0),
@@ -587,7 +621,7 @@ mod tests {
         c.join(b, "s", "g", 4, &[], t0).unwrap();
         apply(&mut latest, c.poll_pushes());
         for p in 0..4 {
-            c.position(a, p, 0, t0);
+            c.position(a, p, 0, false, t0);
         }
         apply(&mut latest, c.poll_pushes());
         let b_parts: Vec<u32> = latest[&b].iter().map(|p| p.0).collect();
@@ -611,7 +645,7 @@ mod tests {
             vec![b_parts[0]],
             "B keeps only the hottest partition"
         );
-        c.position(b, b_parts[1], 0, t0);
+        c.position(b, b_parts[1], 0, false, t0);
         apply(&mut latest, c.poll_pushes());
         assert_eq!(latest[&a].len(), 3);
         assert_eq!(disjoint(&latest).len(), 4);

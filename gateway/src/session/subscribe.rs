@@ -442,9 +442,12 @@ fn on_frame(s: &mut Sub, frame: Frame, member: MemberId) -> Result<(), StreamErr
             if s.sub.group.is_some() {
                 // The hub records it (owner) or completes a hand-over (previous owner); a
                 // stale report changes nothing there.
+                // `serving`: sent before this shard applied a revocation of the partition, so
+                // it cannot end a hand-over.
+                let serving = s.pumps.contains_key(&p.partition);
                 s.dp.reader
                     .link()
-                    .group_position(member, p.partition, p.next_offset);
+                    .group_position(member, p.partition, p.next_offset, serving);
             }
         }
         Frame::Fetch(f) => {

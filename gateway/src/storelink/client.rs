@@ -380,9 +380,10 @@ impl StoreLink {
         }
     }
 
-    /// Relays a member's `Position` (best effort: dropped while the link is down or its queue
-    /// is full; a hand-over then completes at the hub's deadline).
-    pub fn group_position(&self, member: u64, partition: u32, next_offset: u64) {
+    /// Relays a member's `Position`; `serving`: this shard still sends the member that
+    /// partition (best effort: dropped while the link is down or its queue is full; a
+    /// hand-over then completes at the hub's deadline).
+    pub fn group_position(&self, member: u64, partition: u32, next_offset: u64, serving: bool) {
         let mut st = self.inner.state();
         let Some(slot) = st.members.get_mut(&member) else {
             return;
@@ -392,6 +393,7 @@ impl StoreLink {
             member,
             partition,
             next_offset,
+            serving,
         };
         if let (Some(conn), Some(f)) = (&st.conn, request_frame(&req)) {
             let _ = conn.try_send(f);

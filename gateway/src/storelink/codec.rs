@@ -174,6 +174,9 @@ pub enum Request {
         partition: u32,
         /// Next offset the client will consume.
         next_offset: u64,
+        /// The shard still sends the member this partition (the report cannot be the final
+        /// position of a hand-over).
+        serving: bool,
     },
     /// The member's client sent a `Forecast` (no answer): the group's partition loads.
     GroupForecast {
@@ -653,6 +656,7 @@ mod tests {
                 member: 9,
                 partition: 1,
                 next_offset: 77,
+                serving: true,
             },
             Request::GroupForecast {
                 member: 9,
@@ -983,11 +987,12 @@ mod tests {
                     starts,
                 }),
             any::<u64>().prop_map(|member| Request::GroupLeave { member }),
-            (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(
-                |(member, partition, next_offset)| Request::GroupPosition {
+            (any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+                |(member, partition, next_offset, serving)| Request::GroupPosition {
                     member,
                     partition,
                     next_offset,
+                    serving,
                 }
             ),
             (

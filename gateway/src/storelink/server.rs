@@ -16,7 +16,9 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use super::codec::{self, CodecError, MAX_REQUEST_LEN, RemoteError, Request, Response, StreamInfo};
-use crate::hub::groups::{CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember};
+use crate::hub::groups::{
+    CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport,
+};
 use crate::predict::GroupConfig;
 use crate::store::Store;
 
@@ -443,6 +445,7 @@ enum GroupRequest<'a> {
         member: u64,
         partition: u32,
         next_offset: u64,
+        serving: bool,
     },
     Forecast {
         member: u64,
@@ -468,10 +471,12 @@ fn group_request(req: &Request) -> Option<GroupRequest<'_>> {
             member,
             partition,
             next_offset,
+            serving,
         } => GroupRequest::Position {
             member: *member,
             partition: *partition,
             next_offset: *next_offset,
+            serving: *serving,
         },
         Request::GroupForecast { member, loads } => GroupRequest::Forecast {
             member: *member,
@@ -531,13 +536,16 @@ impl Groups {
     }
 
     /// Runs `f` on the coordinator and routes the pushes it produced to their links' outboxes
-    /// (under the lock, so each member's pushes are queued in decision order).
-    fn with<R>(&self, f: impl FnOnce(&mut GroupCoordinator, Instant) -> R) -> R {
+    /// (under the lock, so each member's pushes are queued in decision order). Wakes the
+    /// deadline task unless `f` returns `false` for "no hand-over can have started".
+    fn with<R>(&self, f: impl FnOnce(&mut GroupCoordinator, Instant) -> (R, bool)) -> R {
         let mut st = lock(&self.state);
-        let r = f(&mut st.coord, Instant::now());
+        let (r, rebalanced) = f(&mut st.coord, Instant::now());
         route(&mut st);
         drop(st);
-        self.wake.notify_one();
+        if rebalanced {
+            self.wake.notify_one();
+        }
         r
     }
 
@@ -631,22 +639,32 @@ impl LinkGuard {
                     tracing::debug!(stream, "group join for an unknown stream ignored");
                     return;
                 };
-                self.groups
-                    .with(|c, now| c.join(who(member), stream, group, partitions, starts, now))
+                self.groups.with(|c, now| {
+                    (
+                        c.join(who(member), stream, group, partitions, starts, now),
+                        true,
+                    )
+                })
             }
-            GroupRequest::Leave { member } => self.groups.with(|c, now| c.leave(who(member), now)),
+            GroupRequest::Leave { member } => {
+                self.groups.with(|c, now| (c.leave(who(member), now), true))
+            }
             GroupRequest::Position {
                 member,
                 partition,
                 next_offset,
+                serving,
             } => {
-                self.groups
-                    .with(|c, now| c.position(who(member), partition, next_offset, now));
+                // The common case (an owner's position) neither pushes nor moves a deadline.
+                self.groups.with(|c, now| {
+                    let r = c.position(who(member), partition, next_offset, serving, now);
+                    ((), r == PositionReport::HandedOver)
+                });
                 Ok(())
             }
             GroupRequest::Forecast { member, loads } => self
                 .groups
-                .with(|c, now| c.forecast(who(member), loads, now)),
+                .with(|c, now| (c.forecast(who(member), loads, now), true)),
         };
         if let Err(e) = r {
             tracing::debug!(link = self.link.0, error = %e, "group message ignored");
@@ -657,7 +675,7 @@ impl LinkGuard {
 impl Drop for LinkGuard {
     fn drop(&mut self) {
         let link = self.link;
-        let gone = self.groups.with(|c, now| c.link_closed(link, now));
+        let gone = self.groups.with(|c, now| (c.link_closed(link, now), true));
         lock(&self.groups.state).outboxes.remove(&link);
         if gone > 0 {
             tracing::info!(
