@@ -746,9 +746,12 @@ async fn streams_of(conn: &Connection, a: &Assignment) -> HashMap<u32, Reader> {
     out
 }
 
+/// Members on different shards split the partitions with no partition owned twice; a SIGKILLed
+/// shard's partitions continue on the survivor without gap; a member on the restarted shard
+/// (same shard-local member id as the survivor's) joins and leaves cleanly.
 #[test]
 fn consumer_group_members_on_different_shards_never_share_a_partition() {
-    let gw = Gateway::start(GROUP_ON_TWO_SHARDS, 2);
+    let mut gw = Gateway::start(GROUP_ON_TWO_SHARDS, 2);
     let (sa, sb) = (gw.ready[0].clone(), gw.ready[1].clone());
     assert_ne!(sa.pid, sb.pid);
     let rt = runtime();
@@ -850,6 +853,59 @@ fn consumer_group_members_on_different_shards_never_share_a_partition() {
             check_records(*p, from, &recs);
             assert_eq!(recs.last().unwrap().offset, 149);
         }
-        drop((a_ctl, b_ctl, a_conn));
+        for p in 0..4 {
+            send_frame(&mut b_ctl, position(p, 150)).await;
+        }
+
+        // The hub restarts the killed shard. A member there (that shard's member id 1 again,
+        // like B's, on a new store link) joins: B hands two partitions over at its final
+        // positions. Then it leaves, and B gets them back from its last positions.
+        let again = tokio::task::block_in_place(|| {
+            gw.until(|l| {
+                parse_ready(l).filter(|r| r.group == 0 && r.pid != sa.pid && r.pid != sb.pid)
+            })
+        });
+        let (_, t3) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let c_conn = attach_shard(&ep, again.addr, &t3).await;
+        let (mut c_ctl, mut c_r, c1) =
+            subscribe(&c_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        let b4 = next_assignment(&mut b_r).await;
+        let b_kept = sorted_parts(&b4);
+        assert_eq!(b_kept.len(), 2, "{b4:?}");
+        let to_c: Vec<u32> = (0..4).filter(|p| !b_kept.contains(p)).collect();
+        for p in &to_c {
+            send_frame(&mut b_ctl, position(*p, 150)).await;
+        }
+        let mut c2 = c1;
+        while sorted_parts(&c2) != to_c {
+            c2 = next_assignment(&mut c_r).await;
+            assert!(
+                sorted_parts(&c2).iter().all(|p| to_c.contains(p)),
+                "C got a partition B still owns: {c2:?} vs {b4:?}"
+            );
+        }
+        for p in &to_c {
+            assert_eq!(start_of(&c2, *p), 150, "{c2:?}");
+        }
+        for p in 0..4 {
+            publish(&mut send, &mut recv, &mut seq, p, 150, 10, 10, |_| 0).await;
+        }
+        let mut c_streams = streams_of(&c_conn, &c2).await;
+        for p in &to_c {
+            let recs = read_records(c_streams.get_mut(p).unwrap(), 10).await;
+            check_records(*p, 150, &recs);
+            send_frame(&mut c_ctl, position(*p, 160)).await;
+        }
+        c_ctl.finish().unwrap();
+        let b5 = next_assignment(&mut b_r).await;
+        assert_eq!(sorted_parts(&b5), vec![0, 1, 2, 3], "{b5:?}");
+        for p in &to_c {
+            assert_eq!(
+                start_of(&b5, *p),
+                160,
+                "continues at the leaver's last position"
+            );
+        }
+        drop((a_ctl, b_ctl, a_conn, c_conn));
     });
 }
