@@ -906,6 +906,29 @@ fn consumer_group_members_on_different_shards_never_share_a_partition() {
                 "continues at the leaver's last position"
             );
         }
+
+        // A member whose connection just closes (its subscription task ends with it) leaves
+        // the group too: B gets its partitions back from B's own final positions.
+        let (_, t4) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let d_conn = attach_shard(&ep, again.addr, &t4).await;
+        let (_d_ctl, mut d_r, d1) =
+            subscribe(&d_conn, 2, Start::Earliest, Some("g"), Mode::Predictive).await;
+        let b6 = next_assignment(&mut b_r).await;
+        let to_d: Vec<u32> = (0..4).filter(|p| !sorted_parts(&b6).contains(p)).collect();
+        assert_eq!(to_d.len(), 2, "{b6:?}");
+        for p in &to_d {
+            send_frame(&mut b_ctl, position(*p, start_of(&b5, *p))).await;
+        }
+        let mut d2 = d1;
+        while sorted_parts(&d2) != to_d {
+            d2 = next_assignment(&mut d_r).await;
+        }
+        d_conn.close(0u32.into(), b"gone");
+        let b7 = next_assignment(&mut b_r).await;
+        assert_eq!(sorted_parts(&b7), vec![0, 1, 2, 3], "{b7:?}");
+        for p in &to_d {
+            assert_eq!(start_of(&b7, *p), start_of(&b5, *p), "{b7:?}");
+        }
         drop((a_ctl, b_ctl, a_conn, c_conn));
     });
 }

@@ -427,7 +427,7 @@ async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
     let mut want = vec![(moved, 33), (kept, known)];
     want.sort_unstable();
     assert_eq!(b3.partitions, want);
-    b.leave_group(1).await;
+    b.leave_group(1);
     drop(f.dir);
 }
 

@@ -58,7 +58,7 @@ use crate::config::SubscribeConfig;
 use crate::grants::TokenBucket;
 use crate::predict::{DeviationConfig, DeviationTracker, PrefetchConfig, PrefetchPlanner, SubKey};
 use crate::quic::{self, StreamError};
-use crate::storelink::{CachedReader, GroupAssignment, LinkError, RemoteError};
+use crate::storelink::{CachedReader, GroupAssignment, LinkError, RemoteError, StoreLink};
 
 /// The shard's data plane: the store reader, the settings and the pre-fetch planner.
 /// Consumer groups are coordinated by the hub (relayed over the store link).
@@ -307,15 +307,19 @@ pub async fn serve_subscription(
     }
     let group = s.sub.group.clone();
     let mut group_rx = None;
+    let mut membership = None;
     if let Some(g) = &group {
         // The first assignment comes from the hub (possibly empty while hand-overs to this
         // member are pending).
+        let link = dp.reader.link();
         group_rx = Some(
-            dp.reader
-                .link()
-                .join_group(member, &s.sub.stream, g, group_starts)
+            link.join_group(member, &s.sub.stream, g, group_starts)
                 .await,
         );
+        membership = Some(Membership {
+            link: link.clone(),
+            member,
+        });
     } else {
         let partitions = (0..partitions).map(|p| (p, None)).collect();
         let _ = change_tx.send(Owned { partitions });
@@ -345,9 +349,7 @@ pub async fn serve_subscription(
         }
         Err(e) => Err(e),
     };
-    if group.is_some() {
-        dp.reader.link().leave_group(member).await;
-    }
+    drop(membership);
     // The subscription ends: finish every partition stream.
     for ctl in s.pumps.values() {
         ctl.stop.send_replace(true);
@@ -365,6 +367,19 @@ pub async fn serve_subscription(
                 quic::close(&conn, code, &e.to_string());
             }
         }
+    }
+}
+
+/// A subscription's consumer-group membership: leaves the group when dropped, also when
+/// the subscription task is aborted with its connection.
+struct Membership {
+    link: StoreLink,
+    member: MemberId,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.link.leave_group(self.member);
     }
 }
 

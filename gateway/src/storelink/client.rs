@@ -365,8 +365,11 @@ impl StoreLink {
         rx
     }
 
-    /// Relays that `member`'s subscription ended.
-    pub async fn leave_group(&self, member: u64) {
+    /// Relays that `member`'s subscription ended. Not async, so that it can run from a drop
+    /// guard (a subscription task aborted with its connection): queued at once, or by a
+    /// spawned task when the queue is full. While the link is down there is nothing to send:
+    /// the hub removed every member of the old connection already.
+    pub fn leave_group(&self, member: u64) {
         let conn = {
             let mut st = self.inner.state();
             if st.members.remove(&member).is_none() {
@@ -374,9 +377,15 @@ impl StoreLink {
             }
             st.conn.clone()
         };
-        // Down: the hub removed every member of the old connection already.
-        if let (Some(conn), Some(f)) = (conn, request_frame(&Request::GroupLeave { member })) {
-            let _ = conn.send(f).await;
+        let (Some(conn), Some(f)) = (conn, request_frame(&Request::GroupLeave { member })) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(f)) = conn.try_send(f)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = conn.send(f).await;
+            });
         }
     }
 
