@@ -302,6 +302,12 @@ pub async fn serve_subscription(
     if let Some(p) = Arc::get_mut(&mut s.prefetch) {
         p.key = SubKey(member);
     }
+    // The planner forgets this subscription however it ends (also when its task is aborted
+    // with the connection).
+    let planned = Planned {
+        dp: dp.clone(),
+        key: SubKey(member),
+    };
     if s.sub.mode == Mode::Predictive {
         lock(&dp.planner).set_rtt(SubKey(member), conn.rtt() + POSITION_LAG);
     }
@@ -354,7 +360,7 @@ pub async fn serve_subscription(
     for ctl in s.pumps.values() {
         ctl.stop.send_replace(true);
     }
-    lock(&dp.planner).remove_sub(SubKey(member));
+    drop(planned);
     match result {
         Ok(()) => {
             let _ = send.finish();
@@ -380,6 +386,18 @@ struct Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.link.leave_group(self.member);
+    }
+}
+
+/// A subscription's pre-fetch plan: removed from the shard's planner when dropped.
+struct Planned {
+    dp: Arc<DataPlane>,
+    key: SubKey,
+}
+
+impl Drop for Planned {
+    fn drop(&mut self) {
+        lock(&self.dp.planner).remove_sub(self.key);
     }
 }
 
