@@ -32,7 +32,8 @@ pub fn ipc_decode(data: &[u8]) {
 }
 
 /// Splits store-link frames out of `data` and decodes each body as a shard request and as a
-/// hub message; decoded requests and responses must round-trip.
+/// hub message (consumer-group messages and their bounds included); decoded requests and
+/// responses must round-trip.
 pub fn storelink_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Some((body, used))) = link::split_frame(rest, 1 << 20) {
@@ -143,6 +144,23 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             partition: 1,
         },
         Request::Unwatch { watch: 4 },
+        Request::GroupJoin {
+            member: 7,
+            stream: "events".into(),
+            group: "billing".into(),
+            starts: vec![(0, 0), (1, 42)],
+        },
+        Request::GroupPosition {
+            member: 7,
+            partition: 1,
+            next_offset: 43,
+            serving: false,
+        },
+        Request::GroupForecast {
+            member: 7,
+            loads: vec![(0, 100, 10_000), (1, 5, 500)],
+        },
+        Request::GroupLeave { member: 7 },
     ];
     let mut all = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
@@ -152,6 +170,17 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("storelink_decode", format!("request-{i}"), b));
     }
     out.push(("storelink_decode", "all-requests".into(), all));
+    let mut push = Vec::new();
+    link::encode_response(
+        &link::Response::GroupAssign {
+            member: 7,
+            epoch: 3,
+            partitions: vec![(0, 0), (2, 99)],
+        },
+        &mut push,
+    )
+    .expect("seed encodes");
+    out.push(("storelink_decode", "group-assign".into(), push));
     let mut seg = vec![0u8];
     for i in 0..4u64 {
         crate::store::fuzz_encode_record(&mut seg, i, 1_700_000_000_000 + i, b"key", b"payload");

@@ -18,15 +18,17 @@
 //! - [`ipc`]: the hub ↔ shard control channel.
 //! - [`shard`]: the shard process runtime.
 //! - [`limits`]: rlimits and cgroup v2 limits.
-//! - [`storelink`]: how shards read the hub's store (Unix socket, framed; per-partition caches).
+//! - [`storelink`]: how shards read the hub's store (Unix socket, framed; per-partition caches)
+//!   and relay their consumer-group members to the hub.
 //! - [`quic`]: shared QUIC setup (transport config, endpoint, bounded frame reads).
-//! - [`hub`]: the hub's admission endpoint (`Hello` → `Ticket` | `Refused`).
+//! - [`hub`]: the hub's admission endpoint (`Hello` → `Ticket` | `Refused`), publishing, and
+//!   the consumer-group coordinator of every shard's members ([`hub::GroupCoordinator`]).
 //! - [`session`]: shard-side connections (`Attach` → `Attached`, `GoAway` on drain) and
 //!   subscriptions (`Subscribe` → `Grant`, `Assignment`, partition streams of `Records`).
 //! - [`storage`]: the hub's store lifecycle (streams from config, flush and retention).
 //! - [`grants`]: the I/O-free per-subscription token bucket.
-//! - [`predict`]: I/O-free predictive pre-fetch cores (partition assignment, pre-fetch sizing,
-//!   deviation tracking); not wired into the session driver yet.
+//! - [`predict`]: I/O-free predictive pre-fetch cores (partition assignment, run by the hub's
+//!   group coordinator; pre-fetch sizing and deviation tracking, run by each shard).
 //! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
 //!
 //! ```text
@@ -37,6 +39,8 @@
 //! publisher ──Produce──▶ hub::publish (blocking worker, group commit) ──▶ store::Store
 //! store::Store ◀── storelink::StoreLinkServer ◀══ Unix socket ══▶ storelink::CachedReader
 //!   (in each shard) ──▶ session::subscribe (grant bucket, per-partition uni streams) ──▶ client
+//! consumer groups: session::subscribe ──join/leave/Position/Forecast══▶ StoreLinkServer ──▶
+//!   hub::GroupCoordinator ──GroupAssign══▶ the member's shard ──Assignment──▶ client
 //! ```
 #![warn(missing_docs)]
 pub mod apikeys;

@@ -348,8 +348,16 @@ impl Node {
         storage::ensure_streams(&store, &config).context("creating the configured streams")?;
 
         let store_tasks = StoreTasks::start(store.clone())?;
-        let link = StoreLinkServer::bind(&storelink::socket_path(&config.data_dir), store.clone())
-            .context("binding the store link socket")?;
+        let link_cfg = storelink::ServerConfig {
+            handover_timeout: config.subscribe.handover_timeout,
+            ..storelink::ServerConfig::default()
+        };
+        let link = StoreLinkServer::bind_with(
+            &storelink::socket_path(&config.data_dir),
+            store.clone(),
+            link_cfg,
+        )
+        .context("binding the store link socket")?;
         let max_payload = config
             .streams
             .iter()

@@ -711,3 +711,224 @@ fn consumer_group_spreads_forecast_load_not_partition_count() {
         drop((a_ctl, b_ctl));
     });
 }
+
+/// One group of two shards; stream `t` of 4 partitions; hand-overs wait for the previous
+/// owner's final position (a deadline far beyond any test step).
+const GROUP_ON_TWO_SHARDS: &str = "[[shards.groups]]\nid = 0\nshards = 2\n\
+    [subscribe]\nhandover_timeout = \"120s\"\n\
+    [[streams]]\nname = \"t\"\npartitions = 4\ndurability = \"never\"\nmax_payload = 1024\n";
+
+fn sorted_parts(a: &Assignment) -> Vec<u32> {
+    let mut v: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
+    v.sort_unstable();
+    v
+}
+
+fn start_of(a: &Assignment, p: u32) -> u64 {
+    a.partitions
+        .iter()
+        .find(|x| x.partition == p)
+        .map(|x| x.start_offset)
+        .unwrap_or_else(|| panic!("partition {p} not in {a:?}"))
+}
+
+/// Accepts partition streams until it has the one of `a.epoch` for every partition of `a`
+/// (streams of older epochs are finished by the shard and dropped here).
+async fn streams_of(conn: &Connection, a: &Assignment) -> HashMap<u32, Reader> {
+    let mut out = HashMap::new();
+    while out.len() < a.partitions.len() {
+        let (open, r) = accept_partition(conn).await;
+        assert!(open.epoch <= a.epoch, "{open:?} after {a:?}");
+        if open.epoch == a.epoch {
+            out.insert(open.partition, r);
+        }
+    }
+    out
+}
+
+/// Members on different shards split the partitions with no partition owned twice; a SIGKILLed
+/// shard's partitions continue on the survivor without gap; a member on the restarted shard
+/// (same shard-local member id as the survivor's) joins and leaves cleanly.
+#[test]
+fn consumer_group_members_on_different_shards_never_share_a_partition() {
+    let mut gw = Gateway::start(GROUP_ON_TWO_SHARDS, 2);
+    let (sa, sb) = (gw.ready[0].clone(), gw.ready[1].clone());
+    assert_ne!(sa.pid, sb.pid);
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let (conn, t) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let (mut send, recv, _) = publish_open(&conn, "t").await;
+        let mut recv = Reader::new(recv);
+        let mut seq = 0;
+        for p in 0..4 {
+            publish(&mut send, &mut recv, &mut seq, p, 0, 100, 50, |_| 0).await;
+        }
+        // A on the first shard, B on the second.
+        let a_conn = attach_shard(&ep, sa.addr, &t).await;
+        let (_, t2) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let b_conn = attach_shard(&ep, sb.addr, &t2).await;
+        let position = |partition, next_offset| {
+            Frame::Position(Position {
+                partition,
+                next_offset,
+            })
+        };
+
+        // A alone owns everything and consumes it all.
+        let (mut a_ctl, mut a_r, a1) =
+            subscribe(&a_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        assert_eq!(sorted_parts(&a1), vec![0, 1, 2, 3]);
+        let mut a_streams = streams_of(&a_conn, &a1).await;
+        for p in 0..4 {
+            let recs = read_records(a_streams.get_mut(&p).unwrap(), 100).await;
+            check_records(p, 0, &recs);
+            send_frame(&mut a_ctl, position(p, 100)).await;
+        }
+
+        // B joins on the other shard: the hub takes two partitions from A; B gets each
+        // once A's final position for it is known, from that position.
+        let (mut b_ctl, mut b_r, b1) =
+            subscribe(&b_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        let a2 = next_assignment(&mut a_r).await;
+        assert!(a2.epoch > a1.epoch);
+        let kept = sorted_parts(&a2);
+        assert_eq!(kept.len(), 2, "{a2:?}");
+        let moved: Vec<u32> = (0..4).filter(|p| !kept.contains(p)).collect();
+        // (B's first Assignment is empty unless the hub's later push already replaced it.)
+        assert!(
+            sorted_parts(&b1).iter().all(|p| moved.contains(p)),
+            "B got a partition A still owns: {b1:?} vs {a2:?}"
+        );
+        for p in &moved {
+            send_frame(&mut a_ctl, position(*p, 100)).await;
+        }
+        let mut b2 = b1;
+        while sorted_parts(&b2) != moved {
+            b2 = next_assignment(&mut b_r).await;
+            assert!(
+                sorted_parts(&b2).iter().all(|p| moved.contains(p)),
+                "B got a partition A still owns: {b2:?} vs {a2:?}"
+            );
+        }
+        for p in &moved {
+            assert_eq!(start_of(&b2, *p), 100, "no gap, no duplicate on hand-over");
+        }
+        let mut union: Vec<u32> = kept.iter().chain(&moved).copied().collect();
+        union.sort_unstable();
+        assert_eq!(union, vec![0, 1, 2, 3], "every partition exactly once");
+
+        // Both consume new records of their own partitions.
+        for p in 0..4 {
+            publish(&mut send, &mut recv, &mut seq, p, 100, 50, 50, |_| 0).await;
+        }
+        let mut a_streams = streams_of(&a_conn, &a2).await;
+        for p in &kept {
+            assert_eq!(start_of(&a2, *p), 100);
+            let recs = read_records(a_streams.get_mut(p).unwrap(), 20).await;
+            check_records(*p, 100, &recs[..20]);
+            send_frame(&mut a_ctl, position(*p, 120)).await;
+        }
+        let mut b_streams = streams_of(&b_conn, &b2).await;
+        for p in &moved {
+            let recs = read_records(b_streams.get_mut(p).unwrap(), 50).await;
+            check_records(*p, 100, &recs);
+            send_frame(&mut b_ctl, position(*p, 150)).await;
+        }
+
+        // A's shard dies: the hub hands A's partitions to B, from the last position it
+        // knows (120, or 100 if A's last report was still in flight): no gap.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sa.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let b3 = next_assignment(&mut b_r).await;
+        assert_eq!(sorted_parts(&b3), vec![0, 1, 2, 3], "{b3:?}");
+        let mut b_streams = streams_of(&b_conn, &b3).await;
+        for p in &kept {
+            let from = start_of(&b3, *p);
+            assert!(from == 100 || from == 120, "{b3:?}");
+            let recs = read_records(b_streams.get_mut(p).unwrap(), (150 - from) as usize).await;
+            check_records(*p, from, &recs);
+            assert_eq!(recs.last().unwrap().offset, 149);
+        }
+        for p in 0..4 {
+            send_frame(&mut b_ctl, position(p, 150)).await;
+        }
+
+        // The hub restarts the killed shard. A member there (that shard's member id 1 again,
+        // like B's, on a new store link) joins: B hands two partitions over at its final
+        // positions. Then it leaves, and B gets them back from its last positions.
+        let again = tokio::task::block_in_place(|| {
+            gw.until(|l| {
+                parse_ready(l).filter(|r| r.group == 0 && r.pid != sa.pid && r.pid != sb.pid)
+            })
+        });
+        let (_, t3) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let c_conn = attach_shard(&ep, again.addr, &t3).await;
+        let (mut c_ctl, mut c_r, c1) =
+            subscribe(&c_conn, 1, Start::Earliest, Some("g"), Mode::Predictive).await;
+        let b4 = next_assignment(&mut b_r).await;
+        let b_kept = sorted_parts(&b4);
+        assert_eq!(b_kept.len(), 2, "{b4:?}");
+        let to_c: Vec<u32> = (0..4).filter(|p| !b_kept.contains(p)).collect();
+        for p in &to_c {
+            send_frame(&mut b_ctl, position(*p, 150)).await;
+        }
+        let mut c2 = c1;
+        while sorted_parts(&c2) != to_c {
+            c2 = next_assignment(&mut c_r).await;
+            assert!(
+                sorted_parts(&c2).iter().all(|p| to_c.contains(p)),
+                "C got a partition B still owns: {c2:?} vs {b4:?}"
+            );
+        }
+        for p in &to_c {
+            assert_eq!(start_of(&c2, *p), 150, "{c2:?}");
+        }
+        for p in 0..4 {
+            publish(&mut send, &mut recv, &mut seq, p, 150, 10, 10, |_| 0).await;
+        }
+        let mut c_streams = streams_of(&c_conn, &c2).await;
+        for p in &to_c {
+            let recs = read_records(c_streams.get_mut(p).unwrap(), 10).await;
+            check_records(*p, 150, &recs);
+            send_frame(&mut c_ctl, position(*p, 160)).await;
+        }
+        c_ctl.finish().unwrap();
+        let b5 = next_assignment(&mut b_r).await;
+        assert_eq!(sorted_parts(&b5), vec![0, 1, 2, 3], "{b5:?}");
+        for p in &to_c {
+            assert_eq!(
+                start_of(&b5, *p),
+                160,
+                "continues at the leaver's last position"
+            );
+        }
+
+        // A member whose connection just closes (its subscription task ends with it) leaves
+        // the group too: B gets its partitions back from B's own final positions.
+        let (_, t4) = hub_conn(&ep, &gw, &gw.dev_key).await;
+        let d_conn = attach_shard(&ep, again.addr, &t4).await;
+        let (_d_ctl, mut d_r, d1) =
+            subscribe(&d_conn, 2, Start::Earliest, Some("g"), Mode::Predictive).await;
+        let b6 = next_assignment(&mut b_r).await;
+        let to_d: Vec<u32> = (0..4).filter(|p| !sorted_parts(&b6).contains(p)).collect();
+        assert_eq!(to_d.len(), 2, "{b6:?}");
+        for p in &to_d {
+            send_frame(&mut b_ctl, position(*p, start_of(&b5, *p))).await;
+        }
+        let mut d2 = d1;
+        while sorted_parts(&d2) != to_d {
+            d2 = next_assignment(&mut d_r).await;
+        }
+        d_conn.close(0u32.into(), b"gone");
+        let b7 = next_assignment(&mut b_r).await;
+        assert_eq!(sorted_parts(&b7), vec![0, 1, 2, 3], "{b7:?}");
+        for p in &to_d {
+            assert_eq!(start_of(&b7, *p), start_of(&b5, *p), "{b7:?}");
+        }
+        drop((a_ctl, b_ctl, a_conn, c_conn));
+    });
+}

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use sibyl_gateway::store::{NewRecord, Store, StoreConfig, StreamConfig};
 use sibyl_gateway::storelink::{
-    CacheConfig, CachedReader, LinkConfig, LinkError, ReaderConfig, RemoteError, StoreLink,
-    StoreLinkServer, StreamInfo, socket_path,
+    CacheConfig, CachedReader, GroupAssignment, LinkConfig, LinkError, ReaderConfig, RemoteError,
+    StoreLink, StoreLinkServer, StreamInfo, socket_path,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -374,4 +374,92 @@ async fn cached_reader_serves_fan_out_from_one_fetch() {
         reader.read("orders", 0, 5_000, 1, 1).await,
         Err(LinkError::Store(RemoteError::OffsetOutOfRange { .. }))
     ));
+}
+
+/// The next group push for a member, bounded by PATIENCE.
+async fn next_push(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<GroupAssignment>,
+) -> GroupAssignment {
+    tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("a group push in time")
+        .expect("membership alive")
+}
+
+fn parts(a: &GroupAssignment) -> Vec<u32> {
+    a.partitions.iter().map(|p| p.0).collect()
+}
+
+#[tokio::test]
+async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
+    let f = fixture();
+    let a = StoreLink::connect(f.server.path()).await.unwrap();
+    let b = StoreLink::connect(f.server.path()).await.unwrap();
+    // Both shards use member id 1: the hub scopes ids to their link.
+    let mut ra = a.join_group(1, "orders", "g", vec![(0, 3), (1, 4)]).await;
+    let a1 = next_push(&mut ra).await;
+    assert_eq!(a1.partitions, vec![(0, 3), (1, 4)]);
+    a.group_position(1, 0, 10, true);
+    a.group_position(1, 1, 20, true);
+    // The hub handled them before B joins: a request answered after them on A's link.
+    a.streams().await.unwrap();
+    let mut rb = b.join_group(1, "orders", "g", vec![(0, 0), (1, 0)]).await;
+    let b1 = next_push(&mut rb).await;
+    assert!(b1.partitions.is_empty(), "B waits for A's final position");
+    let a2 = next_push(&mut ra).await;
+    assert!(a2.epoch > a1.epoch);
+    assert_eq!(a2.partitions.len(), 1);
+    let kept = a2.partitions[0].0;
+    let moved = 1 - kept;
+    // A's final position of the revoked partition completes the hand-over.
+    a.group_position(1, moved, 33, false);
+    let b2 = next_push(&mut rb).await;
+    assert_eq!(
+        b2.partitions,
+        vec![(moved, 33)],
+        "continues at the committed position"
+    );
+    assert!(parts(&b2).iter().all(|p| !parts(&a2).contains(p)));
+    // A's shard goes away: B owns both, A's from its last position.
+    drop(a);
+    let b3 = next_push(&mut rb).await;
+    let known = if kept == 0 { 10 } else { 20 };
+    let mut want = vec![(moved, 33), (kept, known)];
+    want.sort_unstable();
+    assert_eq!(b3.partitions, want);
+    b.leave_group(1);
+    drop(f.dir);
+}
+
+#[tokio::test]
+async fn group_members_are_revoked_while_the_link_is_down_and_rejoin() {
+    let f = fixture();
+    let path = f.server.path().to_owned();
+    let cfg = LinkConfig {
+        backoff_initial: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(50),
+        ..LinkConfig::default()
+    };
+    let link = StoreLink::connect_with(&path, cfg).await.unwrap();
+    let mut rx = link
+        .join_group(5, "orders", "g", vec![(0, 0), (1, 0)])
+        .await;
+    assert_eq!(parts(&next_push(&mut rx).await), vec![0, 1]);
+    link.group_position(5, 0, 12, true);
+    link.group_position(5, 1, 34, true);
+    // Make sure the hub processed them: a request answered after them on the same link.
+    link.streams().await.unwrap();
+    // The hub's listener restarts: every link drops and the hub forgets its groups.
+    drop(f.server);
+    let down = next_push(&mut rx).await;
+    assert_eq!(
+        (down.epoch, down.partitions.len()),
+        (0, 0),
+        "revoked while down"
+    );
+    let _server = StoreLinkServer::bind(&path, f.store.clone()).unwrap();
+    // Re-joined on the new connection, seeded with the positions it relayed.
+    let up = next_push(&mut rx).await;
+    assert_eq!(up.partitions, vec![(0, 12), (1, 34)]);
+    drop(f.dir);
 }

@@ -15,6 +15,7 @@
 //! takes `now`); [`HubServer`] is the thin quinn driver.
 
 pub mod admission;
+pub mod groups;
 pub mod publish;
 
 use std::net::UdpSocket;
@@ -37,6 +38,7 @@ use crate::quic::{self, QuicSetupError, Role, StreamError};
 use crate::supervisor::{ShardInfo, Supervisor};
 
 pub use admission::GroupCandidate;
+pub use groups::{CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport};
 pub use publish::PublishService;
 
 /// Where the hub learns which shards are ready and how loaded they are.

@@ -5,12 +5,13 @@
 //! control stream: Subscribe ─▶ scope check (token) ─▶ stream exists (store link)
 //!   ◀── Grant{rate, burst, lease}        (TokenBucket; renewed half-way through the lease)
 //!   ◀── Assignment{epoch, partitions}    (all partitions, or the group's share)
-//!   ──▶ Position (recorded; drives group hand-over and the pre-fetch window), Fetch
-//!       (reactive credit), Forecast (predictive: PrefetchPlanner + DeviationTracker,
-//!       and the group's GroupAssigner)
-//! consumer group (stream, group) on this shard: one GroupAssigner; join / leave /
-//!   Position / Forecast / hand-over deadline (100 ms tick) ─▶ poll_assignments ─▶ each
-//!   changed member's control loop (in epoch order) ─▶ Assignment
+//!   ──▶ Position (recorded; drives the pre-fetch window; relayed to the hub for a group),
+//!       Fetch (reactive credit), Forecast (predictive: PrefetchPlanner + DeviationTracker;
+//!       relayed to the hub for a group)
+//! consumer group: coordinated by the hub across all shards (hub::GroupCoordinator); this
+//!   shard relays join / leave / Position / Forecast over the store link
+//!   (StoreLink::join_group …) and applies each GroupAssignment the hub pushes as a new
+//!   epoch ─▶ Assignment
 //! pump per partition: open uni ─ priority ─ PartitionOpen ─▶ loop:
 //!   tokens ← bucket (and credit in reactive mode, the pre-fetch room in predictive mode)
 //!   ─▶ CachedReader::read(next, ≤ tokens) ─ empty: wait for the store link's tail watch
@@ -55,23 +56,21 @@ use tracing::debug;
 
 use crate::config::SubscribeConfig;
 use crate::grants::TokenBucket;
-use crate::predict::{
-    DeviationConfig, DeviationTracker, GroupAssigner, GroupConfig, PrefetchConfig, PrefetchPlanner,
-    SubKey,
-};
+use crate::predict::{DeviationConfig, DeviationTracker, PrefetchConfig, PrefetchPlanner, SubKey};
 use crate::quic::{self, StreamError};
-use crate::storelink::{CachedReader, LinkError, RemoteError};
+use crate::storelink::{CachedReader, GroupAssignment, LinkError, RemoteError, StoreLink};
 
-/// The shard's data plane: the store reader, the settings and the consumer groups.
+/// The shard's data plane: the store reader, the settings and the pre-fetch planner.
+/// Consumer groups are coordinated by the hub (relayed over the store link).
 pub struct DataPlane {
     reader: CachedReader,
     cfg: SubscribeConfig,
-    groups: Mutex<HashMap<(String, String), Group>>,
     next_member: AtomicU64,
     planner: Mutex<PrefetchPlanner>,
 }
 
-/// A subscription on this shard (also its group member id and pre-fetch key).
+/// A subscription on this shard: its group member id on the store link and its pre-fetch
+/// key (unique in this process; the hub scopes it to this shard's link).
 type MemberId = u64;
 
 /// A subscription's new complete set of partitions, for its control loop (applied with
@@ -80,40 +79,6 @@ struct Owned {
     /// Each partition with the offset a newly given one starts at (`None`: the
     /// subscription's start).
     partitions: Vec<(u32, Option<u64>)>,
-}
-
-/// One consumer group of one stream on this shard: its assigner and its members' control
-/// loops.
-struct Group {
-    assigner: GroupAssigner,
-    /// Each member's control loop and the partitions last sent to it (`None`: nothing yet).
-    members: HashMap<MemberId, (mpsc::UnboundedSender<Owned>, Option<Vec<u32>>)>,
-}
-
-impl Group {
-    /// Sends each changed set of partitions to its member's control loop. A change of the
-    /// assigner's priorities alone is not sent: the pumps follow the planner's priority
-    /// without a new epoch. Called under the `groups` lock, so every member receives its
-    /// sets in order.
-    fn dispatch(&mut self) {
-        for a in self.assigner.poll_assignments() {
-            let Some((tx, sent)) = self.members.get_mut(&a.member.0) else {
-                continue;
-            };
-            let mut set: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
-            set.sort_unstable();
-            if sent.as_ref() == Some(&set) {
-                continue;
-            }
-            *sent = Some(set);
-            let partitions = a
-                .partitions
-                .iter()
-                .map(|p| (p.partition, Some(p.start_offset)))
-                .collect();
-            let _ = tx.send(Owned { partitions });
-        }
-    }
 }
 
 /// In-flight records a pump allows per record of planned depth (covers the forecast's
@@ -145,29 +110,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl DataPlane {
     /// A data plane reading through `reader`.
     pub fn new(reader: CachedReader, cfg: SubscribeConfig) -> Arc<Self> {
-        let dp = Arc::new(Self {
+        Arc::new(Self {
             reader,
-            groups: Mutex::new(HashMap::new()),
             cfg,
             next_member: AtomicU64::new(1),
             planner: Mutex::new(PrefetchPlanner::new(PrefetchConfig::default())),
-        });
-        // Drives the groups' hand-over deadlines; ends when the data plane is dropped.
-        let weak = Arc::downgrade(&dp);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let Some(dp) = weak.upgrade() else { return };
-                let now = Instant::now();
-                for g in lock(&dp.groups).values_mut() {
-                    if g.assigner.poll_timeout().is_some_and(|t| t <= now) {
-                        g.assigner.handle_timeout(now);
-                        g.dispatch();
-                    }
-                }
-            }
-        });
-        dp
+        })
     }
 
     /// The store reader.
@@ -178,71 +126,6 @@ impl DataPlane {
     /// Bytes of pre-fetch depth the planner has allocated across all subscriptions.
     pub fn prefetch_allocated_bytes(&self) -> u64 {
         lock(&self.planner).allocated_bytes()
-    }
-
-    /// Runs `f` on the assigner of `group` of `stream` (if it has members here) and sends
-    /// the assignments it changed.
-    fn with_group(&self, stream: &str, group: &str, f: impl FnOnce(&mut GroupAssigner, Instant)) {
-        let mut groups = lock(&self.groups);
-        if let Some(g) = groups.get_mut(&(stream.to_owned(), group.to_owned())) {
-            f(&mut g.assigner, Instant::now());
-            g.dispatch();
-        }
-    }
-
-    /// `member` (sending on `tx`) joins `group` of `stream`; `starts` seeds the offsets of a
-    /// new group's partitions (the first member's `Start`, resolved).
-    fn join_group(
-        &self,
-        stream: &str,
-        group: &str,
-        partitions: u32,
-        starts: Vec<(u32, u64)>,
-        member: MemberId,
-        tx: mpsc::UnboundedSender<Owned>,
-    ) {
-        let mut groups = lock(&self.groups);
-        let g = groups
-            .entry((stream.to_owned(), group.to_owned()))
-            .or_insert_with(|| {
-                let config = GroupConfig {
-                    revoke_timeout: self.cfg.handover_timeout,
-                    ..GroupConfig::default()
-                };
-                Group {
-                    assigner: GroupAssigner::new(0..partitions, config),
-                    members: HashMap::new(),
-                }
-            });
-        for (p, o) in starts {
-            g.assigner.set_start_offset(p, o);
-        }
-        g.members.insert(member, (tx, None));
-        // Members join with equal capacity (the protocol carries no consumer capacity); the
-        // partitions' forecast rates make the assignment rate-aware. Cannot fail: 1.0 is a
-        // valid capacity and member ids are unique per data plane.
-        let _ = g
-            .assigner
-            .join(crate::predict::MemberId(member), 1.0, Instant::now());
-        g.dispatch();
-    }
-
-    /// `member` left `group` of `stream`: its partitions move on from their known positions.
-    fn leave_group(&self, stream: &str, group: &str, member: MemberId) {
-        let key = (stream.to_owned(), group.to_owned());
-        let mut groups = lock(&self.groups);
-        let Some(g) = groups.get_mut(&key) else {
-            return;
-        };
-        g.members.remove(&member);
-        let _ = g
-            .assigner
-            .leave(crate::predict::MemberId(member), Instant::now());
-        if g.members.is_empty() {
-            groups.remove(&key);
-        } else {
-            g.dispatch();
-        }
     }
 }
 
@@ -368,11 +251,10 @@ pub async fn serve_subscription(
             return;
         }
     };
-    // A new group starts where its first member's `Start` resolves to.
+    // A new group starts where its first member's `Start` resolves to (the hub ignores the
+    // starts of a group it already has).
     let mut group_starts = Vec::new();
-    if let Some(g) = &sub.group
-        && !lock(&dp.groups).contains_key(&(sub.stream.clone(), g.clone()))
-    {
+    if sub.group.is_some() {
         for p in 0..partitions {
             match resolve_start(&dp.reader, &sub.stream, p, &sub.start).await {
                 Ok(o) => group_starts.push((p, o)),
@@ -420,21 +302,30 @@ pub async fn serve_subscription(
     if let Some(p) = Arc::get_mut(&mut s.prefetch) {
         p.key = SubKey(member);
     }
+    // The planner forgets this subscription however it ends (also when its task is aborted
+    // with the connection).
+    let planned = Planned {
+        dp: dp.clone(),
+        key: SubKey(member),
+    };
     if s.sub.mode == Mode::Predictive {
         lock(&dp.planner).set_rtt(SubKey(member), conn.rtt() + POSITION_LAG);
     }
     let group = s.sub.group.clone();
+    let mut group_rx = None;
+    let mut membership = None;
     if let Some(g) = &group {
-        // The first assignment comes from the group (possibly empty while hand-overs to
-        // this member are pending).
-        dp.join_group(
-            &s.sub.stream,
-            g,
-            partitions,
-            group_starts,
-            member,
-            change_tx.clone(),
+        // The first assignment comes from the hub (possibly empty while hand-overs to this
+        // member are pending).
+        let link = dp.reader.link();
+        group_rx = Some(
+            link.join_group(member, &s.sub.stream, g, group_starts)
+                .await,
         );
+        membership = Some(Membership {
+            link: link.clone(),
+            member,
+        });
     } else {
         let partitions = (0..partitions).map(|p| (p, None)).collect();
         let _ = change_tx.send(Owned { partitions });
@@ -457,20 +348,19 @@ pub async fn serve_subscription(
                 &mut recv,
                 &mut dec,
                 &mut change_rx,
+                group_rx.as_mut(),
                 member,
             )
             .await
         }
         Err(e) => Err(e),
     };
-    if let Some(g) = &group {
-        dp.leave_group(&s.sub.stream, g, member);
-    }
+    drop(membership);
     // The subscription ends: finish every partition stream.
     for ctl in s.pumps.values() {
         ctl.stop.send_replace(true);
     }
-    lock(&dp.planner).remove_sub(SubKey(member));
+    drop(planned);
     match result {
         Ok(()) => {
             let _ = send.finish();
@@ -483,6 +373,31 @@ pub async fn serve_subscription(
                 quic::close(&conn, code, &e.to_string());
             }
         }
+    }
+}
+
+/// A subscription's consumer-group membership: leaves the group when dropped, also when
+/// the subscription task is aborted with its connection.
+struct Membership {
+    link: StoreLink,
+    member: MemberId,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.link.leave_group(self.member);
+    }
+}
+
+/// A subscription's pre-fetch plan: removed from the shard's planner when dropped.
+struct Planned {
+    dp: Arc<DataPlane>,
+    key: SubKey,
+}
+
+impl Drop for Planned {
+    fn drop(&mut self) {
+        lock(&self.dp.planner).remove_sub(self.key);
     }
 }
 
@@ -501,6 +416,7 @@ async fn control_loop(
     recv: &mut RecvStream,
     dec: &mut FrameDecoder,
     changes: &mut mpsc::UnboundedReceiver<Owned>,
+    mut group: Option<&mut mpsc::UnboundedReceiver<GroupAssignment>>,
     member: MemberId,
 ) -> Result<(), StreamError> {
     loop {
@@ -517,6 +433,12 @@ async fn control_loop(
             }
             Some(c) = changes.recv() => {
                 if apply(s, send, c).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Some(a) = next_group_assignment(&mut group) => {
+                let partitions = a.partitions.iter().map(|&(p, o)| (p, Some(o))).collect();
+                if apply(s, send, Owned { partitions }).await.is_err() {
                     return Ok(());
                 }
             }
@@ -550,16 +472,15 @@ fn on_frame(s: &mut Sub, frame: Frame, member: MemberId) -> Result<(), StreamErr
                     ctl.wake.notify_one();
                 }
             }
-            if let Some(g) = &s.sub.group {
-                s.dp.with_group(&s.sub.stream, g, |a, now| {
-                    // A stale report (not owner, not revoking) changes nothing.
-                    a.position_known(
-                        crate::predict::MemberId(member),
-                        p.partition,
-                        p.next_offset,
-                        now,
-                    );
-                });
+            if s.sub.group.is_some() {
+                // The hub records it (owner) or completes a hand-over (previous owner); a
+                // stale report changes nothing there.
+                // `serving`: sent before this shard applied a revocation of the partition, so
+                // it cannot end a hand-over.
+                let serving = s.pumps.contains_key(&p.partition);
+                s.dp.reader
+                    .link()
+                    .group_position(member, p.partition, p.next_offset, serving);
             }
         }
         Frame::Fetch(f) => {
@@ -577,6 +498,16 @@ fn on_frame(s: &mut Sub, frame: Frame, member: MemberId) -> Result<(), StreamErr
         other => return Err(StreamError::Unexpected(other.frame_type())),
     }
     Ok(())
+}
+
+/// The next assignment the hub pushed for this member (pending forever without a group).
+async fn next_group_assignment(
+    rx: &mut Option<&mut mpsc::UnboundedReceiver<GroupAssignment>>,
+) -> Option<GroupAssignment> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -609,12 +540,14 @@ fn on_forecast(s: &mut Sub, mut f: Forecast) {
         .capacity
         .store(f.buffer_capacity_bytes, Ordering::SeqCst);
     s.prefetch.forecasts.fetch_add(1, Ordering::SeqCst);
-    if let Some(g) = &s.sub.group {
-        // The group's partition loads (rate-aware assignment); the member is known while
-        // its control loop runs.
-        s.dp.with_group(&s.sub.stream, g, |a, now| {
-            let _ = a.update_forecast(crate::predict::MemberId(key.0), &f, now);
-        });
+    if s.sub.group.is_some() {
+        // The group's partition loads (rate-aware assignment at the hub).
+        let loads = f
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.records_per_s, p.bytes_per_s))
+            .collect();
+        s.dp.reader.link().group_forecast(key.0, loads);
     }
     s.last_forecast = Some(f);
     for ctl in s.pumps.values() {

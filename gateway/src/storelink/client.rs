@@ -1,6 +1,7 @@
-//! The shard side: a multiplexed, reconnecting client of the hub's store link.
+//! The shard side: a multiplexed, reconnecting client of the hub's store link, and the relay
+//! of this shard's consumer-group members to the hub's coordinator.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -115,12 +116,45 @@ struct WatchSlot {
     remote: Option<u64>,
 }
 
+/// A consumer-group assignment the hub pushed for one member of this shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAssignment {
+    /// The hub's epoch for the member (strictly increasing per hub-side membership); 0 when
+    /// the link went down: everything is revoked until the hub answers the re-join.
+    pub epoch: u64,
+    /// `(partition, start_offset)`: the member's complete set. A partition new to the member
+    /// starts at its offset (the group's committed position).
+    pub partitions: Vec<(u32, u64)>,
+}
+
+/// A group member of this shard, re-joined on every new connection.
+struct MemberSlot {
+    stream: String,
+    group: String,
+    /// The join's starts, updated with every relayed position: what a re-join seeds a group
+    /// the hub no longer has (all its members were on this link) with.
+    starts: BTreeMap<u32, u64>,
+    tx: mpsc::UnboundedSender<GroupAssignment>,
+}
+
+impl MemberSlot {
+    fn join_request(&self, member: u64) -> Request {
+        Request::GroupJoin {
+            member,
+            stream: self.stream.clone(),
+            group: self.group.clone(),
+            starts: self.starts.iter().map(|(&p, &o)| (p, o)).collect(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     conn: Option<mpsc::Sender<Vec<u8>>>,
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     watches: HashMap<WatchKey, WatchSlot>,
     watch_ids: HashMap<u64, WatchKey>,
+    members: HashMap<u64, MemberSlot>,
 }
 
 struct Inner {
@@ -299,6 +333,98 @@ impl StoreLink {
         rx
     }
 
+    /// Relays a consumer-group join to the hub's coordinator: `member` (unique on this shard)
+    /// joins `group` of `stream`; `starts` (`(partition, offset)`) seed a new group. Returns
+    /// the member's assignments as the hub pushes them. The membership survives reconnects
+    /// (re-joined on each new connection; while the link is down the member gets an empty
+    /// assignment with epoch 0) until [`leave_group`](Self::leave_group).
+    pub async fn join_group(
+        &self,
+        member: u64,
+        stream: &str,
+        group: &str,
+        starts: Vec<(u32, u64)>,
+    ) -> mpsc::UnboundedReceiver<GroupAssignment> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let slot = MemberSlot {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            starts: starts.into_iter().collect(),
+            tx,
+        };
+        let req = slot.join_request(member);
+        let conn = {
+            let mut st = self.inner.state();
+            st.members.insert(member, slot);
+            st.conn.clone()
+        };
+        // Down: the next connection re-joins it.
+        if let (Some(conn), Some(f)) = (conn, request_frame(&req)) {
+            let _ = conn.send(f).await;
+        }
+        rx
+    }
+
+    /// Relays that `member`'s subscription ended. Not async, so that it can run from a drop
+    /// guard (a subscription task aborted with its connection): queued at once, or by a
+    /// spawned task when the queue is full. While the link is down there is nothing to send:
+    /// the hub removed every member of the old connection already.
+    pub fn leave_group(&self, member: u64) {
+        let conn = {
+            let mut st = self.inner.state();
+            if st.members.remove(&member).is_none() {
+                return;
+            }
+            st.conn.clone()
+        };
+        let (Some(conn), Some(f)) = (conn, request_frame(&Request::GroupLeave { member })) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(f)) = conn.try_send(f)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = conn.send(f).await;
+            });
+        }
+    }
+
+    /// Relays a member's `Position`; `serving`: this shard still sends the member that
+    /// partition (best effort: dropped while the link is down or its queue is full; a
+    /// hand-over then completes at the hub's deadline).
+    pub fn group_position(&self, member: u64, partition: u32, next_offset: u64, serving: bool) {
+        let mut st = self.inner.state();
+        let Some(slot) = st.members.get_mut(&member) else {
+            return;
+        };
+        slot.starts.insert(partition, next_offset);
+        let req = Request::GroupPosition {
+            member,
+            partition,
+            next_offset,
+            serving,
+        };
+        if let (Some(conn), Some(f)) = (&st.conn, request_frame(&req)) {
+            let _ = conn.try_send(f);
+        }
+    }
+
+    /// Relays a member's `Forecast` as `(partition, records/s, bytes/s)` (best effort, at most
+    /// [`MAX_GROUP_PARTITIONS`](super::codec::MAX_GROUP_PARTITIONS) entries are sent).
+    pub fn group_forecast(&self, member: u64, mut loads: Vec<(u32, u64, u64)>) {
+        loads.truncate(super::codec::MAX_GROUP_PARTITIONS);
+        let st = self.inner.state();
+        if !st.members.contains_key(&member) {
+            return;
+        }
+        if let (Some(conn), Some(f)) = (
+            &st.conn,
+            request_frame(&Request::GroupForecast { member, loads }),
+        ) {
+            let _ = conn.try_send(f);
+        }
+    }
+
     async fn call(&self, req: impl FnOnce(u64) -> Request) -> Result<ServerMsg, LinkError> {
         let id = self.inner.id();
         let mut frame = Vec::new();
@@ -357,6 +483,18 @@ fn unexpected(msg: &ServerMsg) -> LinkError {
     }
 }
 
+/// A request's frame (`None`, logged, if it does not encode: only over-long lists could).
+fn request_frame(req: &Request) -> Option<Vec<u8>> {
+    let mut f = Vec::new();
+    match codec::encode_request(req, &mut f) {
+        Ok(()) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "store link: request does not encode");
+            None
+        }
+    }
+}
+
 /// Queues a `WatchTail`; false if the connection's queue is full or gone (the watch is then
 /// registered on the next connection).
 fn register(conn: &mpsc::Sender<Vec<u8>>, id: u64, key: &WatchKey) -> bool {
@@ -390,6 +528,23 @@ fn attach(inner: &Arc<Inner>, stream: UnixStream) {
                 st.watch_ids.insert(id, key.clone());
             }
         }
+        // Re-join this shard's group members (the hub dropped them with the old connection),
+        // in order, waiting for room in the queue.
+        let joins: Vec<Vec<u8>> = st
+            .members
+            .iter()
+            .filter_map(|(&m, slot)| request_frame(&slot.join_request(m)))
+            .collect();
+        if !joins.is_empty() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for f in joins {
+                    if tx.send(f).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         st.conn = Some(tx);
     }
     let inner = inner.clone();
@@ -422,6 +577,14 @@ fn detach(inner: &Inner, reason: &str) {
     st.watch_ids.clear();
     for s in st.watches.values_mut() {
         s.remote = None;
+    }
+    // The hub removes this connection's members from their groups and moves their
+    // partitions on: stop serving them here until the re-join is answered.
+    for slot in st.members.values() {
+        let _ = slot.tx.send(GroupAssignment {
+            epoch: 0,
+            partitions: Vec::new(),
+        });
     }
     drop(st);
     inner.dropped.notify_one();
@@ -464,6 +627,19 @@ fn dispatch(inner: &Inner, msg: ServerMsg) {
                 // The hub refused a watch: close its receivers.
                 if let Some(key) = st.watch_ids.remove(id) {
                     st.watches.remove(&key);
+                }
+                return;
+            }
+            Response::GroupAssign {
+                member,
+                epoch,
+                partitions,
+            } => {
+                if let Some(slot) = st.members.get(member) {
+                    let _ = slot.tx.send(GroupAssignment {
+                        epoch: *epoch,
+                        partitions: partitions.clone(),
+                    });
                 }
                 return;
             }
@@ -513,6 +689,7 @@ fn close(inner: &Inner) {
     st.conn = None;
     st.watches.clear();
     st.watch_ids.clear();
+    st.members.clear();
 }
 
 #[cfg(test)]

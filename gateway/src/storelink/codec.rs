@@ -13,6 +13,14 @@
 //!
 //! A `Batch` carries the records of a `Read` as the very frame a shard sends its clients, so a
 //! shard can forward it with no per-record re-encoding.
+//!
+//! Consumer groups ride the same link: the shard relays its group members' join, leave,
+//! positions and forecasts as [`Request::GroupJoin`], [`Request::GroupLeave`],
+//! [`Request::GroupPosition`] and [`Request::GroupForecast`] (no answer), and the hub pushes
+//! each member's assignment as [`Response::GroupAssign`]. Member ids are the shard's own; the
+//! hub scopes them to the link, so they never collide across shards or shard restarts. Their
+//! names and lists are bounded ([`MAX_GROUP_NAME`], [`MAX_GROUP_PARTITIONS`]) and checked at
+//! decode.
 
 use serde::{Deserialize, Serialize};
 use sibyl_proto::codec::{Codec, DecodeLimits, FrameError, Reader, put_varint};
@@ -25,8 +33,13 @@ use crate::store::Record;
 /// it by the hub ([`ServerConfig::max_read_bytes`](super::ServerConfig::max_read_bytes)),
 /// and a single record (at most 1 MiB payload + 4 KiB key by default) always fits.
 pub const MAX_FRAME_LEN: usize = 8 << 20;
-/// Largest request frame the hub accepts (requests carry a stream name and a few integers).
-pub const MAX_REQUEST_LEN: usize = 64 << 10;
+/// Largest request frame the hub accepts: 256 KiB (requests carry a stream name and a few
+/// integers; a group join or forecast lists up to [`MAX_GROUP_PARTITIONS`] small tuples).
+pub const MAX_REQUEST_LEN: usize = 256 << 10;
+/// Longest stream or group name in a group message (bytes).
+pub const MAX_GROUP_NAME: usize = 255;
+/// Most partitions a group message lists (a stream's partition bound).
+pub const MAX_GROUP_PARTITIONS: usize = crate::store::MAX_PARTITIONS as usize;
 
 const LEN_LEN: usize = 4;
 const TAG_REQUEST: u8 = 0x01;
@@ -61,6 +74,9 @@ pub enum CodecError {
     /// Encoding only: an empty batch or offsets not strictly increasing (caller misuse).
     #[error("a batch needs at least one record and strictly increasing offsets")]
     InvalidBatch,
+    /// A group message over a bound ([`MAX_GROUP_NAME`], [`MAX_GROUP_PARTITIONS`]).
+    #[error("group message over a bound: {0}")]
+    Limit(&'static str),
 }
 
 /// A stream as listed by [`Request::Streams`].
@@ -132,6 +148,79 @@ pub enum Request {
         /// The `WatchTail` request id.
         watch: u64,
     },
+    /// A subscription of this shard joins consumer group `group` of `stream` (no answer; the
+    /// hub pushes [`Response::GroupAssign`] for `member` from now on).
+    GroupJoin {
+        /// The member, unique on this link (the shard's subscription counter).
+        member: u64,
+        /// Stream name.
+        stream: String,
+        /// Group name.
+        group: String,
+        /// `(partition, offset)`: where each partition starts if the group is new (the
+        /// member's `Start` resolved) or has no position for it yet; otherwise ignored.
+        starts: Vec<(u32, u64)>,
+    },
+    /// The member's subscription ended (no answer).
+    GroupLeave {
+        /// The member.
+        member: u64,
+    },
+    /// The member's client reported `Position{partition, next_offset}` (no answer).
+    GroupPosition {
+        /// The member.
+        member: u64,
+        /// Partition.
+        partition: u32,
+        /// Next offset the client will consume.
+        next_offset: u64,
+        /// The shard still sends the member this partition (the report cannot be the final
+        /// position of a hand-over).
+        serving: bool,
+    },
+    /// The member's client sent a `Forecast` (no answer): the group's partition loads.
+    GroupForecast {
+        /// The member.
+        member: u64,
+        /// `(partition, records_per_s, bytes_per_s)`.
+        loads: Vec<(u32, u64, u64)>,
+    },
+}
+
+fn check_name(name: &str) -> Result<(), CodecError> {
+    if name.len() > MAX_GROUP_NAME {
+        return Err(CodecError::Limit("name longer than 255 bytes"));
+    }
+    Ok(())
+}
+
+fn check_list(len: usize) -> Result<(), CodecError> {
+    if len > MAX_GROUP_PARTITIONS {
+        return Err(CodecError::Limit(
+            "more entries than a stream has partitions",
+        ));
+    }
+    Ok(())
+}
+
+impl Request {
+    /// Checks the bounds of group messages (names, list lengths); other requests pass.
+    pub fn check_limits(&self) -> Result<(), CodecError> {
+        match self {
+            Self::GroupJoin {
+                stream,
+                group,
+                starts,
+                ..
+            } => {
+                check_name(stream)?;
+                check_name(group)?;
+                check_list(starts.len())
+            }
+            Self::GroupForecast { loads, .. } => check_list(loads.len()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Hub → shard control messages (batches travel in their own binary frame).
@@ -190,6 +279,26 @@ pub enum Response {
         /// Why.
         error: RemoteError,
     },
+    /// Pushed: group member `member` of this link now owns exactly `partitions`.
+    GroupAssign {
+        /// The member (as in [`Request::GroupJoin`]).
+        member: u64,
+        /// Strictly increasing per member.
+        epoch: u64,
+        /// `(partition, start_offset)`: a partition new to the member starts at its offset
+        /// (the group's committed position); a kept one continues where the member is.
+        partitions: Vec<(u32, u64)>,
+    },
+}
+
+impl Response {
+    /// Checks the bounds of group messages; other responses pass.
+    pub fn check_limits(&self) -> Result<(), CodecError> {
+        match self {
+            Self::GroupAssign { partitions, .. } => check_list(partitions.len()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A request's failure as reported by the hub.
@@ -436,7 +545,11 @@ pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Cod
 pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
     match body.split_first() {
         None => Err(CodecError::Short),
-        Some((&TAG_REQUEST, rest)) => Ok(sibyl_proto::cbor::from_slice(rest)?),
+        Some((&TAG_REQUEST, rest)) => {
+            let req: Request = sibyl_proto::cbor::from_slice(rest)?;
+            req.check_limits()?;
+            Ok(req)
+        }
         Some((&tag, _)) => Err(CodecError::UnexpectedTag(tag)),
     }
 }
@@ -456,7 +569,9 @@ pub fn decode_server_msg(body: &[u8]) -> Result<ServerMsg, CodecError> {
     match body.split_first() {
         None => Err(CodecError::Short),
         Some((&TAG_RESPONSE, rest)) => {
-            Ok(ServerMsg::Response(sibyl_proto::cbor::from_slice(rest)?))
+            let resp: Response = sibyl_proto::cbor::from_slice(rest)?;
+            resp.check_limits()?;
+            Ok(ServerMsg::Response(resp))
         }
         Some((&TAG_BATCH, rest)) => {
             let (id, rest) = rest.split_at_checked(8).ok_or(CodecError::Short)?;
@@ -530,6 +645,23 @@ mod tests {
                 partition: 1,
             },
             Request::Unwatch { watch: 5 },
+            Request::GroupJoin {
+                member: 9,
+                stream: "s".into(),
+                group: "g".into(),
+                starts: vec![(0, 5), (1, 1 << 40)],
+            },
+            Request::GroupLeave { member: 9 },
+            Request::GroupPosition {
+                member: 9,
+                partition: 1,
+                next_offset: 77,
+                serving: true,
+            },
+            Request::GroupForecast {
+                member: 9,
+                loads: vec![(0, 100, 100_000), (3, 0, 0)],
+            },
         ]
     }
 
@@ -566,7 +698,78 @@ mod tests {
                     next: 3,
                 },
             },
+            Response::GroupAssign {
+                member: 9,
+                epoch: 2,
+                partitions: vec![(0, 5), (2, 8)],
+            },
+            Response::GroupAssign {
+                member: 10,
+                epoch: 1,
+                partitions: vec![],
+            },
         ]
+    }
+
+    #[test]
+    fn group_messages_are_bounded() {
+        let long = "x".repeat(MAX_GROUP_NAME + 1);
+        let too_many: Vec<(u32, u64)> = (0..=MAX_GROUP_PARTITIONS as u32).map(|p| (p, 0)).collect();
+        let bad = [
+            Request::GroupJoin {
+                member: 1,
+                stream: long.clone(),
+                group: "g".into(),
+                starts: vec![],
+            },
+            Request::GroupJoin {
+                member: 1,
+                stream: "s".into(),
+                group: long,
+                starts: vec![],
+            },
+            Request::GroupJoin {
+                member: 1,
+                stream: "s".into(),
+                group: "g".into(),
+                starts: too_many.clone(),
+            },
+            Request::GroupForecast {
+                member: 1,
+                loads: too_many.iter().map(|&(p, _)| (p, 1, 1)).collect(),
+            },
+        ];
+        for r in bad {
+            let mut buf = Vec::new();
+            encode_request(&r, &mut buf).unwrap();
+            let (body, _) = split_frame(&buf, MAX_REQUEST_LEN).unwrap().unwrap();
+            assert!(
+                matches!(decode_request(body), Err(CodecError::Limit(_))),
+                "{r:?}"
+            );
+        }
+        let mut buf = Vec::new();
+        let push = Response::GroupAssign {
+            member: 1,
+            epoch: 1,
+            partitions: too_many,
+        };
+        encode_response(&push, &mut buf).unwrap();
+        assert!(matches!(
+            decode_server_msg(one_frame(&buf)),
+            Err(CodecError::Limit(_))
+        ));
+        // The largest legal join and forecast fit the request bound.
+        let full = Request::GroupForecast {
+            member: u64::MAX,
+            loads: (0..MAX_GROUP_PARTITIONS as u32)
+                .map(|p| (p, u64::MAX, u64::MAX))
+                .collect(),
+        };
+        let mut buf = Vec::new();
+        encode_request(&full, &mut buf).unwrap();
+        let (body, _) = split_frame(&buf, MAX_REQUEST_LEN).unwrap().unwrap();
+        assert_eq!(decode_request(body).unwrap(), full);
     }
 
     #[test]
@@ -771,6 +974,32 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|watch| Request::Unwatch { watch }),
+            (
+                any::<u64>(),
+                arb_name(),
+                arb_name(),
+                proptest::collection::vec(any::<(u32, u64)>(), 0..8)
+            )
+                .prop_map(|(member, stream, group, starts)| Request::GroupJoin {
+                    member,
+                    stream,
+                    group,
+                    starts,
+                }),
+            any::<u64>().prop_map(|member| Request::GroupLeave { member }),
+            (any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+                |(member, partition, next_offset, serving)| Request::GroupPosition {
+                    member,
+                    partition,
+                    next_offset,
+                    serving,
+                }
+            ),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<(u32, u64, u64)>(), 0..8)
+            )
+                .prop_map(|(member, loads)| Request::GroupForecast { member, loads }),
         ]
     }
 

@@ -14,7 +14,12 @@
 //!   its own task; reads and time lookups run on blocking threads, a bounded number per link;
 //!   tail watches push coalesced `Tail` notifications. A malformed frame closes that link only.
 //! - [`StoreLink`]: the shard's client: request ids, a pending map, reconnect with [`Backoff`],
-//!   tail watches as `tokio::sync::watch` receivers.
+//!   tail watches as `tokio::sync::watch` receivers; relays consumer-group join / leave /
+//!   positions / forecasts and delivers the hub's [`GroupAssignment`] pushes per member
+//!   (members re-joined on reconnect).
+//! - The hub's consumer-group coordinator ([`GroupCoordinator`](crate::hub::GroupCoordinator))
+//!   is driven by [`StoreLinkServer`]: members are scoped to their link, and a closed link
+//!   (a crashed shard) removes its members, so their partitions move to the others.
 //! - [`ShardCache`] / [`PartitionCache`] (I/O-free): the most recent contiguous records of each
 //!   partition, bounded per partition and per shard (LRU across partitions).
 //! - [`CachedReader`]: cache first, then one shared fetch through the link per miss position.
@@ -28,7 +33,7 @@ mod server;
 
 pub use batch::RecordBatch;
 pub use cache::{Ahead, CacheConfig, CacheStats, PartitionCache, ShardCache};
-pub use client::{Backoff, LinkConfig, LinkError, StoreLink};
+pub use client::{Backoff, GroupAssignment, LinkConfig, LinkError, StoreLink};
 pub use codec::{CodecError, RemoteError, Request, Response, StreamInfo};
 pub use reader::{CachedReader, ReaderConfig};
 pub use server::{ServerConfig, StoreLinkServer};
