@@ -538,11 +538,57 @@ impl Future for SendFuture {
     type Output = Result<RecordAck, PublishError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.poll_admission(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        match &mut self.state {
+            SendState::Admitted { handle, rx } => match Pin::new(rx).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(r)) => Poll::Ready(r),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(handle.fatal())),
+            },
+            // `poll_admission` is `Ready(Ok)` only in the admitted state.
+            _ => Poll::Ready(Err(PublishError::Closed)),
+        }
+    }
+}
+
+impl SendFuture {
+    /// Waits for admission into the window only (the backpressure), not for the
+    /// acknowledgement, and gives the future back, admitted: it resolves with the record's
+    /// [`RecordAck`]. Awaiting `publisher.send(..).admitted()` in a loop pipelines records
+    /// in call order (each one is admitted before the next `send`), so one round trip is not
+    /// paid per record; keep the returned futures (or call [`Publisher::flush`]) to learn
+    /// each record's outcome.
+    ///
+    /// ```no_run
+    /// # async fn f(publisher: sibyl_sdk::Publisher) -> Result<(), sibyl_sdk::PublishError> {
+    /// let mut acks = Vec::new();
+    /// for i in 0..1000u32 {
+    ///     acks.push(publisher.send(Vec::new(), i.to_be_bytes().to_vec()).admitted().await?);
+    /// }
+    /// for ack in acks {
+    ///     let ack = ack.await?;
+    ///     println!("partition {} offset {}", ack.partition, ack.offset);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn admitted(mut self) -> Result<Self, PublishError> {
+        std::future::poll_fn(|cx| self.poll_admission(cx)).await?;
+        Ok(self)
+    }
+
+    /// Drives the window wait: `Ready(Ok)` once admitted, `Ready(Err)` if the record failed
+    /// before (too large, bad partition, publisher failed).
+    fn poll_admission(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PublishError>> {
         loop {
             match &mut self.state {
                 SendState::Failed(e) => {
                     return Poll::Ready(Err(e.take().unwrap_or(PublishError::Closed)));
                 }
+                SendState::Admitted { .. } => return Poll::Ready(Ok(())),
                 SendState::Waiting {
                     handle,
                     item,
@@ -564,13 +610,6 @@ impl Future for SendFuture {
                     };
                     let handle = handle.clone();
                     self.state = SendFuture::admit(&handle, item, permit, rx).state;
-                }
-                SendState::Admitted { handle, rx } => {
-                    return match Pin::new(rx).poll(cx) {
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(Ok(r)) => Poll::Ready(r),
-                        Poll::Ready(Err(_)) => Poll::Ready(Err(handle.fatal())),
-                    };
                 }
             }
         }

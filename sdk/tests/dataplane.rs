@@ -214,6 +214,52 @@ async fn a_full_window_makes_send_wait_until_acks_free_it() {
 }
 
 #[tokio::test]
+async fn admitted_returns_before_the_ack_and_keeps_call_order() {
+    let e = env(1, 1, ShardData::default());
+    let c = client(&e).await;
+    e.hub.publish.hold_acks();
+    let cfg = PublisherConfig::default()
+        .max_inflight_bytes(4096)
+        .unwrap()
+        .linger(Duration::ZERO)
+        .unwrap();
+    let p = guard(c.publisher_with(STREAM, cfg)).await.unwrap();
+    let body = vec![7u8; 100];
+    // 36 records of 111 bytes fit in the window: each admission returns with acks held.
+    let fit = 4096 / 111;
+    let mut acks = Vec::new();
+    for i in 0..fit {
+        let f = guard(p.send_to(0, "", body.clone()).admitted())
+            .await
+            .unwrap();
+        assert!(f.is_admitted(), "record {i}");
+        acks.push(f);
+    }
+    // The next one waits for room: admission is the backpressure.
+    let p = std::sync::Arc::new(p);
+    let next = tokio::spawn({
+        let (p, body) = (p.clone(), body.clone());
+        async move { p.send_to(0, "", body).admitted().await }
+    });
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!next.is_finished(), "admitted beyond the window");
+    e.hub.publish.release(usize::MAX >> 4);
+    let last = guard(next).await.unwrap().unwrap();
+    acks.push(last);
+    let mut offsets = Vec::new();
+    for a in acks {
+        offsets.push(guard(a).await.unwrap().offset);
+    }
+    assert_eq!(offsets, (0..=fit as u64).collect::<Vec<_>>());
+    // Errors known at the call come out of `admitted` too.
+    let err = guard(p.send_to(9, "", body).admitted()).await.unwrap_err();
+    assert!(matches!(err, PublishError::BadPartition { .. }), "{err:?}");
+    c.close().await;
+}
+
+#[tokio::test]
 async fn a_lost_ack_is_resent_on_a_new_stream_at_least_once() {
     let e = env(1, 1, ShardData::default());
     let c = client(&e).await;
