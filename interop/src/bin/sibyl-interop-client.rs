@@ -429,12 +429,15 @@ async fn token_replay(env: &Env) -> anyhow::Result<Outcome> {
 /// ([`Client::rebind`]) and checks that the session survived (same session id: migration,
 /// not a reconnect).
 ///
-/// For `blackhole` and `rebind` the publisher sends the first half, then waits until the
-/// event started (received `EVENT_AT` and the blackhole is on / the socket moved) before it
-/// sends the rest, so the second half crosses the network after the event, whatever the
-/// SDK had buffered.
+/// For every mid-stream event the publisher sends the first half, then waits until the
+/// event started (received `EVENT_AT` and the shard is killed or draining, the blackhole is
+/// on, the socket moved) before it sends the rest, so the second half crosses the network
+/// after the event, however fast the first half went.
 async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
-    let gated = matches!(env.case.as_str(), "blackhole" | "rebind");
+    let gated = matches!(
+        env.case.as_str(),
+        "blackhole" | "rebind" | "resume" | "drain"
+    );
     let (event_tx, mut event_rx) = tokio::sync::watch::channel(false);
     let client = tokio::time::timeout(STEP * 2, sdk_client(env, &env.api_key))
         .await
@@ -459,6 +462,9 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
     let payload = |i: u64| format!("record-{i:08}").into_bytes();
     let send = async {
         let mut sent = Sha256::new();
+        // Pipelined: each send waits for window room (in call order), not for its ack; the
+        // acks are checked at the end.
+        let mut acks = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
         for i in 0..n {
             if gated && i == n / 2 {
                 tokio::time::timeout(STEP * 3, event_rx.wait_for(|started| *started))
@@ -468,12 +474,18 @@ async fn transfer(env: &Env) -> anyhow::Result<Outcome> {
             }
             let p = payload(i);
             sent.update(&p);
-            publisher
+            let ack = publisher
                 .send(Vec::new(), p)
+                .admitted()
                 .await
                 .with_context(|| format!("publishing record {i}"))?;
+            acks.push(ack);
         }
         publisher.flush().await?;
+        for (i, ack) in acks.into_iter().enumerate() {
+            ack.await
+                .with_context(|| format!("record {i} not acknowledged"))?;
+        }
         anyhow::Ok(sent.finalize())
     };
     let recv = async {
