@@ -6,22 +6,10 @@ use proptest::prelude::*;
 use sibyl_gateway::predict::{
     DeviationConfig, DeviationTracker, PrefetchConfig, PrefetchPlanner, SubKey, stream_priority,
 };
-use sibyl_proto::frame::{Forecast, PartitionForecast};
+use sibyl_proto::frame::Forecast;
 
 fn forecast(rates: &[(u32, u64, u64)], buffer: u64) -> Forecast {
-    Forecast {
-        partitions: rates
-            .iter()
-            .map(
-                |&(partition, records_per_s, bytes_per_s)| PartitionForecast {
-                    partition,
-                    records_per_s,
-                    bytes_per_s,
-                },
-            )
-            .collect(),
-        buffer_capacity_bytes: buffer,
-    }
+    Forecast::from_rates(rates.iter().copied(), buffer)
 }
 
 #[test]

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use sibyl_proto::frame::{Forecast, PartitionForecast};
+use sibyl_proto::frame::Forecast;
 
 use crate::predict::{AssignError, GroupAssigner, GroupConfig, MemberId, PartitionState};
 
@@ -291,19 +291,7 @@ impl GroupCoordinator {
         let Some(g) = self.groups.get_mut(&key) else {
             return Err(CoordError::UnknownMember(who));
         };
-        let f = Forecast {
-            partitions: loads
-                .iter()
-                .map(
-                    |&(partition, records_per_s, bytes_per_s)| PartitionForecast {
-                        partition,
-                        records_per_s,
-                        bytes_per_s,
-                    },
-                )
-                .collect(),
-            buffer_capacity_bytes: 0,
-        };
+        let f = Forecast::from_rates(loads.iter().copied(), 0);
         g.assigner.update_forecast(id, &f, now)?;
         self.dispatch(&key);
         Ok(())

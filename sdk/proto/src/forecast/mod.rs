@@ -24,7 +24,7 @@ pub use metrics::{PrefetchMetrics, PrefetchStats};
 pub use model::{Forecaster, ForecasterKind, Mase, ModelConfig};
 pub use window::{Bucket, ConsumptionWindow};
 
-use crate::frame::{Forecast, PartitionForecast};
+use crate::frame::Forecast;
 
 /// A configuration value out of its documented bounds (caller misuse).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,17 +277,12 @@ impl ForecastEngine {
         }
         self.last_sent = Some(now);
         self.sent = predictions.iter().map(|&(p, r, _)| (p, r)).collect();
-        Some(Forecast {
-            partitions: predictions
+        Some(Forecast::from_rates(
+            predictions
                 .iter()
-                .map(|&(partition, r, b)| PartitionForecast {
-                    partition,
-                    records_per_s: r.round() as u64,
-                    bytes_per_s: b.round() as u64,
-                })
-                .collect(),
-            buffer_capacity_bytes: self.buffer_capacity,
-        })
+                .map(|&(p, r, b)| (p, r.round() as u64, b.round() as u64)),
+            self.buffer_capacity,
+        ))
     }
 
     /// When to call [`poll_request`](Self::poll_request) next if nothing else happens: the

@@ -132,6 +132,28 @@ pub struct Forecast {
     pub buffer_capacity_bytes: u64,
 }
 
+impl Forecast {
+    /// A forecast from `(partition, records/s, bytes/s)` triples and the free buffer space.
+    pub fn from_rates(
+        rates: impl IntoIterator<Item = (u32, u64, u64)>,
+        buffer_capacity_bytes: u64,
+    ) -> Self {
+        Self {
+            partitions: rates
+                .into_iter()
+                .map(
+                    |(partition, records_per_s, bytes_per_s)| PartitionForecast {
+                        partition,
+                        records_per_s,
+                        bytes_per_s,
+                    },
+                )
+                .collect(),
+            buffer_capacity_bytes,
+        }
+    }
+}
+
 /// `FlipHint` (`0x37`, reserved): a flip from one stream to another is likely.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlipHint {
