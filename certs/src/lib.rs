@@ -34,7 +34,10 @@ pub use error::CertError;
 pub use fingerprint::{fingerprint_hex, parse_fingerprint, sha256_fingerprint};
 pub use issue::{CertPaths, DEFAULT_SANS, DEV_CA_COMMON_NAME, DevCa, InitOptions, Leaf, init_dir};
 pub use pem::{MAX_PEM_FILE_BYTES, load_certs, load_key};
-pub use server::{DEFAULT_RELOAD_INTERVAL, ReloadHandle, SESSION_CACHE_SIZE, ServerTlsBuilder};
+pub use server::{
+    DEFAULT_RELOAD_INTERVAL, DEFAULT_SESSION_TICKETS, ReloadHandle, SESSION_CACHE_SIZE,
+    ServerTlsBuilder,
+};
 
 /// The ALPN protocol identifier of Sibyl's QUIC protocol, version 1.
 pub const ALPN: &[u8] = b"sibyl/1";

@@ -15,6 +15,8 @@ use crate::fingerprint::sha256_fingerprint;
 use crate::pem::{load_certs, load_key};
 use crate::{ALPN, CertError, provider};
 
+/// Default for [`ServerTlsBuilder::session_tickets`]: 2 per handshake.
+pub const DEFAULT_SESSION_TICKETS: usize = 2;
 /// Default for [`ServerTlsBuilder::reload_interval`]: 2 seconds.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -36,6 +38,7 @@ pub struct ServerTlsBuilder {
     client_auth: Option<(PathBuf, bool)>,
     reload_interval: Duration,
     early_data: bool,
+    session_tickets: usize,
 }
 
 impl ServerTlsBuilder {
@@ -48,6 +51,7 @@ impl ServerTlsBuilder {
             client_auth: None,
             reload_interval: DEFAULT_RELOAD_INTERVAL,
             early_data: false,
+            session_tickets: DEFAULT_SESSION_TICKETS,
         }
     }
 
@@ -84,6 +88,13 @@ impl ServerTlsBuilder {
     /// single-use, so a ticket cannot be replayed into a second accepted 0-RTT flight.
     pub fn early_data(mut self, on: bool) -> Self {
         self.early_data = on;
+        self
+    }
+
+    /// TLS 1.3 session tickets sent after each handshake (each lets the client resume once).
+    /// Default: [`DEFAULT_SESSION_TICKETS`] (2, rustls' default); 0 disables resumption.
+    pub fn session_tickets(mut self, n: usize) -> Self {
+        self.session_tickets = n;
         self
     }
 
@@ -136,6 +147,7 @@ impl ServerTlsBuilder {
         if self.early_data {
             config.max_early_data_size = u32::MAX;
         }
+        config.send_tls13_tickets = self.session_tickets;
         Ok((Arc::new(config), ReloadHandle { resolver }))
     }
 }
@@ -407,6 +419,19 @@ mod tests {
         // QUIC requires exactly 0xffff_ffff (RFC 9001 §4.6.1); quinn refuses anything else.
         assert_eq!(on.max_early_data_size, u32::MAX);
         assert!(quinn_ok(on));
+    }
+
+    #[test]
+    fn session_tickets_per_handshake_are_configurable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_ca, c, k) = setup(dir.path());
+        let (default, _) = ServerTlsBuilder::new(&c, &k).build().unwrap();
+        assert_eq!(default.send_tls13_tickets, DEFAULT_SESSION_TICKETS);
+        let (one, _) = ServerTlsBuilder::new(&c, &k)
+            .session_tickets(1)
+            .build()
+            .unwrap();
+        assert_eq!(one.send_tls13_tickets, 1);
     }
 
     /// Whether quinn accepts `config` as a QUIC server crypto config.

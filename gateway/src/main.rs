@@ -24,6 +24,9 @@ use sibyl_gateway::storelink::{self, StoreLinkServer};
 use sibyl_gateway::supervisor::{Supervisor, SupervisorOptions, shutdown_bound};
 use sibyl_gateway::synthetic::Synthetic;
 
+/// TLS session tickets the hub sends per handshake (see where the hub TLS config is built).
+const HUB_SESSION_TICKETS: usize = 1;
+
 /// Sibyl QUIC edge gateway.
 ///
 /// With no subcommand (or `run`) this starts the hub: on first start it creates the data
@@ -381,6 +384,9 @@ impl Node {
         let dir = boot.dir.clone();
         let (hub_tls, _reload) =
             sibyl_certs::ServerTlsBuilder::new(&dir.certs.server_cert, &dir.certs.server_key)
+                // A client holds one hub connection and resumes it at most once before the
+                // next handshake hands it a new ticket: one ticket per handshake is enough.
+                .session_tickets(HUB_SESSION_TICKETS)
                 .build()
                 .context("loading the hub certificate")?;
         let api_keys = ApiKeyStore::load(&dir.api_keys)?;
