@@ -85,6 +85,22 @@ fn examples() -> Vec<(&'static str, Frame)> {
             .into(),
         ),
         (
+            "early_attach",
+            EarlyAttach {
+                token: vec![0xde, 0xad, 0xbe, 0xef],
+                client_id: "app-1".into(),
+                resume: Some(42),
+            }
+            .into(),
+        ),
+        (
+            "attach_proof",
+            AttachProof {
+                proof: attach_proof(&secret, &exporter),
+            }
+            .into(),
+        ),
+        (
             "subscribe",
             Subscribe {
                 sub_id: 1,
