@@ -224,8 +224,10 @@ async fn token_code_from_shard_goes_back_to_the_hub() {
     assert_eq!(err.code(), Some(ErrorCode::WrongGroup), "{err:?}");
     assert!(err.retryable());
     assert_eq!(hub.hellos().len(), 2);
-    assert_eq!(bad.attaches().len(), 2);
-    assert!(bad.attaches().iter().all(|a| a.proof_ok));
+    let seen = bad.attaches_settled(2).await;
+    assert_eq!(seen.len(), 2);
+    // The second round resumes the TLS session: its EarlyAttach is refused before a proof.
+    assert!(seen.iter().all(|a| a.proof_ok || a.early), "{seen:?}");
 }
 
 /// Which of `shards` the client is attached to.
@@ -299,7 +301,7 @@ async fn explicit_reconnect_reuses_the_ticket() {
     assert_ne!(again.session_id, first);
     assert_eq!(client.session_id(), Some(again.session_id));
     assert_eq!(hub.hellos().len(), 1);
-    assert_eq!(shard.attaches().len(), 2);
+    assert_eq!(shard.attaches_settled(2).await.len(), 2);
     client.close().await;
 }
 
@@ -400,7 +402,67 @@ async fn reconnect_after_the_cached_ticket_aged_goes_back_to_the_hub() {
     .await;
     let tickets = hub.tickets();
     assert_eq!(tickets.len(), 2, "the aged ticket was not reused");
-    let seen = shard.attaches();
+    let seen = shard.attaches_settled(2).await;
     assert_eq!(seen.last().unwrap().attach.token, tickets[1].token);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn reconnect_attaches_in_0rtt_and_falls_back_when_the_shard_restarted() {
+    let (pki, keys) = (pki(), Keys::default());
+    let shard = FakeShard::start(&pki, &keys, ShardMode::Accept);
+    let hub = FakeHub::start(
+        &pki,
+        &keys,
+        vec![shard.endpoint()],
+        vec![HubReply::Ticket { ttl_s: 3600 }],
+    );
+    let client = connect(builder(&pki, &hub)).await.unwrap();
+    assert!(
+        !client.session().unwrap().zero_rtt,
+        "first contact: full handshake"
+    );
+    let again = tokio::time::timeout(HANG_GUARD, client.reconnect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        again.zero_rtt,
+        "resumed with the shard's TLS ticket: {again:?}"
+    );
+    let seen = shard.attaches_settled(2).await;
+    assert_eq!(seen.len(), 2);
+    assert!(!seen[0].early && seen[0].proof_ok);
+    assert!(
+        seen[1].early && seen[1].proof_ok,
+        "EarlyAttach + AttachProof"
+    );
+
+    // A restarted shard does not know the client's TLS tickets: 0-RTT is rejected, the
+    // handshake completes in full and the client attaches with Attach on that connection.
+    let shard = shard.restarted(&pki, &keys, ShardMode::Accept).await;
+    let mut states = client.watch_state();
+    let reattached = async {
+        loop {
+            if !shard.attaches().is_empty()
+                && matches!(
+                    *states.borrow_and_update(),
+                    ConnectionState::Attached { .. }
+                )
+            {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), states.changed()).await;
+        }
+    };
+    tokio::time::timeout(HANG_GUARD, reattached).await.unwrap();
+    let seen = shard.attaches();
+    assert!(
+        !seen[0].early,
+        "stale ticket: no 0-RTT on the restarted shard"
+    );
+    assert!(seen[0].proof_ok);
+    // (While the shard was down every endpoint failed, so the client may have asked the hub
+    // again meanwhile; the TLS tickets are kept per shard address across hub tickets.)
     client.close().await;
 }

@@ -9,7 +9,7 @@ pub use data::{FakeLog, ShardData};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quinn::crypto::rustls::QuicServerConfig;
 use sibyl_certs::{InitOptions, ServerTlsBuilder, init_dir};
 use sibyl_proto::frame::{
-    Attach, Attached, Endpoint, GoAway, Hello, Refused, SessionLimits, Ticket,
+    Attach, AttachProof, Attached, EarlyAttach, Endpoint, GoAway, Hello, Refused, SessionLimits,
+    Ticket,
 };
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL};
 use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder, verify_attach_proof};
@@ -31,26 +32,51 @@ pub struct Pki {
     pub ca_pem: PathBuf,
     pub server_fingerprint: [u8; 32],
     server: Arc<rustls::ServerConfig>,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 pub fn pki() -> Pki {
     let dir = tempfile::tempdir().expect("temp dir");
     let paths = init_dir(&dir.path().join("certs"), &InitOptions::default()).expect("dev CA");
-    let (server, reload) = ServerTlsBuilder::new(&paths.server_cert, &paths.server_key)
-        .build()
-        .expect("server TLS config");
+    let (server, reload) = server_tls(&paths.server_cert, &paths.server_key);
     Pki {
         _dir: dir,
         ca_pem: paths.ca_cert,
         server_fingerprint: reload.fingerprint(None),
         server,
+        cert: paths.server_cert,
+        key: paths.server_key,
     }
 }
 
-fn server_endpoint(pki: &Pki) -> quinn::Endpoint {
-    let crypto = QuicServerConfig::try_from(pki.server.clone()).expect("QUIC server config");
+/// Server TLS as the shards have it: early data (0-RTT) accepted from resuming clients.
+fn server_tls(cert: &Path, key: &Path) -> (Arc<rustls::ServerConfig>, sibyl_certs::ReloadHandle) {
+    ServerTlsBuilder::new(cert, key)
+        .early_data(true)
+        .build()
+        .expect("server TLS config")
+}
+
+impl Pki {
+    /// A server TLS config with a session cache of its own, as a restarted shard process
+    /// has: TLS session tickets issued before are unknown to it.
+    fn fresh_server(&self) -> Arc<rustls::ServerConfig> {
+        server_tls(&self.cert, &self.key).0
+    }
+}
+
+fn server_endpoint(tls: Arc<rustls::ServerConfig>, addr: SocketAddr) -> quinn::Endpoint {
+    try_server_endpoint(tls, addr).expect("bind a loopback port")
+}
+
+fn try_server_endpoint(
+    tls: Arc<rustls::ServerConfig>,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let crypto = QuicServerConfig::try_from(tls).expect("QUIC server config");
     let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).expect("bind 127.0.0.1:0")
+    quinn::Endpoint::server(config, addr)
 }
 
 /// Tokens the fake hub issued and their session secrets: the fakes' shared "keyring".
@@ -134,7 +160,7 @@ impl FakeHub {
         replies: Vec<HubReply>,
         log: FakeLog,
     ) -> Self {
-        let endpoint = server_endpoint(pki);
+        let endpoint = server_endpoint(pki.server.clone(), LOOPBACK_ANY);
         let addr = endpoint.local_addr().unwrap();
         let hellos = Arc::new(Mutex::new(Vec::new()));
         let tickets = Arc::new(Mutex::new(Vec::new()));
@@ -221,9 +247,16 @@ pub enum ShardMode {
 
 #[derive(Clone, Debug)]
 pub struct SeenAttach {
+    /// The `Attach`, or an `EarlyAttach` with its `AttachProof`'s proof.
     pub attach: Attach,
     pub proof_ok: bool,
+    /// Came as `EarlyAttach` (0-RTT) + `AttachProof`.
+    pub early: bool,
 }
+
+/// 127.0.0.1, any port.
+const LOOPBACK_ANY: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 pub struct FakeShard {
     pub addr: SocketAddr,
@@ -249,7 +282,18 @@ impl FakeShard {
         log: FakeLog,
         data: ShardData,
     ) -> Self {
-        let endpoint = server_endpoint(pki);
+        let endpoint = server_endpoint(pki.server.clone(), LOOPBACK_ANY);
+        Self::start_at(endpoint, keys, mode, log, data)
+    }
+
+    /// A shard on `addr` with `tls`; see [`restarted`](Self::restarted).
+    fn start_at(
+        endpoint: quinn::Endpoint,
+        keys: &Keys,
+        mode: ShardMode,
+        log: FakeLog,
+        data: ShardData,
+    ) -> Self {
         let addr = endpoint.local_addr().unwrap();
         let attaches = Arc::new(Mutex::new(Vec::new()));
         let sessions = Arc::new(Mutex::new(Vec::new()));
@@ -269,11 +313,60 @@ impl FakeShard {
                     let Ok((mut send, mut recv)) = conn.accept_bi().await else {
                         return;
                     };
-                    let Some(Frame::Attach(attach)) =
-                        read_frame(&mut recv, &mut FrameDecoder::default()).await
-                    else {
+                    let violation = |conn: &quinn::Connection| {
                         conn.close(ErrorCode::ProtocolViolation.to_u32().into(), b"want Attach");
-                        return;
+                    };
+                    let mut dec = FrameDecoder::default();
+                    let attached = Attached {
+                        session_id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+                        limits: SessionLimits {
+                            max_streams: 100,
+                            max_frame: 65_536,
+                            idle_timeout_ms: 30_000,
+                        },
+                        server_time: unix_now() * 1000,
+                    };
+                    // The fake answers after the handshake either way (a real shard answers
+                    // an EarlyAttach in 0.5-RTT); the client sees the same frames.
+                    let (attach, early) = match read_frame(&mut recv, &mut dec).await {
+                        Some(Frame::Attach(a)) => (a, false),
+                        Some(Frame::EarlyAttach(e)) => {
+                            if let ShardMode::Refuse(code) = mode {
+                                // Refused before any proof is asked for.
+                                let attach = Attach {
+                                    token: e.token,
+                                    proof: [0; 32],
+                                    client_id: e.client_id,
+                                    resume: e.resume,
+                                };
+                                seen.lock().unwrap().push(SeenAttach {
+                                    attach,
+                                    proof_ok: false,
+                                    early: true,
+                                });
+                                conn.close(code.to_u32().into(), b"refused by fake shard");
+                                return;
+                            }
+                            write_frame(&mut send, attached.clone()).await;
+                            let Some(Frame::AttachProof(AttachProof { proof })) =
+                                read_frame(&mut recv, &mut dec).await
+                            else {
+                                return violation(&conn);
+                            };
+                            let EarlyAttach {
+                                token,
+                                client_id,
+                                resume,
+                            } = e;
+                            let a = Attach {
+                                token,
+                                proof,
+                                client_id,
+                                resume,
+                            };
+                            (a, true)
+                        }
+                        _ => return violation(&conn),
                     };
                     let mut exporter = [0u8; 32];
                     conn.export_keying_material(&mut exporter, EXPORTER_LABEL, EXPORTER_CONTEXT)
@@ -281,21 +374,18 @@ impl FakeShard {
                     let proof_ok = keys
                         .secret(&attach.token)
                         .is_some_and(|s| verify_attach_proof(&s, &exporter, &attach.proof));
-                    seen.lock().unwrap().push(SeenAttach { attach, proof_ok });
+                    seen.lock().unwrap().push(SeenAttach {
+                        attach,
+                        proof_ok,
+                        early,
+                    });
                     let code = match mode {
                         ShardMode::Refuse(code) => code,
                         ShardMode::Accept if !proof_ok => ErrorCode::ProofFailed,
                         ShardMode::Accept => {
-                            let attached = Attached {
-                                session_id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
-                                limits: SessionLimits {
-                                    max_streams: 100,
-                                    max_frame: 65_536,
-                                    idle_timeout_ms: 30_000,
-                                },
-                                server_time: unix_now() * 1000,
-                            };
-                            write_frame(&mut send, attached).await;
+                            if !early {
+                                write_frame(&mut send, attached).await;
+                            }
                             live.lock().unwrap().push((conn.clone(), send));
                             data::serve_subscriptions(conn.clone(), log, d).await;
                             conn.closed().await;
@@ -320,6 +410,52 @@ impl FakeShard {
             addr: self.addr.to_string(),
             server_name: "localhost".into(),
         }
+    }
+
+    /// Stops this shard and starts a new one on the same address with a fresh TLS session
+    /// cache, as a restarted shard process: the client's TLS session tickets for it are
+    /// stale (resumption and 0-RTT are refused; a full handshake follows).
+    pub async fn restarted(self, pki: &Pki, keys: &Keys, mode: ShardMode) -> Self {
+        let addr = self.addr;
+        self.endpoint.close(0u32.into(), b"restart");
+        self.endpoint.wait_idle().await;
+        drop(self);
+        // The old endpoint's socket goes once its driver task has seen the last handle go.
+        let rebind = async {
+            loop {
+                match try_server_endpoint(pki.fresh_server(), addr) {
+                    Ok(endpoint) => return endpoint,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        let endpoint = tokio::time::timeout(HANG_GUARD, rebind)
+            .await
+            .expect("the shard's port is free again");
+        Self::start_at(
+            endpoint,
+            keys,
+            mode,
+            FakeLog::default(),
+            ShardData::default(),
+        )
+    }
+
+    /// The attaches seen once there are at least `n`: an `EarlyAttach` is recorded when its
+    /// `AttachProof` arrives, which may be after the client reported itself attached.
+    pub async fn attaches_settled(&self, n: usize) -> Vec<SeenAttach> {
+        let wait = async {
+            loop {
+                let seen = self.attaches();
+                if seen.len() >= n {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(HANG_GUARD, wait)
+            .await
+            .expect("attaches recorded in time")
     }
 
     pub fn attaches(&self) -> Vec<SeenAttach> {
