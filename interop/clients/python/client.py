@@ -280,12 +280,12 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def hello(env: Env) -> bytes:
+def hello(env: Env, api_key: Optional[str] = None) -> bytes:
     return cbor_frame(
         HELLO,
         {
             "client_id": env.client_id,
-            "api_key": env.api_key,
+            "api_key": env.api_key if api_key is None else api_key,
             "profile": {"region": "", "device_class": "", "sdk_version": "sibyl-py-interop/0.1"},
             "wants": [
                 {"stream": env.stream, "action": "subscribe"},
@@ -372,6 +372,43 @@ async def case_direct_connect(env: Env) -> str:
     with open(os.path.join(env.out, "attached.txt"), "w") as f:
         f.write(ep["addr"] + "\n")
     return f"attached to {ep['addr']} (session {a.get('session_id')})"
+
+
+async def case_refuse_bad_key(env: Env) -> str:
+    bogus = "sk_000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    async with connect(*env.hub, configuration=config(env, env.server_name), create_protocol=Proto) as hub:
+        sid = hub.open_bidi()
+        hub.send(sid, hello(env, api_key=bogus))
+        f = await hub.read_frame(sid)
+        if f is None:
+            raise Fail(f"hub ended the hub stream without an answer (close code {hub.closed_code})")
+        ftype, body = f
+        if ftype != REFUSED:
+            raise Fail(f"expected Refused, got frame {ftype:#x}")
+        m = decode_cbor(body)
+        if m.get("code") != UNAUTHENTICATED:
+            raise Fail(f"expected code {UNAUTHENTICATED:#x}, got {m.get('code')}")
+        hub.close(error_code=NO_ERROR)
+    return f"refused: UNAUTHENTICATED ({m.get('reason')})"
+
+
+async def case_refuse_forged_token(env: Env) -> str:
+    t = await get_ticket(env)
+    token = bytearray(t["token"])
+    token[len(token) // 2] ^= 0x01
+    ep = t["endpoints"][0]
+    host, port = split_addr(ep["addr"])
+    async with connect(host, port, configuration=config(env, ep["server_name"]), create_protocol=Proto) as shard:
+        sid = shard.open_bidi()
+        proof = attach_proof(t["session_secret"], shard.exporter())
+        shard.send(sid, attach_frame(env, bytes(token), proof))
+        f = await shard.read_frame(sid)
+        if f is not None:
+            raise Fail(f"expected close with TOKEN_INVALID, got frame {f[0]:#x}")
+        await asyncio.wait_for(shard.closed.wait(), STEP)
+        if shard.closed_code != TOKEN_INVALID:
+            raise Fail(f"expected close code {TOKEN_INVALID:#x}, got {shard.closed_code}")
+    return "forged token refused with TOKEN_INVALID"
 
 
 async def case_token_replay(env: Env) -> str:
@@ -464,6 +501,8 @@ CASES = {
     "handshake": case_handshake,
     "ticket": case_ticket,
     "direct-connect": case_direct_connect,
+    "refuse-bad-key": case_refuse_bad_key,
+    "refuse-forged-token": case_refuse_forged_token,
     "token-replay": case_token_replay,
     "transfer": case_transfer,
 }
