@@ -303,9 +303,14 @@ async fn accept_loop(endpoint: Endpoint, hub: Arc<Hub>, conn: ConnSettings) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) => {
-                    tasks.spawn(serve_connection(hub.clone(), incoming, conn));
-                }
+                // Accepted here, not in the connection's task: the handshake's first flight
+                // goes out without waiting for that task to be scheduled.
+                Some(incoming) => match incoming.accept() {
+                    Ok(connecting) => {
+                        tasks.spawn(serve_connection(hub.clone(), connecting, conn));
+                    }
+                    Err(e) => debug!("hub handshake failed: {e}"),
+                },
                 None => break,
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -320,8 +325,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn serve_connection(hub: Arc<Hub>, incoming: quinn::Incoming, cs: ConnSettings) {
-    let conn = match incoming.await {
+async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: ConnSettings) {
+    let conn = match connecting.await {
         Ok(c) => c,
         Err(e) => {
             debug!("hub handshake failed: {e}");

@@ -234,10 +234,15 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) => {
-                    let guard = LiveGuard::new(&shared);
-                    tasks.spawn(serve(shared.clone(), incoming, guard));
-                }
+                // Accepted here, not in the connection's task: the handshake's first flight
+                // (and an answer to 0-RTT data) goes out without waiting for that task.
+                Some(incoming) => match incoming.accept() {
+                    Ok(connecting) => {
+                        let guard = LiveGuard::new(&shared);
+                        tasks.spawn(serve(shared.clone(), connecting, guard));
+                    }
+                    Err(e) => debug!("shard handshake failed: {e}"),
+                },
                 None => break,
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -263,14 +268,7 @@ fn close_on(conn: &Connection, e: &StreamError) {
     }
 }
 
-async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, _live: LiveGuard) {
-    let connecting = match incoming.accept() {
-        Ok(c) => c,
-        Err(e) => {
-            debug!("shard handshake failed: {e}");
-            return;
-        }
-    };
+async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGuard) {
     // 0.5-RTT: the connection is usable before the handshake completes, so an `EarlyAttach`
     // sent as 0-RTT data is answered in the shard's first flight. Nothing but the session
     // stream is read, and no proof checked, until `handshake` resolves (the exporter needs
