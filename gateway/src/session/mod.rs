@@ -283,11 +283,15 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
             }
         },
     };
+    let within = shared.conn.attach_timeout;
     if shared.is_draining() {
+        // After the handshake, so that the code reaches the client (see below).
+        if let Some(done) = handshake {
+            let _ = tokio::time::timeout(within, done).await;
+        }
         quic::close(&conn, ErrorCode::Draining, "shard draining");
         return;
     }
-    let within = shared.conn.attach_timeout;
     // One budget for the whole attach, however many steps it takes.
     let attach = tokio::time::timeout(within, attach(&shared, &conn, handshake.clone())).await;
     if attach.as_ref().is_ok_and(Result::is_err) {
