@@ -814,7 +814,7 @@ fn share_records(stream: &Arc<str>, partition: u32, batch: Records) -> VecDeque<
         .iter()
         .map(|rec| (rec.offset, rec.timestamp, span(rec.key), span(rec.payload)))
         .collect();
-    let data = Bytes::from(batch.into_data());
+    let data = batch.into_data();
     spans
         .into_iter()
         .map(|(offset, timestamp_ms, key, payload)| Record {
