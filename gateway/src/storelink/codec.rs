@@ -562,9 +562,12 @@ pub fn decode_server_msg_shared(body: &Bytes) -> Result<ServerMsg, CodecError> {
                     None => FrameError::UnknownType(tag).into(),
                 });
             }
-            let (len, frame_body) = after.split_at_checked(4).ok_or(FrameError::Incomplete {
-                needed: 4 - after.len(),
-            })?;
+            let (len, frame_body) =
+                after
+                    .split_at_checked(4)
+                    .ok_or_else(|| FrameError::Incomplete {
+                        needed: 4 - after.len(),
+                    })?;
             let mut lb = [0u8; 4];
             lb.copy_from_slice(len);
             let len = u32::from_be_bytes(lb) as usize;
@@ -593,6 +596,8 @@ pub fn decode_server_msg_shared(body: &Bytes) -> Result<ServerMsg, CodecError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sibyl_proto::codec::Reader;
+    use sibyl_proto::frame::Frame;
 
     fn rec(offset: u64, key: &[u8], payload: &[u8]) -> Record {
         Record {
@@ -733,6 +738,58 @@ mod tests {
         let body = one_frame(&direct);
         let frame = Frame::decode_with_limits(&mut Reader::new(&body[9..]), &link_limits());
         assert_eq!(frame.unwrap(), Frame::Records(built));
+    }
+
+    #[test]
+    fn batch_writer_leaves_out_untouched_unless_finished() {
+        let mut out = vec![9, 9];
+        {
+            let mut w = BatchWriter::begin(1, 0, &mut out);
+            w.push(5, 1, b"k", b"v").unwrap();
+            assert_eq!(w.count(), 1);
+            // Offsets must increase; the refused record is not written.
+            assert!(matches!(
+                w.push(5, 1, b"", b""),
+                Err(CodecError::InvalidBatch)
+            ));
+        }
+        assert_eq!(out, [9, 9]);
+        assert!(matches!(
+            BatchWriter::begin(1, 0, &mut out).finish(),
+            Err(CodecError::InvalidBatch)
+        ));
+        assert_eq!(out, [9, 9]);
+        let mut w = BatchWriter::begin(7, 4, &mut out);
+        w.push(5, 1, b"k", b"v").unwrap();
+        w.push(8, 2, b"", b"payload").unwrap();
+        w.finish().unwrap();
+        let ServerMsg::Batch { id, records } =
+            decode_server_msg_shared(&Bytes::copy_from_slice(one_frame(&out[2..]))).unwrap()
+        else {
+            panic!("not a batch");
+        };
+        assert_eq!(id, 7);
+        assert_eq!(
+            records.to_records(),
+            [(5, 1, &b"k"[..], &b"v"[..]), (8, 2, b"", b"payload")]
+                .map(|(offset, timestamp, key, payload)| sibyl_proto::frame::Record {
+                    offset,
+                    timestamp,
+                    key: key.to_vec(),
+                    payload: payload.to_vec(),
+                })
+        );
+    }
+
+    #[test]
+    fn shared_decode_keeps_the_records_in_the_frame_buffer() {
+        let mut buf = Vec::new();
+        encode_store_batch(3, 0, &[rec(1, b"k", &[1; 100])], &mut buf).unwrap();
+        let body = Bytes::copy_from_slice(one_frame(&buf));
+        let ServerMsg::Batch { records, .. } = decode_server_msg_shared(&body).unwrap() else {
+            panic!("not a batch");
+        };
+        assert!(body.as_ptr_range().contains(&records.data().as_ptr()));
     }
 
     #[test]

@@ -419,6 +419,31 @@ mod tests {
     }
 
     #[test]
+    fn shared_decode_slices_the_input_and_agrees_with_the_copying_decode() {
+        let b = Records::from_records(2, &[rec(7, b"abc"), rec(9, b"")]).unwrap();
+        let mut body = Vec::new();
+        b.encode(&mut body);
+        let limits = DecodeLimits::default();
+        let shared = Bytes::from(body.clone());
+        let d = Records::decode_shared(&shared, &limits).unwrap();
+        assert_eq!(d, b);
+        // The record section is a view of the input, not a copy.
+        assert_eq!(d.data().as_ptr(), shared[HEADER_LEN..].as_ptr());
+        assert_eq!(d.shared_data().as_ptr(), d.data().as_ptr());
+        // Every truncation and a trailing byte get the same verdict both ways.
+        let mut long = body.clone();
+        long.push(0);
+        let cases = (0..body.len()).map(|n| body[..n].to_vec()).chain([long]);
+        for case in cases {
+            assert_eq!(
+                Records::decode_shared(&Bytes::from(case.clone()), &limits),
+                Records::decode_limited(&mut Reader::new(&case), &limits),
+                "{case:?}"
+            );
+        }
+    }
+
+    #[test]
     fn builder_rejects_misuse() {
         assert_eq!(Records::from_records(0, &[]), Err(BatchError::Empty));
         assert_eq!(
