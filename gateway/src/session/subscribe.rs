@@ -45,8 +45,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use sibyl_proto::frame::{
-    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen,
-    Start, SubError, Subscribe,
+    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen, Start,
+    SubError, Subscribe,
 };
 use sibyl_proto::{ErrorCode, Frame, FrameDecoder, FrameType};
 use sibyl_tokens::{Action, Claims};

@@ -771,13 +771,14 @@ mod tests {
         assert_eq!(id, 7);
         assert_eq!(
             records.to_records(),
-            [(5, 1, &b"k"[..], &b"v"[..]), (8, 2, b"", b"payload")]
-                .map(|(offset, timestamp, key, payload)| sibyl_proto::frame::Record {
+            [(5, 1, &b"k"[..], &b"v"[..]), (8, 2, b"", b"payload")].map(
+                |(offset, timestamp, key, payload)| sibyl_proto::frame::Record {
                     offset,
                     timestamp,
                     key: key.to_vec(),
                     payload: payload.to_vec(),
-                })
+                }
+            )
         );
     }
 
