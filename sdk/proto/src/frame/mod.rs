@@ -257,9 +257,11 @@ impl Codec for Frame {
 ///
 /// Each received byte is copied once, into the buffer; a `Records` frame's record section is
 /// then handed out as a slice of that buffer ([`Records::decode_shared`]), so a batch costs
-/// one copy from the transport's chunks and no more. Once a frame's header is buffered, room
-/// for the whole frame (bounded by the type's limit, checked first) is reserved, so a large
-/// frame is not moved while it arrives.
+/// one copy from the transport's chunks and no more. Once a `Records` header is buffered, room
+/// for the whole frame (bounded by `max_batch_body`, checked first) is reserved, so a large
+/// batch is not moved while it arrives. Other frames grow the buffer as their bytes arrive (a
+/// peer cannot make a hub or shard reserve a frame's worth of memory with a 5-byte header;
+/// `Records` only flow shard → client).
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: BytesMut,
@@ -284,12 +286,12 @@ impl FrameDecoder {
     pub fn push(&mut self, bytes: &[u8]) {
         let have = self.buf.len();
         if have < HEADER_LEN && have + bytes.len() >= HEADER_LEN {
-            // This chunk completes a frame header: room for the whole frame at once (its
+            // This chunk completes a `Records` header: room for the whole frame at once (its
             // length was checked against the type's limit by `peek_header`).
             let mut h = [0u8; HEADER_LEN];
             h[..have].copy_from_slice(&self.buf);
             h[have..].copy_from_slice(&bytes[..HEADER_LEN - have]);
-            if let Ok((_, len)) = peek_header(&h, &self.limits) {
+            if let Ok((FrameType::Records, len)) = peek_header(&h, &self.limits) {
                 let want = (HEADER_LEN + len as usize).max(have + bytes.len());
                 self.buf.reserve(want - have);
             }
@@ -297,9 +299,10 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// After a frame was taken: room for the whole next frame if its header is buffered.
+    /// After a frame was taken: room for the whole next `Records` frame if its header is
+    /// buffered.
     fn reserve_next(&mut self) {
-        if let Ok((_, len)) = peek_header(&self.buf, &self.limits) {
+        if let Ok((FrameType::Records, len)) = peek_header(&self.buf, &self.limits) {
             let total = HEADER_LEN + len as usize;
             if total > self.buf.len() {
                 self.buf.reserve(total - self.buf.len());
