@@ -217,7 +217,10 @@ pub struct SubscribeConfig {
     /// Grant lease; a new `Grant` is sent after half of it. Default 30s; ≥ 1s.
     #[serde(with = "humantime_serde")]
     pub grant_lease: Duration,
-    /// Largest `Records` batch, bytes of stored records (≤ 1 MiB). Default 256 KiB.
+    /// Largest `Records` batch, bytes of stored records (≤ 1 MiB; also the size of the
+    /// shard's reads from the hub). Default 1 MiB: a reader catching up moves its backlog in
+    /// the fewest hub reads, link frames and `Records` frames; a reader at the tail gets
+    /// whatever was appended, so small batches are unaffected.
     pub batch_bytes: u32,
     /// Largest `Records` batch, records (1..=16384). Default 4096.
     pub batch_records: u32,
@@ -235,7 +238,7 @@ impl Default for SubscribeConfig {
             grant_rate: 10_000_000,
             grant_burst: 1_000_000,
             grant_lease: Duration::from_secs(30),
-            batch_bytes: 256 << 10,
+            batch_bytes: 1 << 20,
             batch_records: 4096,
             handover_timeout: Duration::from_secs(5),
             cache_bytes: 32 << 20,

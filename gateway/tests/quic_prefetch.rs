@@ -12,7 +12,7 @@ use sibyl_proto::frame::{
     Action, Assignment, Forecast, Mode, NewRecordRef, PartitionForecast, Position, Produce,
     PublishOpen, Record, Start, Subscribe,
 };
-use sibyl_proto::{Frame, FrameDecoder};
+use sibyl_proto::{Codec, Frame, FrameDecoder};
 use support::*;
 
 /// One group, one shard; stream `t` (2 partitions).
@@ -110,21 +110,23 @@ async fn session(ep: &Endpoint, gw: &Gateway) -> (Connection, Connection) {
 }
 
 /// Subscribes (predictive, from the earliest offset) with `forecast` sent right after
-/// `Subscribe`; returns the control stream and the first assignment.
+/// `Subscribe` in the same write, so both reach the shard in one read: the shard plans a
+/// `Forecast` that arrived with `Subscribe` before its first assignment (sent in two writes
+/// under load they can arrive in two reads, and the assignment then carries no priorities);
+/// returns the control stream and the first assignment.
 async fn subscribe(shard: &Connection, forecast: Forecast) -> (SendStream, Reader, Assignment) {
     let (mut send, recv) = shard.open_bi().await.unwrap();
-    send_frame(
-        &mut send,
-        Frame::Subscribe(Subscribe {
-            sub_id: 1,
-            stream: "t".into(),
-            start: Start::Earliest,
-            group: None,
-            mode: Mode::Predictive,
-        }),
-    )
-    .await;
-    send_frame(&mut send, Frame::Forecast(forecast)).await;
+    let mut both = Vec::new();
+    Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        stream: "t".into(),
+        start: Start::Earliest,
+        group: None,
+        mode: Mode::Predictive,
+    })
+    .encode(&mut both);
+    Frame::Forecast(forecast).encode(&mut both);
+    send.write_all(&both).await.unwrap();
     let mut r = Reader {
         recv,
         dec: FrameDecoder::default(),

@@ -440,13 +440,30 @@ fn quic_config(
     Ok(quic)
 }
 
-/// A quinn transport config with `idle` / `keep_alive`, quinn's defaults otherwise.
+/// Stream receive window of SDK connections: 16 MiB, as the gateway's (quinn's default,
+/// 1.25 MB, caps one partition stream at about 1.25 MB per round trip). The SDK still reads a
+/// partition stream only as fast as the app consumes, so the window is an upper bound on what
+/// quinn buffers per stream, not an allocation.
+pub(crate) const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+/// Connection receive window of SDK connections: 32 MiB, as the gateway's (bounds what all
+/// streams of a connection buffer together; quinn's default is unbounded).
+pub(crate) const RECEIVE_WINDOW: u32 = 32 << 20;
+/// Send window of SDK connections: 32 MiB, as the gateway's (quinn's default is 10 MB).
+pub(crate) const SEND_WINDOW: u64 = 32 << 20;
+
+/// A quinn transport config with `idle` / `keep_alive` and the gateway's windows
+/// ([`STREAM_RECEIVE_WINDOW`], [`RECEIVE_WINDOW`], [`SEND_WINDOW`]), quinn's defaults
+/// otherwise.
 fn transport_config(
     field: &'static str,
     idle: Duration,
     keep_alive: Option<Duration>,
 ) -> Result<Arc<quinn::TransportConfig>, ConfigError> {
     let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(quinn::VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW);
     // Invariant: check_idle bounds the value to ≤ 1 day, far below QUIC's 2^62 ms; still an
     // error rather than a panic.
     let idle = quinn::IdleTimeout::try_from(idle)

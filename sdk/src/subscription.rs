@@ -108,7 +108,9 @@ impl SubscriptionConfig {
     }
 
     /// Least time between two `Position` rounds (sent only for partitions whose position
-    /// changed). 10 ms ..= 60 s.
+    /// changed). 10 ms ..= 60 s. In predictive mode a round also goes out as soon as the app
+    /// has taken a quarter of [`buffer_bytes`](Self::buffer_bytes) since the last one, or
+    /// finds the buffer empty.
     pub fn position_interval(mut self, t: Duration) -> Result<Self, ConfigError> {
         if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&t) {
             return Err(range("position_interval", "10 ms ..= 60 s"));
@@ -814,7 +816,7 @@ fn share_records(stream: &Arc<str>, partition: u32, batch: Records) -> VecDeque<
         .iter()
         .map(|rec| (rec.offset, rec.timestamp, span(rec.key), span(rec.payload)))
         .collect();
-    let data = Bytes::from(batch.into_data());
+    let data = batch.into_data();
     spans
         .into_iter()
         .map(|(offset, timestamp_ms, key, payload)| Record {

@@ -34,8 +34,9 @@
 //!
 //! Flow control: a pump reads the next batch only after the previous one was handed to
 //! QUIC, so a consumer that stops reading stops its pumps (QUIC flow control) and nothing
-//! else buffers. Batches are forwarded as stored by the hub (the `Records` body is built
-//! once by the hub and copied once into the QUIC chunk).
+//! else buffers. Batches are forwarded as the hub wrote them: the `Records` body is built
+//! once by the hub, read once from the store link into one buffer (`Bytes`), and its record
+//! section is handed to QUIC as a slice of that buffer (no copy on the shard).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +46,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use sibyl_proto::frame::{
-    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen,
-    Records, Start, SubError, Subscribe,
+    AssignedPartition, Assignment, Forecast, Grant, Mode, PartitionForecast, PartitionOpen, Start,
+    SubError, Subscribe,
 };
 use sibyl_proto::{ErrorCode, Frame, FrameDecoder, FrameType};
 use sibyl_tokens::{Action, Claims};
@@ -687,15 +688,6 @@ async fn apply(s: &mut Sub, send: &mut SendStream, c: Owned) -> Result<(), quinn
     Ok(())
 }
 
-/// A cached batch's record section as the owner of a [`Bytes`] (sent without copying).
-struct RecordData(Arc<Records>);
-
-impl AsRef<[u8]> for RecordData {
-    fn as_ref(&self) -> &[u8] {
-        self.0.data()
-    }
-}
-
 struct Pump {
     dp: Arc<DataPlane>,
     conn: Connection,
@@ -949,10 +941,7 @@ impl Pump {
             let len = u32::try_from(records.body_len()).unwrap_or(u32::MAX);
             head.extend_from_slice(&len.to_be_bytes());
             records.encode_header(&mut head);
-            let data = batch
-                .shared()
-                .map(|r| Bytes::from_owner(RecordData(r)))
-                .unwrap_or_default();
+            let data = records.shared_data();
             if send.write_chunk(Bytes::from(head)).await.is_err()
                 || send.write_chunk(data).await.is_err()
             {

@@ -65,6 +65,8 @@ pub use config::{
 };
 pub use error::StoreError;
 
+pub(crate) use codec::FrameRef;
+
 use partition::{PartitionId, PartitionLog, sync_dir};
 
 /// A record to append. The offset is assigned by the store.
@@ -355,6 +357,37 @@ impl Store {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        self.read_with(
+            stream,
+            partition,
+            from_offset,
+            max_records,
+            max_bytes,
+            |fr| {
+                out.push(Record {
+                    offset: fr.offset,
+                    timestamp_ms: fr.timestamp_ms,
+                    key: fr.key.to_vec(),
+                    payload: fr.payload.to_vec(),
+                });
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// [`read`](Self::read) without materialising records: each record is handed to `visit`
+    /// borrowed from the read buffer (CRC already verified), so a caller can encode it
+    /// straight into its own format. Returns the number of records visited (0 at the tail).
+    pub(crate) fn read_with(
+        &self,
+        stream: &str,
+        partition: u32,
+        from_offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+        visit: impl FnMut(&FrameRef<'_>),
+    ) -> Result<usize, StoreError> {
         let s = self.stream(stream)?;
         let p = s.partition(partition)?;
         let plan = {
@@ -370,17 +403,18 @@ impl Store {
                 });
             }
             if from_offset == next {
-                return Ok(Vec::new());
+                return Ok(0);
             }
             log.read_plan(from_offset)
         };
-        partition::read_records(
+        partition::visit_records(
             &plan,
             from_offset,
             max_records,
             max_bytes,
             &p.id,
             &self.metrics,
+            visit,
         )
     }
 

@@ -14,7 +14,7 @@ use super::config::{Durability, StoreConfig};
 use super::error::StoreError;
 use super::index::SparseIndex;
 use super::policy::{self, FlushClock, RetentionPlan, SegmentInfo};
-use super::{NewRecord, Record, StoreMetrics};
+use super::{NewRecord, StoreMetrics};
 
 const SEGMENT_SUFFIX: &str = ".log";
 
@@ -456,14 +456,40 @@ enum Flow {
     Stop,
 }
 
+/// Largest read buffer a thread keeps between reads (larger ones are freed after use).
+const KEEP_READ_BUF: usize = 2 << 20;
+
+thread_local! {
+    /// The read buffer of this thread's last read, reused so that a read neither allocates
+    /// nor zeroes its buffer again (the store's reads run on a few blocking threads).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Walks the frames of `snap` from its start position, reading `chunk` bytes per `pread`.
 fn for_each_frame(
     snap: &SegmentSnapshot,
     chunk_size: usize,
+    f: impl FnMut(Event<'_>) -> Flow,
+) -> Result<(), StoreError> {
+    let mut buf = READ_BUF.with(std::cell::RefCell::take);
+    let r = walk_frames(snap, chunk_size, &mut buf, f);
+    if buf.capacity() <= KEEP_READ_BUF {
+        READ_BUF.with(|b| *b.borrow_mut() = buf);
+    }
+    r
+}
+
+/// [`for_each_frame`] with `buf` as the read buffer (its old contents are ignored; it is only
+/// zero-filled where it grows).
+fn walk_frames(
+    snap: &SegmentSnapshot,
+    chunk_size: usize,
+    buf: &mut Vec<u8>,
     mut f: impl FnMut(Event<'_>) -> Flow,
 ) -> Result<(), StoreError> {
     let mut cur = snap.start_pos;
-    let mut chunk: Vec<u8> = Vec::new();
+    // `buf[..valid]` holds the file bytes from `chunk_pos` on.
+    let mut valid = 0usize;
     let mut chunk_pos = cur;
     let mut hole_i = snap.holes.partition_point(|h| h.pos < cur);
     while cur < snap.end {
@@ -477,8 +503,8 @@ fn for_each_frame(
         }
         let rel = usize::try_from(cur - chunk_pos)
             .unwrap_or(usize::MAX)
-            .min(chunk.len());
-        let avail = &chunk[rel..];
+            .min(valid);
+        let avail = &buf[rel..valid];
         match codec::decode_frame(avail) {
             Decode::Frame(fr) => {
                 cur += fr.len as u64;
@@ -495,11 +521,13 @@ fn for_each_frame(
                 }
                 // Bounded by the segment's end and by MAX_BODY_LEN (decode checked the length).
                 let want = needed.max(chunk_size as u64).min(left) as usize;
-                chunk.clear();
-                chunk.resize(want, 0);
+                if buf.len() < want {
+                    buf.resize(want, 0);
+                }
                 snap.file
-                    .read_exact_at(&mut chunk, cur)
+                    .read_exact_at(&mut buf[..want], cur)
                     .map_err(StoreError::io(&*snap.path))?;
+                valid = want;
                 chunk_pos = cur;
             }
             Decode::Invalid(_) => {
@@ -515,18 +543,21 @@ fn chunk_size(max_bytes: usize) -> usize {
     max_bytes.saturating_add(8 << 10).clamp(64 << 10, 8 << 20)
 }
 
-/// Reads records `>= from` following a [`PartitionLog::read_plan`] (outside the lock).
-pub(crate) fn read_records(
+/// Reads records `>= from` following a [`PartitionLog::read_plan`] (outside the lock),
+/// handing each to `visit` as it is read (borrowed from the read buffer: no copy, no
+/// allocation per record). Returns the number of records visited; errors only when none was.
+pub(crate) fn visit_records(
     plan: &[SegmentSnapshot],
     from: u64,
     max_records: usize,
     max_bytes: usize,
     id: &PartitionId,
     metrics: &StoreMetrics,
-) -> Result<Vec<Record>, StoreError> {
-    let mut out: Vec<Record> = Vec::new();
+    mut visit: impl FnMut(&FrameRef<'_>),
+) -> Result<usize, StoreError> {
+    let mut n = 0usize;
     if max_records == 0 {
-        return Ok(out);
+        return Ok(n);
     }
     let mut bytes = 0usize;
     let mut err: Option<StoreError> = None;
@@ -539,14 +570,14 @@ pub(crate) fn read_records(
             && snap.base_offset > from
         {
             // Offsets lost between segments (reported at recovery).
-            if out.is_empty() {
+            if n == 0 {
                 return Err(StoreError::Corrupt {
                     path: snap.path.to_path_buf(),
                     offset: from.max(prev_next),
                     resume_at: Some(snap.base_offset),
                 });
             }
-            return Ok(out);
+            return Ok(n);
         }
         prev_next = Some(snap.next_offset);
         let mut expected = from.max(snap.base_offset);
@@ -556,18 +587,14 @@ pub(crate) fn read_records(
                 if fr.offset < from {
                     return Flow::Continue;
                 }
-                if !out.is_empty() && bytes.saturating_add(fr.len) > max_bytes {
+                if n > 0 && bytes.saturating_add(fr.len) > max_bytes {
                     done = true;
                     return Flow::Stop;
                 }
                 bytes += fr.len;
-                out.push(Record {
-                    offset: fr.offset,
-                    timestamp_ms: fr.timestamp_ms,
-                    key: fr.key.to_vec(),
-                    payload: fr.payload.to_vec(),
-                });
-                if out.len() >= max_records {
+                visit(&fr);
+                n += 1;
+                if n >= max_records {
                     done = true;
                     return Flow::Stop;
                 }
@@ -579,7 +606,7 @@ pub(crate) fn read_records(
                     Flow::Continue
                 } else {
                     done = true;
-                    if out.is_empty() {
+                    if n == 0 {
                         err = Some(StoreError::Corrupt {
                             path: snap.path.to_path_buf(),
                             offset: from.max(h.first_offset),
@@ -596,7 +623,7 @@ pub(crate) fn read_records(
                     "record damaged since the store was opened; not served"
                 );
                 metrics.corrupt_records.fetch_add(1, Relaxed);
-                if out.is_empty() {
+                if n == 0 {
                     err = Some(StoreError::Corrupt {
                         path: snap.path.to_path_buf(),
                         offset: expected,
@@ -613,8 +640,8 @@ pub(crate) fn read_records(
             break;
         }
     }
-    metrics.records_read.fetch_add(out.len() as u64, Relaxed);
-    Ok(out)
+    metrics.records_read.fetch_add(n as u64, Relaxed);
+    Ok(n)
 }
 
 /// First offset `>= ` with timestamp `>= ts` in `snap`, scanning from its start position.

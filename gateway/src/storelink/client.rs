@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::batch::RecordBatch;
 use super::codec::{self, MAX_FRAME_LEN, RemoteError, Request, Response, ServerMsg, StreamInfo};
-use super::server::{LinkReadError, read_frame, write_loop};
+use super::server::{LinkReadError, read_frame, size_link_buffers, write_loop};
 
 /// Why a store link call failed. Say whose fault it is and whether to retry with
 /// [`is_retryable`](Self::is_retryable).
@@ -510,6 +510,7 @@ fn register(conn: &mpsc::Sender<Vec<u8>>, id: u64, key: &WatchKey) -> bool {
 /// Installs a fresh connection: starts its writer, re-registers live watches, and spawns its
 /// reader.
 fn attach(inner: &Arc<Inner>, stream: UnixStream) {
+    size_link_buffers(&stream);
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(1024);
     tokio::spawn(async move {
@@ -557,7 +558,7 @@ fn attach(inner: &Arc<Inner>, stream: UnixStream) {
                 Err(LinkReadError::Io(e)) => break format!("i/o: {e}"),
                 Err(LinkReadError::Codec(e)) => break format!("hub sent garbage: {e}"),
             };
-            match codec::decode_server_msg(&body) {
+            match codec::decode_server_msg_shared(&body) {
                 Ok(msg) => dispatch(&inner, msg),
                 Err(e) => break format!("hub sent garbage: {e}"),
             }

@@ -22,10 +22,11 @@
 //! names and lists are bounded ([`MAX_GROUP_NAME`], [`MAX_GROUP_PARTITIONS`]) and checked at
 //! decode.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sibyl_proto::codec::{Codec, DecodeLimits, FrameError, Reader, put_varint};
+use sibyl_proto::codec::{Codec, DecodeLimits, FrameError, put_varint};
 use sibyl_proto::frame::data::Records;
-use sibyl_proto::frame::{Frame, FrameBody};
+use sibyl_proto::frame::{FrameBody, FrameType};
 
 use crate::store::Record;
 
@@ -465,54 +466,137 @@ pub fn encode_batch(id: u64, records: &Records, out: &mut Vec<u8>) -> Result<(),
     })
 }
 
-/// Appends a batch frame built straight from store records (the hub's read path: one pass,
-/// no intermediate batch). `records` must be non-empty with strictly increasing offsets, as
-/// [`Store::read`](crate::store::Store::read) returns them; otherwise nothing is written and
-/// [`CodecError::Batch`] is returned.
+/// Appends a batch frame built straight from store records. `records` must be non-empty
+/// with strictly increasing offsets, as [`Store::read`](crate::store::Store::read) returns
+/// them; otherwise nothing is written and [`CodecError::InvalidBatch`] is returned.
 pub fn encode_store_batch(
     id: u64,
     partition: u32,
     records: &[Record],
     out: &mut Vec<u8>,
 ) -> Result<(), CodecError> {
-    let bad = || CodecError::InvalidBatch;
-    let (Some(first), Ok(count)) = (records.first(), u32::try_from(records.len())) else {
-        return Err(bad());
-    };
-    let base = first.offset;
-    if records.windows(2).any(|w| w[1].offset <= w[0].offset) {
-        return Err(bad());
-    }
     let size: usize = records
         .iter()
         .map(|r| 8 + 8 + 8 + 8 + r.key.len() + r.payload.len())
         .sum();
-    put_frame(out, TAG_BATCH, |o| {
-        o.reserve(8 + 5 + 16 + size);
-        o.extend_from_slice(&id.to_be_bytes());
-        o.push(Records::TYPE.to_u8());
-        let len_at = o.len();
-        o.extend_from_slice(&[0; 4]);
-        let body_at = o.len();
-        o.extend_from_slice(&partition.to_be_bytes());
-        o.extend_from_slice(&base.to_be_bytes());
-        o.extend_from_slice(&count.to_be_bytes());
-        for r in records {
-            put_varint(r.offset - base, o);
-            o.extend_from_slice(&r.timestamp_ms.to_be_bytes());
-            put_varint(r.key.len() as u64, o);
-            o.extend_from_slice(&r.key);
-            put_varint(r.payload.len() as u64, o);
-            o.extend_from_slice(&r.payload);
+    out.reserve(size.min(MAX_FRAME_LEN) + 64);
+    let mut w = BatchWriter::begin(id, partition, out);
+    for r in records {
+        w.push(r.offset, r.timestamp_ms, &r.key, &r.payload)?;
+    }
+    w.finish()
+}
+
+/// Writes one batch frame record by record into `out` (the hub's read path: each record is
+/// encoded once, straight from the bytes the store read, with no intermediate record).
+///
+/// [`begin`](Self::begin) writes the headers with placeholders, [`push`](Self::push) appends
+/// a record, [`finish`](Self::finish) fills in the base offset, count and lengths. A writer
+/// dropped without `finish`, or a failing `finish`, leaves `out` as it was.
+#[derive(Debug)]
+pub struct BatchWriter<'a> {
+    out: &'a mut Vec<u8>,
+    /// Where this frame starts in `out`.
+    start: usize,
+    base: u64,
+    last: u64,
+    count: u32,
+    done: bool,
+}
+
+/// Link length, tag and request id, then the `Records` frame's type and body length.
+const BATCH_PREFIX: usize = LEN_LEN + 1 + 8 + 1 + 4;
+/// The `Records` body header: partition, base offset, count.
+const RECORDS_HEADER: usize = 16;
+
+impl<'a> BatchWriter<'a> {
+    /// Starts the batch frame answering request `id` with records of `partition`.
+    pub fn begin(id: u64, partition: u32, out: &'a mut Vec<u8>) -> Self {
+        let start = out.len();
+        out.extend_from_slice(&[0; LEN_LEN]);
+        out.push(TAG_BATCH);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.push(Records::TYPE.to_u8());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&partition.to_be_bytes());
+        out.extend_from_slice(&[0; 12]);
+        Self {
+            out,
+            start,
+            base: 0,
+            last: 0,
+            count: 0,
+            done: false,
         }
-        let body_len = o.len() - body_at;
-        let len = u32::try_from(body_len).map_err(|_| CodecError::TooLarge {
-            len: body_len,
-            max: MAX_FRAME_LEN,
-        })?;
-        o[len_at..body_at].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Records written so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Appends one record. Offsets must strictly increase ([`CodecError::InvalidBatch`]
+    /// otherwise, and the record is not written).
+    pub fn push(
+        &mut self,
+        offset: u64,
+        timestamp_ms: u64,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<(), CodecError> {
+        if self.count == 0 {
+            self.base = offset;
+        } else if offset <= self.last || self.count == u32::MAX {
+            return Err(CodecError::InvalidBatch);
+        }
+        self.last = offset;
+        self.count += 1;
+        let o = &mut *self.out;
+        put_varint(offset - self.base, o);
+        o.extend_from_slice(&timestamp_ms.to_be_bytes());
+        put_varint(key.len() as u64, o);
+        o.extend_from_slice(key);
+        put_varint(payload.len() as u64, o);
+        o.extend_from_slice(payload);
         Ok(())
-    })
+    }
+
+    /// Completes the frame: [`CodecError::InvalidBatch`] if no record was pushed,
+    /// [`CodecError::TooLarge`] over [`MAX_FRAME_LEN`]; on error `out` is restored.
+    pub fn finish(mut self) -> Result<(), CodecError> {
+        self.done = true;
+        let start = self.start;
+        let o = &mut *self.out;
+        if self.count == 0 {
+            o.truncate(start);
+            return Err(CodecError::InvalidBatch);
+        }
+        let len = o.len() - start - LEN_LEN;
+        if len > MAX_FRAME_LEN {
+            o.truncate(start);
+            return Err(CodecError::TooLarge {
+                len,
+                max: MAX_FRAME_LEN,
+            });
+        }
+        let body_len = o.len() - start - BATCH_PREFIX;
+        // Both fit in u32: bounded by MAX_FRAME_LEN above.
+        o[start..start + LEN_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        o[start + BATCH_PREFIX - 4..start + BATCH_PREFIX]
+            .copy_from_slice(&(body_len as u32).to_be_bytes());
+        let h = start + BATCH_PREFIX + 4;
+        o[h..h + 8].copy_from_slice(&self.base.to_be_bytes());
+        o[h + 8..h + RECORDS_HEADER - 4].copy_from_slice(&self.count.to_be_bytes());
+        Ok(())
+    }
+}
+
+impl Drop for BatchWriter<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.out.truncate(self.start);
+        }
+    }
 }
 
 /// The body length announced by the 4-byte header `header`, checked against `max`.
@@ -564,8 +648,15 @@ fn link_limits() -> DecodeLimits {
     }
 }
 
-/// Decodes a frame body (tag included) the shard received.
+/// Decodes a frame body (tag included) the shard received (copies a batch's records; the
+/// shard's link reader uses [`decode_server_msg_shared`]).
 pub fn decode_server_msg(body: &[u8]) -> Result<ServerMsg, CodecError> {
+    decode_server_msg_shared(&Bytes::copy_from_slice(body))
+}
+
+/// Decodes a frame body (tag included) the shard received; a batch's record section stays a
+/// slice of `body` (no copy), so the shard forwards the bytes the hub wrote.
+pub fn decode_server_msg_shared(body: &Bytes) -> Result<ServerMsg, CodecError> {
     match body.split_first() {
         None => Err(CodecError::Short),
         Some((&TAG_RESPONSE, rest)) => {
@@ -577,17 +668,36 @@ pub fn decode_server_msg(body: &[u8]) -> Result<ServerMsg, CodecError> {
             let (id, rest) = rest.split_at_checked(8).ok_or(CodecError::Short)?;
             let mut idb = [0u8; 8];
             idb.copy_from_slice(id);
-            let mut r = Reader::new(rest);
-            let frame = Frame::decode_with_limits(&mut r, &link_limits())?;
-            if r.remaining() != 0 {
-                return Err(FrameError::TrailingBytes {
-                    ty: Records::TYPE.to_u8(),
+            // `rest` is a whole client-facing frame: type, length, then exactly the body.
+            let ty = Records::TYPE.to_u8();
+            let (&tag, after) = rest.split_first().ok_or(CodecError::Short)?;
+            if tag != ty {
+                return Err(match FrameType::from_u8(tag) {
+                    Some(_) => CodecError::UnexpectedTag(tag),
+                    None => FrameError::UnknownType(tag).into(),
+                });
+            }
+            let (len, frame_body) =
+                after
+                    .split_at_checked(4)
+                    .ok_or_else(|| FrameError::Incomplete {
+                        needed: 4 - after.len(),
+                    })?;
+            let mut lb = [0u8; 4];
+            lb.copy_from_slice(len);
+            let len = u32::from_be_bytes(lb) as usize;
+            if len < frame_body.len() {
+                return Err(FrameError::TrailingBytes { ty }.into());
+            }
+            if len > frame_body.len() {
+                return Err(FrameError::Incomplete {
+                    needed: len - frame_body.len(),
                 }
                 .into());
             }
-            let Frame::Records(records) = frame else {
-                return Err(CodecError::UnexpectedTag(frame.frame_type().to_u8()));
-            };
+            // Tag, id, type and length precede the body.
+            let at = 1 + 8 + 1 + 4;
+            let records = Records::decode_shared(&body.slice(at..), &link_limits())?;
             Ok(ServerMsg::Batch {
                 id: u64::from_be_bytes(idb),
                 records,
@@ -601,6 +711,8 @@ pub fn decode_server_msg(body: &[u8]) -> Result<ServerMsg, CodecError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sibyl_proto::codec::Reader;
+    use sibyl_proto::frame::Frame;
 
     fn rec(offset: u64, key: &[u8], payload: &[u8]) -> Record {
         Record {
@@ -829,6 +941,59 @@ mod tests {
         let body = one_frame(&direct);
         let frame = Frame::decode_with_limits(&mut Reader::new(&body[9..]), &link_limits());
         assert_eq!(frame.unwrap(), Frame::Records(built));
+    }
+
+    #[test]
+    fn batch_writer_leaves_out_untouched_unless_finished() {
+        let mut out = vec![9, 9];
+        {
+            let mut w = BatchWriter::begin(1, 0, &mut out);
+            w.push(5, 1, b"k", b"v").unwrap();
+            assert_eq!(w.count(), 1);
+            // Offsets must increase; the refused record is not written.
+            assert!(matches!(
+                w.push(5, 1, b"", b""),
+                Err(CodecError::InvalidBatch)
+            ));
+        }
+        assert_eq!(out, [9, 9]);
+        assert!(matches!(
+            BatchWriter::begin(1, 0, &mut out).finish(),
+            Err(CodecError::InvalidBatch)
+        ));
+        assert_eq!(out, [9, 9]);
+        let mut w = BatchWriter::begin(7, 4, &mut out);
+        w.push(5, 1, b"k", b"v").unwrap();
+        w.push(8, 2, b"", b"payload").unwrap();
+        w.finish().unwrap();
+        let ServerMsg::Batch { id, records } =
+            decode_server_msg_shared(&Bytes::copy_from_slice(one_frame(&out[2..]))).unwrap()
+        else {
+            panic!("not a batch");
+        };
+        assert_eq!(id, 7);
+        assert_eq!(
+            records.to_records(),
+            [(5, 1, &b"k"[..], &b"v"[..]), (8, 2, b"", b"payload")].map(
+                |(offset, timestamp, key, payload)| sibyl_proto::frame::Record {
+                    offset,
+                    timestamp,
+                    key: key.to_vec(),
+                    payload: payload.to_vec(),
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn shared_decode_keeps_the_records_in_the_frame_buffer() {
+        let mut buf = Vec::new();
+        encode_store_batch(3, 0, &[rec(1, b"k", &[1; 100])], &mut buf).unwrap();
+        let body = Bytes::copy_from_slice(one_frame(&buf));
+        let ServerMsg::Batch { records, .. } = decode_server_msg_shared(&body).unwrap() else {
+            panic!("not a batch");
+        };
+        assert!(body.as_ptr_range().contains(&records.data().as_ptr()));
     }
 
     #[test]

@@ -23,6 +23,11 @@
 //! - [`ShardCache`] / [`PartitionCache`] (I/O-free): the most recent contiguous records of each
 //!   partition, bounded per partition and per shard (LRU across partitions).
 //! - [`CachedReader`]: cache first, then one shared fetch through the link per miss position.
+//!
+//! Bytes of a record on the read path: `pread` into the hub's reused read buffer (CRC checked
+//! there), one copy into the batch frame ([`codec::BatchWriter`]), the socket; on the shard
+//! one read into the frame's own buffer, whose `Records` section (a `Bytes` slice) the cache
+//! keeps and the pump hands to QUIC without copying.
 
 pub mod batch;
 pub mod cache;

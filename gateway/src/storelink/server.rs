@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -170,11 +171,12 @@ enum LinkClosed {
     Io(#[from] io::Error),
 }
 
-/// Reads one frame body (tag included), `Ok(None)` at a clean end of stream.
+/// Reads one frame body (tag included), `Ok(None)` at a clean end of stream. The body is read
+/// straight into its own buffer (not zeroed first), which a batch's records then share.
 pub(crate) async fn read_frame(
     rd: &mut BufReader<OwnedReadHalf>,
     max: usize,
-) -> Result<Option<Vec<u8>>, LinkReadError> {
+) -> Result<Option<Bytes>, LinkReadError> {
     let mut h = [0u8; 4];
     match rd.read_exact(&mut h[..1]).await {
         Ok(_) => {}
@@ -183,9 +185,15 @@ pub(crate) async fn read_frame(
     }
     rd.read_exact(&mut h[1..]).await?;
     let len = codec::frame_len(h, max)?;
-    let mut body = vec![0u8; len];
-    rd.read_exact(&mut body).await?;
-    Ok(Some(body))
+    let mut body = BytesMut::with_capacity(len);
+    while body.len() < len {
+        // `take` keeps the read inside this frame; the capacity was reserved above.
+        let left = (len - body.len()) as u64;
+        if (&mut *rd).take(left).read_buf(&mut body).await? == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    Ok(Some(body.freeze()))
 }
 
 /// A frame could not be read.
@@ -195,6 +203,25 @@ pub(crate) enum LinkReadError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// Socket buffer size asked for on both ends of a link (the kernel may cap it): a whole
+/// 1 MiB batch frame fits, so the hub's write and the shard's read of one batch take one
+/// system call and one wake-up each instead of several.
+const LINK_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Enlarges `stream`'s send and receive buffers to [`LINK_SOCKET_BUFFER`]. Best effort: a
+/// refusal only costs throughput, so it is logged and ignored.
+pub(crate) fn size_link_buffers(stream: &UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    for r in [
+        setsockopt(stream, sockopt::SndBuf, &LINK_SOCKET_BUFFER),
+        setsockopt(stream, sockopt::RcvBuf, &LINK_SOCKET_BUFFER),
+    ] {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "store link: socket buffer size not set");
+        }
+    }
 }
 
 /// Writes queued frames, coalescing whatever is queued into one flush.
@@ -233,6 +260,7 @@ async fn serve_link(
     link: LinkId,
     groups: Arc<Groups>,
 ) -> Result<(), LinkClosed> {
+    size_link_buffers(&stream);
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(cfg.max_inflight_per_link + 64);
@@ -693,7 +721,8 @@ fn unavailable(e: &tokio::task::JoinError) -> RemoteError {
     }
 }
 
-/// Runs one read on a blocking thread and encodes its answer.
+/// Runs one read on a blocking thread and encodes its answer: each record goes from the
+/// store's read buffer straight into the batch frame (CRC verified by the store, one copy).
 fn read_frame_blocking(
     store: &Store,
     id: u64,
@@ -703,20 +732,47 @@ fn read_frame_blocking(
     max_records: usize,
     max_bytes: usize,
 ) -> Vec<u8> {
-    match store.read(stream, partition, from, max_records, max_bytes) {
-        Ok(recs) if recs.is_empty() => response_frame(&Response::ReadEmpty { id, next: from }),
-        Ok(recs) => {
-            let mut out = Vec::new();
-            match codec::encode_store_batch(id, partition, &recs, &mut out) {
-                Ok(()) => out,
-                Err(e) => error_frame(
-                    id,
-                    RemoteError::Unavailable {
-                        reason: format!("batch does not fit the link: {e}"),
-                    },
-                ),
-            }
+    // A batch's encoded records are never larger than their stored frames (see
+    // `codec::BatchWriter`), so one allocation of `max_bytes` holds any batch but one made of
+    // a single larger record.
+    let mut out = Vec::with_capacity(max_bytes.min(codec::MAX_FRAME_LEN) + 64);
+    let mut w = codec::BatchWriter::begin(id, partition, &mut out);
+    let mut bad = None;
+    let r = store.read_with(stream, partition, from, max_records, max_bytes, |fr| {
+        if bad.is_none()
+            && let Err(e) = w.push(fr.offset, fr.timestamp_ms, fr.key, fr.payload)
+        {
+            bad = Some(e);
         }
-        Err(e) => error_frame(id, RemoteError::from(&e)),
+    });
+    let frame = match (r, bad) {
+        (Ok(0), _) => {
+            drop(w);
+            return response_frame(&Response::ReadEmpty { id, next: from });
+        }
+        (Ok(_), None) => w.finish(),
+        (Ok(_), Some(e)) => {
+            drop(w);
+            Err(e)
+        }
+        (Err(e), _) => {
+            drop(w);
+            return error_frame(id, RemoteError::from(&e));
+        }
+    };
+    match frame {
+        Ok(()) => {
+            if out.capacity() > 4 * out.len() {
+                // A small read (the tail): do not queue a mostly empty buffer.
+                out.shrink_to_fit();
+            }
+            out
+        }
+        Err(e) => error_frame(
+            id,
+            RemoteError::Unavailable {
+                reason: format!("batch does not fit the link: {e}"),
+            },
+        ),
     }
 }

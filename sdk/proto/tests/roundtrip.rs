@@ -344,6 +344,46 @@ proptest! {
 }
 
 #[test]
+fn decoder_hands_out_records_as_views_of_one_frame_buffer() {
+    let recs: Vec<Record> = (0..3)
+        .map(|i| Record {
+            offset: 100 + i,
+            timestamp: 5,
+            key: vec![],
+            payload: vec![i as u8; 3000],
+        })
+        .collect();
+    let batch = Records::from_records(1, &recs).unwrap();
+    let open = Frame::from(PartitionOpen {
+        sub_id: 1,
+        partition: 1,
+        epoch: 2,
+    });
+    let mut wire = Vec::new();
+    open.encode(&mut wire);
+    Frame::from(batch.clone()).encode(&mut wire);
+    open.encode(&mut wire);
+    // Chunks that never line up with frame boundaries, as quinn delivers them.
+    let mut d = FrameDecoder::new(DecodeLimits::default());
+    let mut got = Vec::new();
+    for piece in wire.chunks(1000) {
+        d.push(piece);
+        while let Some(f) = d.next_frame().unwrap() {
+            got.push(f);
+        }
+    }
+    d.finish().unwrap();
+    assert_eq!(got, vec![open.clone(), Frame::from(batch), open]);
+    let Frame::Records(r) = &got[1] else {
+        panic!("not records")
+    };
+    // Payloads borrow from the batch's own buffer.
+    let data = r.data().as_ptr_range();
+    assert!(r.iter().all(|rec| data.contains(&rec.payload.as_ptr())));
+    assert_eq!(r.to_records(), recs);
+}
+
+#[test]
 fn decoder_rejects_unknown_type_and_oversize_before_body() {
     let mut d = FrameDecoder::new(DecodeLimits::default());
     d.push(&[0x7f]);

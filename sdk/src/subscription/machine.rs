@@ -194,6 +194,8 @@ pub(crate) struct SubMachine {
     lease: Option<Lease>,
     position_due: Option<Instant>,
     last_position_at: Option<Instant>,
+    /// Predictive mode: key and payload bytes the app took since the last `Position` round.
+    unreported_bytes: u64,
     out: VecDeque<Transmit>,
     /// Set when the app side changed something the driver must act on.
     poke: bool,
@@ -225,6 +227,7 @@ impl SubMachine {
             lease: None,
             position_due: None,
             last_position_at: None,
+            unreported_bytes: 0,
             out: VecDeque::new(),
             poke: false,
             metrics: SubscriptionMetrics::new(),
@@ -454,6 +457,18 @@ impl SubMachine {
             if e.poll_timeout().is_some_and(|t| t <= now) {
                 self.poke = true;
             }
+            // The shard counts what it pushed against the advertised buffer until a
+            // `Position` covers it: once the app took a quarter of the buffer, report at once
+            // (not only every `position_interval`), so a fast reader's buffer is refilled
+            // before it runs dry — as QUIC raises a flow-control window before it closes.
+            self.unreported_bytes = self.unreported_bytes.saturating_add(bytes);
+            if self.unreported_bytes >= (self.cfg.buffer_bytes / 4).max(1)
+                && self.generation > 0
+                && self.position_due.is_none_or(|d| d > now)
+            {
+                self.position_due = Some(now);
+                self.poke = true;
+            }
         }
     }
 
@@ -518,6 +533,7 @@ impl SubMachine {
         }
         if self.position_due.is_some_and(|d| d <= now) {
             self.position_due = None;
+            self.unreported_bytes = 0;
             let mut any = false;
             for (&partition, p) in &mut self.parts {
                 if let Some(n) = p.next
@@ -953,6 +969,42 @@ mod tests {
             partitions: vec![],
             buffer_capacity_bytes: 1 << 20,
         })
+    }
+
+    #[test]
+    fn predictive_mode_reports_the_position_once_a_quarter_of_the_buffer_was_taken() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        drain(&mut m, t0);
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        let r = accept(&mut m, 0, 1);
+        assert!(m.on_received(r, 0, 10));
+        // The first delivery opens a position round at once; later ones wait the interval.
+        m.on_deliver(0, 0, t0);
+        m.took(0, 1000, None, t0);
+        assert!(drain(&mut m, t0).contains(&Transmit::Position(Position {
+            partition: 0,
+            next_offset: 1
+        })));
+        let quarter = (1u64 << 20) / 4;
+        let t1 = t0 + Duration::from_millis(1);
+        m.on_deliver(0, 1, t1);
+        m.took(0, quarter - 1, None, t1);
+        m.take_poke();
+        assert!(
+            !drain(&mut m, t1)
+                .iter()
+                .any(|t| matches!(t, Transmit::Position(_))),
+            "below a quarter of the buffer, the interval applies"
+        );
+        m.on_deliver(0, 2, t1);
+        m.took(0, 1, None, t1);
+        assert!(m.take_poke());
+        assert!(drain(&mut m, t1).contains(&Transmit::Position(Position {
+            partition: 0,
+            next_offset: 3
+        })));
     }
 
     #[test]

@@ -14,9 +14,12 @@
 //! }
 //! ```
 //!
-//! Σ(key_len + payload_len) ≤ `max_batch_payload`. Decoding validates the whole body once and
-//! copies it into one `Vec<u8>`; records are then borrowed ([`RecordRef`]) without allocating.
+//! Σ(key_len + payload_len) ≤ `max_batch_payload`. Decoding validates the whole body once; the
+//! record section is held as one [`Bytes`] — a slice of the received buffer when decoded with
+//! [`Records::decode_shared`] (no copy), a copy otherwise — and records are then borrowed
+//! ([`RecordRef`]) without allocating.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{DecodeLimited, FrameBody, Validate, cbor_frame};
@@ -108,7 +111,7 @@ pub struct Records {
     base_offset: u64,
     count: u32,
     /// The validated record section (everything after the 16-byte header).
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 impl Records {
@@ -141,7 +144,7 @@ impl Records {
             partition,
             base_offset: base,
             count,
-            data,
+            data: data.into(),
         })
     }
 
@@ -195,8 +198,25 @@ impl Records {
     }
     /// Consumes the batch, returning [`data`](Self::data) without copying (for zero-copy
     /// views: note the records' positions first, then share the buffer).
-    pub fn into_data(self) -> Vec<u8> {
+    pub fn into_data(self) -> Bytes {
         self.data
+    }
+    /// [`data`](Self::data) as a shared handle (a reference count, no copy): what a sender
+    /// hands to its transport after [`encode_header`](Self::encode_header).
+    pub fn shared_data(&self) -> Bytes {
+        self.data.clone()
+    }
+    /// Decodes a `Records` body held in `body` under `limits`, validating it exactly as
+    /// [`Frame`](super::Frame) decoding does; the record section is a slice of `body` (no
+    /// copy).
+    pub fn decode_shared(body: &Bytes, limits: &DecodeLimits) -> Result<Self, FrameError> {
+        let (partition, base_offset, count) = validate(body, limits)?;
+        Ok(Self {
+            partition,
+            base_offset,
+            count,
+            data: body.slice(HEADER_LEN..),
+        })
     }
     /// Copies all records out.
     pub fn to_records(&self) -> Vec<Record> {
@@ -310,13 +330,19 @@ pub(crate) fn short(ty: u8, e: FrameError) -> FrameError {
     }
 }
 
-impl DecodeLimited for Records {
-    fn decode_limited(r: &mut Reader<'_>, limits: &DecodeLimits) -> Result<Self, FrameError> {
-        let ty = Self::TYPE.to_u8();
-        let partition = r.u32().map_err(|e| short(ty, e))?;
-        let base_offset = r.u64().map_err(|e| short(ty, e))?;
-        let count = r.u32().map_err(|e| short(ty, e))?;
-        check_count(ty, count, limits)?;
+/// Length of the fixed part of a `Records` body: partition, base_offset, count.
+const HEADER_LEN: usize = 16;
+
+/// Validates a whole `Records` body: returns `(partition, base_offset, count)`; the record
+/// section is `body[HEADER_LEN..]`.
+fn validate(body: &[u8], limits: &DecodeLimits) -> Result<(u32, u64, u32), FrameError> {
+    let ty = Records::TYPE.to_u8();
+    let mut r = Reader::new(body);
+    let partition = r.u32().map_err(|e| short(ty, e))?;
+    let base_offset = r.u64().map_err(|e| short(ty, e))?;
+    let count = r.u32().map_err(|e| short(ty, e))?;
+    check_count(ty, count, limits)?;
+    {
         let data = r.take_rest();
         let mut w = Reader::new(data);
         let mut payload_total: u64 = 0;
@@ -336,11 +362,19 @@ impl DecodeLimited for Records {
             check_record_tail(ty, &mut w, &mut payload_total, limits)?;
         }
         check_batch_end(ty, &w)?;
+    }
+    Ok((partition, base_offset, count))
+}
+
+impl DecodeLimited for Records {
+    fn decode_limited(r: &mut Reader<'_>, limits: &DecodeLimits) -> Result<Self, FrameError> {
+        let body = r.take_rest();
+        let (partition, base_offset, count) = validate(body, limits)?;
         Ok(Self {
             partition,
             base_offset,
             count,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(&body[HEADER_LEN..]),
         })
     }
 }
@@ -382,6 +416,31 @@ mod tests {
         b.encode(&mut out);
         assert_eq!(out.len(), b.body_len());
         assert_eq!(Records::decode(&mut Reader::new(&out)).unwrap(), b);
+    }
+
+    #[test]
+    fn shared_decode_slices_the_input_and_agrees_with_the_copying_decode() {
+        let b = Records::from_records(2, &[rec(7, b"abc"), rec(9, b"")]).unwrap();
+        let mut body = Vec::new();
+        b.encode(&mut body);
+        let limits = DecodeLimits::default();
+        let shared = Bytes::from(body.clone());
+        let d = Records::decode_shared(&shared, &limits).unwrap();
+        assert_eq!(d, b);
+        // The record section is a view of the input, not a copy.
+        assert_eq!(d.data().as_ptr(), shared[HEADER_LEN..].as_ptr());
+        assert_eq!(d.shared_data().as_ptr(), d.data().as_ptr());
+        // Every truncation and a trailing byte get the same verdict both ways.
+        let mut long = body.clone();
+        long.push(0);
+        let cases = (0..body.len()).map(|n| body[..n].to_vec()).chain([long]);
+        for case in cases {
+            assert_eq!(
+                Records::decode_shared(&Bytes::from(case.clone()), &limits),
+                Records::decode_limited(&mut Reader::new(&case), &limits),
+                "{case:?}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Bodies are CBOR maps (control frames) except [`Records`] and [`Produce`], which use a fixed
 //! binary layout (see [`data`] and [`publish`]).
 
+use bytes::{Buf, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::cbor;
@@ -257,10 +258,17 @@ impl Codec for Frame {
 /// [`finish`](Self::finish). Any `Err` is fatal for the stream: close with
 /// [`FrameError::code`]. The buffer never grows past one frame's maximum plus one chunk as
 /// long as frames are drained after each push.
+///
+/// Each received byte is copied once, into the buffer; a `Records` frame's record section is
+/// then handed out as a slice of that buffer ([`Records::decode_shared`]), so a batch costs
+/// one copy from the transport's chunks and no more. Once a `Records` header is buffered, room
+/// for the whole frame (bounded by `max_batch_body`, checked first) is reserved, so a large
+/// batch is not moved while it arrives. Other frames grow the buffer as their bytes arrive (a
+/// peer cannot make a hub or shard reserve a frame's worth of memory with a 5-byte header;
+/// `Records` only flow shard → client).
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
-    start: usize,
+    buf: BytesMut,
     limits: DecodeLimits,
 }
 
@@ -268,8 +276,7 @@ impl FrameDecoder {
     /// A decoder with the given limits.
     pub fn new(limits: DecodeLimits) -> Self {
         Self {
-            buf: Vec::new(),
-            start: 0,
+            buf: BytesMut::new(),
             limits,
         }
     }
@@ -281,37 +288,66 @@ impl FrameDecoder {
 
     /// Appends bytes received on the stream.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > 64 * 1024 && self.start * 2 > self.buf.len() {
-            self.buf.drain(..self.start);
-            self.start = 0;
+        let have = self.buf.len();
+        if have < HEADER_LEN && have + bytes.len() >= HEADER_LEN {
+            // This chunk completes a `Records` header: room for the whole frame at once (its
+            // length was checked against the type's limit by `peek_header`).
+            let mut h = [0u8; HEADER_LEN];
+            h[..have].copy_from_slice(&self.buf);
+            h[have..].copy_from_slice(&bytes[..HEADER_LEN - have]);
+            if let Ok((FrameType::Records, len)) = peek_header(&h, &self.limits) {
+                let want = (HEADER_LEN + len as usize).max(have + bytes.len());
+                self.buf.reserve(want - have);
+            }
         }
         self.buf.extend_from_slice(bytes);
     }
 
+    /// After a frame was taken: room for the whole next `Records` frame if its header is
+    /// buffered.
+    fn reserve_next(&mut self) {
+        if let Ok((FrameType::Records, len)) = peek_header(&self.buf, &self.limits) {
+            let total = HEADER_LEN + len as usize;
+            if total > self.buf.len() {
+                self.buf.reserve(total - self.buf.len());
+            }
+        }
+    }
+
     /// Bytes buffered and not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.len()
     }
 
     /// The next whole frame, `Ok(None)` if more bytes are needed, or the fatal error.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        let mut r = Reader::new(&self.buf[self.start..]);
-        match Frame::decode_with_limits(&mut r, &self.limits) {
-            Ok(f) => {
-                self.start += r.position();
-                Ok(Some(f))
-            }
-            Err(FrameError::Incomplete { .. }) => Ok(None),
-            Err(e) => Err(e),
+        let (ty, len) = match peek_header(&self.buf, &self.limits) {
+            Ok(h) => h,
+            Err(FrameError::Incomplete { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let total = HEADER_LEN + len as usize;
+        if self.buf.len() < total {
+            return Ok(None);
         }
+        if ty == FrameType::Records {
+            // The batch keeps a slice of this frame's bytes (no copy); the rest of the
+            // buffer moves on.
+            let frame = self.buf.split_to(total).freeze();
+            let records = Records::decode_shared(&frame.slice(HEADER_LEN..), &self.limits)?;
+            self.reserve_next();
+            return Ok(Some(Frame::Records(records)));
+        }
+        let mut r = Reader::new(&self.buf[..total]);
+        let f = Frame::decode_with_limits(&mut r, &self.limits)?;
+        self.buf.advance(total);
+        self.reserve_next();
+        Ok(Some(f))
     }
 
     /// Declares the end of the stream: an error if a partial frame is buffered.
     pub fn finish(&self) -> Result<(), FrameError> {
-        let rest = &self.buf[self.start..];
+        let rest = &self.buf[..];
         if rest.is_empty() {
             return Ok(());
         }
