@@ -1,16 +1,13 @@
 //! The thin async driver of [`ClientMachine`]: it carries out the machine's actions with
-//! quinn (hub exchanges and shard attempts run as futures polled by the driver itself, so an
-//! attempt's progress costs no task hand-over), feeds every outcome back with
+//! quinn (hub exchanges and shard attempts run as tasks), feeds every outcome back with
 //! `handle_*` and arms one timer for `poll_timeout`. It makes no decision of its own.
 
 use std::collections::HashMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
-use futures::future::{AbortHandle, Abortable, Aborted, BoxFuture};
-use futures::stream::FuturesUnordered;
 use sibyl_proto::frame::Ticket;
 use sibyl_proto::{AttemptId, ClientAction, ClientConfig, ClientMachine, ErrorCode, Retry};
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::client::TicketInfo;
 use crate::config::HubAddress;
@@ -37,8 +34,7 @@ pub(crate) struct Driver {
     hub_addr: HubAddress,
     hub_server_name: String,
     hello: Hello,
-    /// In-flight hub exchange and shard attempts, each abortable by its handle.
-    tasks: FuturesUnordered<BoxFuture<'static, Result<Event, Aborted>>>,
+    tasks: JoinSet<Event>,
     hub_task: Option<AbortHandle>,
     attempts: HashMap<AttemptId, AbortHandle>,
     ready: HashMap<AttemptId, ShardSession>,
@@ -77,7 +73,7 @@ impl Driver {
             hub_addr,
             hub_server_name,
             hello,
-            tasks: FuturesUnordered::new(),
+            tasks: JoinSet::new(),
             hub_task: None,
             attempts: HashMap::new(),
             ready: HashMap::new(),
@@ -123,8 +119,8 @@ impl Driver {
             }
             let timer = self.machine.poll_timeout();
             tokio::select! {
-                Some(joined) = self.tasks.next() => {
-                    // Aborted futures (abandoned attempts) yield `Aborted`.
+                Some(joined) = self.tasks.join_next() => {
+                    // Aborted tasks (abandoned attempts) yield a cancelled JoinError.
                     if let Ok(event) = joined {
                         self.on_event(event);
                     }
@@ -210,15 +206,7 @@ impl Driver {
                     .unwrap_or(Err(ConnectError::Timeout)),
             )
         };
-        self.hub_task = Some(self.push(task));
-    }
-
-    /// Adds `task` to the futures [`run`](Self::run) polls; the handle aborts it.
-    fn push(&mut self, task: impl Future<Output = Event> + Send + 'static) -> AbortHandle {
-        let (handle, registration) = AbortHandle::new_pair();
-        self.tasks
-            .push(Box::pin(Abortable::new(task, registration)));
-        handle
+        self.hub_task = Some(self.tasks.spawn(task));
     }
 
     fn spawn_attempt(
@@ -238,7 +226,7 @@ impl Driver {
         // The shard's own config (its TLS session cache); an error is reported as the
         // attempt's outcome like any other.
         let quic = self.shard_quic.for_addr(&req.endpoint.addr);
-        let handle = self.push(async move {
+        let handle = self.tasks.spawn(async move {
             let result = match quic {
                 Ok(quic) => shard::attach(&quic_endpoint, quic, req).await,
                 Err(e) => Err(e),
@@ -333,8 +321,6 @@ impl Driver {
         for (_, h) in self.attempts.drain() {
             h.abort();
         }
-        // Dropped now, not when next polled: an abandoned handshake closes at once.
-        self.tasks.clear();
         for (_, s) in self.ready.drain() {
             s.conn
                 .close(ErrorCode::NoError.to_u32().into(), b"abandoned");
