@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! Config.streams ──ensure_streams──▶ Store (create_stream is idempotent)
-//! flush thread:     sleep to next_flush_deadline (≤ 2 ms when idle) ─▶ flush_due(now)
+//! flush thread:     park until next_flush_deadline (an append arming one unparks it) ─▶ flush_due(now)
 //! retention task:   every RETENTION_EVERY ─▶ spawn_blocking(enforce_retention(now))
 //! shutdown:         StoreTasks::stop ─▶ join the flush thread ─▶ sync_all
 //! ```
@@ -21,8 +21,9 @@ use crate::store::{Durability, Store, StoreConfig, StoreError, StreamConfig};
 
 /// How often retention runs.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(30);
-/// Longest sleep of the flush driver while nothing is pending.
-const FLUSH_IDLE: Duration = Duration::from_millis(2);
+/// Longest sleep of the flush driver while nothing is pending (appends that arm a deadline
+/// wake it at once; this only bounds a missed wake-up).
+const FLUSH_IDLE: Duration = Duration::from_secs(1);
 
 /// The store directory of a data directory: `<data_dir>/store`.
 pub fn store_dir(data_dir: &Path) -> PathBuf {
@@ -120,6 +121,7 @@ impl StoreTasks {
         self.retention.abort();
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.flush.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         self.store.sync_all()
@@ -127,13 +129,16 @@ impl StoreTasks {
 }
 
 fn flush_driver(store: &Store, stop: &AtomicBool) {
+    // Sleeps until the next deadline; an append arming a new one unparks it (an unpark that
+    // comes before the park makes the park return at once, so none is lost).
+    store.set_flush_waker(std::thread::current());
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         let wake = store
             .next_flush_deadline()
             .map_or(now + FLUSH_IDLE, |d| d.min(now + FLUSH_IDLE));
         if wake > now {
-            std::thread::sleep(wake - now);
+            std::thread::park_timeout(wake - now);
         }
         if let Err(e) = store.flush_due(Instant::now()) {
             warn!(error = %e, "interval flush failed (retried)");
@@ -191,5 +196,36 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 > 0
         );
+    }
+
+    #[test]
+    fn an_append_arming_a_flush_deadline_wakes_the_parked_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open_store(dir.path()).unwrap());
+        ensure_streams(&store, &Config::default()).unwrap();
+        // Stand-in driver: registers itself, then parks far longer than any test runs; it
+        // only returns early if the append unparks it.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let driver = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.set_flush_waker(std::thread::current());
+                ready_tx.send(()).unwrap();
+                let parked = Instant::now();
+                std::thread::park_timeout(Duration::from_secs(120));
+                parked.elapsed()
+            })
+        };
+        ready_rx.recv().unwrap();
+        let rec = crate::store::NewRecord {
+            timestamp_ms: 1,
+            key: b"",
+            payload: b"x",
+        };
+        // `events` is `interval:5ms`: the first append arms a deadline.
+        store.append("events", 0, &[rec]).unwrap();
+        assert!(store.next_flush_deadline().is_some());
+        let slept = driver.join().unwrap();
+        assert!(slept < Duration::from_secs(120), "the driver was not woken");
     }
 }

@@ -169,6 +169,8 @@ pub struct Store {
     cfg: StoreConfig,
     streams: RwLock<HashMap<String, Arc<Stream>>>,
     metrics: StoreMetrics,
+    /// The flush driver's thread, unparked when an append arms a flush deadline.
+    flush_waker: Mutex<Option<std::thread::Thread>>,
     _lock: Flock<File>,
 }
 
@@ -230,6 +232,7 @@ impl Store {
             cfg,
             streams: RwLock::new(streams),
             metrics,
+            flush_waker: Mutex::new(None),
             _lock: lock,
         })
     }
@@ -338,10 +341,38 @@ impl Store {
                 count: 0,
             });
         }
+        let was_armed = log.flush_deadline().is_some();
         let (base_offset, next) =
             log.append(records, &self.cfg, s.config.durability, &self.metrics)?;
+        let armed = !was_armed && log.flush_deadline().is_some();
+        drop(log);
         p.tail.send_replace(next);
+        if armed {
+            // A new interval deadline: the flush driver may be asleep without one.
+            self.wake_flusher();
+        }
         Ok(AppendResult { base_offset, count })
+    }
+
+    /// Registers the thread that runs [`flush_due`](Self::flush_due) at
+    /// [`next_flush_deadline`](Self::next_flush_deadline): it is unparked whenever an append
+    /// arms a new deadline, so it can sleep (`park_timeout`) while nothing is pending.
+    pub fn set_flush_waker(&self, driver: std::thread::Thread) {
+        *self
+            .flush_waker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(driver);
+    }
+
+    fn wake_flusher(&self) {
+        if let Some(t) = self
+            .flush_waker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            t.unpark();
+        }
     }
 
     /// Reads up to `max_records` records from `from_offset` on, stopping before the record that
