@@ -254,6 +254,16 @@ pub struct SeenAttach {
     pub early: bool,
 }
 
+/// What an `EarlyAttach` and its `AttachProof` together amount to: an `Attach`.
+fn with_proof(e: EarlyAttach, proof: [u8; 32]) -> Attach {
+    Attach {
+        token: e.token,
+        proof,
+        client_id: e.client_id,
+        resume: e.resume,
+    }
+}
+
 /// 127.0.0.1, any port.
 const LOOPBACK_ANY: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
@@ -333,14 +343,8 @@ impl FakeShard {
                         Some(Frame::EarlyAttach(e)) => {
                             if let ShardMode::Refuse(code) = mode {
                                 // Refused before any proof is asked for.
-                                let attach = Attach {
-                                    token: e.token,
-                                    proof: [0; 32],
-                                    client_id: e.client_id,
-                                    resume: e.resume,
-                                };
                                 seen.lock().unwrap().push(SeenAttach {
-                                    attach,
+                                    attach: with_proof(e, [0; 32]),
                                     proof_ok: false,
                                     early: true,
                                 });
@@ -353,18 +357,7 @@ impl FakeShard {
                             else {
                                 return violation(&conn);
                             };
-                            let EarlyAttach {
-                                token,
-                                client_id,
-                                resume,
-                            } = e;
-                            let a = Attach {
-                                token,
-                                proof,
-                                client_id,
-                                resume,
-                            };
-                            (a, true)
+                            (with_proof(e, proof), true)
                         }
                         _ => return violation(&conn),
                     };
