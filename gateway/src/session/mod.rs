@@ -284,22 +284,22 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         },
     };
     let within = shared.conn.attach_timeout;
-    if shared.is_draining() {
-        // After the handshake, so that the code reaches the client (see below).
-        if let Some(done) = handshake {
+    // An application close sent before the handshake completes reaches the client without
+    // its code (RFC 9000 §10.2.3, e.g. a refused `EarlyAttach`): closes wait for it.
+    let handshake_done = |h: Option<Handshake>| async move {
+        if let Some(done) = h {
             let _ = tokio::time::timeout(within, done).await;
         }
+    };
+    if shared.is_draining() {
+        handshake_done(handshake).await;
         quic::close(&conn, ErrorCode::Draining, "shard draining");
         return;
     }
     // One budget for the whole attach, however many steps it takes.
     let attach = tokio::time::timeout(within, attach(&shared, &conn, handshake.clone())).await;
     if attach.as_ref().is_ok_and(Result::is_err) {
-        // An application close sent before the handshake completes reaches the client
-        // without its code (RFC 9000 §10.2.3, e.g. a refused `EarlyAttach`): let it complete.
-        if let Some(done) = handshake {
-            let _ = tokio::time::timeout(within, done).await;
-        }
+        handshake_done(handshake).await;
     }
     let (claims, send, recv, dec) = match attach {
         Ok(Ok(attached)) => attached,
