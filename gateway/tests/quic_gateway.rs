@@ -348,21 +348,6 @@ fn sigterm_on_a_shard_sends_goaway_and_the_hub_replaces_it() {
     });
 }
 
-/// A client endpoint that keeps TLS sessions and sends 0-RTT data when it resumes one.
-fn client_0rtt(ca: &std::path::Path) -> quinn::Endpoint {
-    let tls = sibyl_certs::ClientTlsBuilder::new(sibyl_certs::Trust::CaFile(ca.to_owned()))
-        .build()
-        .unwrap();
-    let mut tls = (*tls).clone();
-    tls.enable_early_data = true;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(std::sync::Arc::new(tls));
-    let mut ep = quinn::Endpoint::client(([127, 0, 0, 1], 0).into()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(
-        crypto.unwrap(),
-    )));
-    ep
-}
-
 /// A resumed connection to `addr` carrying 0-RTT data: its session stream (opened in 0-RTT)
 /// with `EarlyAttach` for `t` (or `early` instead) already written.
 async fn early_attach(
@@ -395,7 +380,7 @@ fn early_attach_in_0rtt_is_served_only_after_its_proof() {
     let gw = Gateway::start(TWO_GROUPS, 2);
     let rt = runtime();
     rt.block_on(async {
-        let ep = client_0rtt(&gw.ca());
+        let ep = client_with(&gw.ca(), true);
         let t = ticket(&ep, &gw).await;
         let addr = t.endpoints[0].addr.parse().unwrap();
         // A first (full) handshake with the shard leaves TLS session tickets behind.

@@ -219,12 +219,19 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A quinn client endpoint trusting the gateway's dev CA.
 pub fn client(ca: &Path) -> Endpoint {
+    client_with(ca, false)
+}
+
+/// As [`client`]; with `early_data`, a resumed connection may carry 0-RTT data.
+pub fn client_with(ca: &Path, early_data: bool) -> Endpoint {
     let tls = ClientTlsBuilder::new(Trust::CaFile(ca.to_owned()))
         .build()
         .unwrap();
+    let mut tls = (*tls).clone();
+    tls.enable_early_data = early_data;
     let mut ep = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(tls).unwrap(),
+        QuicClientConfig::try_from(Arc::new(tls)).unwrap(),
     )));
     ep
 }
