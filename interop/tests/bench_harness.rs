@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use sibyl_interop::bench::quic::{self, BaselineServer, BenchTls, Transport};
-use sibyl_interop::bench::{self, BenchError, Figures, Settings, SibylHalf, ThroughputParams};
+use sibyl_interop::bench::{
+    self, BenchError, ColdSample, Figures, Settings, SibylHalf, ThroughputParams,
+};
 
 /// A Sibyl half with canned answers, to check that the runner wires figures through.
 struct Canned {
@@ -22,14 +24,15 @@ impl SibylHalf for Canned {
         Ok(100.0 * concurrency as f64)
     }
 
-    async fn cold_attach(&mut self) -> Result<Duration, BenchError> {
+    async fn cold_attach(&mut self) -> Result<ColdSample, BenchError> {
         self.cold_calls += 1;
         // The first (warm-up) sample is huge and must be discarded.
-        Ok(if self.cold_calls == 1 {
+        let connect = if self.cold_calls == 1 {
             Duration::from_secs(10)
         } else {
             Duration::from_millis(3)
-        })
+        };
+        Ok(ColdSample::new(Duration::from_micros(500), connect))
     }
 
     async fn warm_attach(&mut self) -> Result<Duration, BenchError> {
@@ -93,6 +96,7 @@ async fn runner_feeds_the_sibyl_half_through_medians() {
     let summary = bench::run(&s, &tls, &mut sibyl).await.unwrap();
     assert_eq!(summary.scenario, "attach");
     assert_eq!(summary.figures["cold_attach_ms"], 3.0);
+    assert_eq!(summary.figures["cold_build_ms"], 0.5);
     assert_eq!(summary.figures["warm_attach_ms"], 1.0);
     assert!(summary.baseline["quinn_handshake_ms"] > 0.0);
     assert_eq!(sibyl.cold_calls, 4, "3 samples + 1 discarded warm-up");

@@ -11,7 +11,7 @@ use sibyl_proto::frame::{Endpoint, Hello, PartitionOpen, SessionLimits, Ticket};
 use sibyl_proto::{ErrorCode, Frame};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{ClientBuilder, HubAddress, Prepared};
+use crate::config::{ClientBuilder, HubAddress, Prepared, bind_endpoint};
 use crate::driver::Driver;
 use crate::error::{ConnectError, ProtocolError, PublishError, TransportError};
 use crate::hub::{self, HubAnswer};
@@ -296,20 +296,16 @@ impl Client {
         ClientBuilder::default()
     }
 
-    pub(crate) async fn connect_prepared(p: Prepared) -> Result<Self, ConnectError> {
+    /// Connects with `p`, on `endpoint` when [`ClientBuilder::build`] bound it already.
+    pub(crate) async fn connect_prepared(
+        p: Prepared,
+        endpoint: Option<quinn::Endpoint>,
+    ) -> Result<Self, ConnectError> {
         let deadline = p.connect_timeout.map(|t| Instant::now() + t);
-        let hub = p.hub.resolve().await?;
-        let bind = p.bind.unwrap_or_else(|| {
-            if hub.is_ipv6() {
-                SocketAddr::from(([0u16; 8], 0))
-            } else {
-                SocketAddr::from(([0u8; 4], 0))
-            }
-        });
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Io {
-            what: "binding the client UDP socket",
-            source: Arc::new(e),
-        })?;
+        let endpoint = match endpoint {
+            Some(e) => e,
+            None => bind_endpoint(p.bind_for(p.hub.resolve().await?))?,
+        };
         let client_id = p.hello.client_id.clone();
         let hub_params = HubParams {
             quic: p.quic.clone(),
@@ -460,9 +456,11 @@ impl Client {
             .map(|s| s.ticket.clone())
     }
 
-    /// Drops the current shard session and attaches again, at once (a requested reconnect
-    /// is not a failure: no backoff): the cached ticket while it is valid beyond the expiry
-    /// margin (no hub round trip), else the hub. After
+    /// Attaches a new shard session, at once (a requested reconnect is not a failure: no
+    /// backoff): the cached ticket while it is valid beyond the expiry margin (no hub round
+    /// trip), else the hub. Make before break: the current shard connection stays open (its
+    /// partition streams keep delivering; repeats are dropped by offset) until the new
+    /// session is attached, then closes; subscriptions resume on the new one. After
     /// [`ConnectionState::Failed`] this starts the machine again.
     pub async fn reconnect(&self) -> Result<SessionInfo, ConnectError> {
         let (tx, rx) = oneshot::channel();
@@ -569,15 +567,22 @@ async fn supervise(
                     end = s.ended() => {
                         tracing::info!(endpoint = %s.endpoint.addr, ?end, "shard session ended");
                         let code = end.machine_code();
-                        if matches!(end, SessionEnd::GoAway(_)) {
-                            draining = Some(s.conn.clone());
+                        if matches!(end, SessionEnd::GoAway(_))
+                            && let Some(older) = draining.replace(s.conn.clone())
+                        {
+                            older.close(ErrorCode::NoError.to_u32().into(), b"moved");
                         }
                         (code, false)
                     }
                     cmd = commands.recv() => match cmd {
                         Some(Command::Reconnect(reply)) => {
                             waiters.push(reply);
-                            s.conn.close(ErrorCode::NoError.to_u32().into(), b"reconnect");
+                            // Make before break: the old connection keeps serving (its
+                            // streams, and the shard's view of this client) until the next
+                            // session attaches, and its close is off the new attach's path.
+                            if let Some(older) = draining.replace(s.conn.clone()) {
+                                older.close(ErrorCode::NoError.to_u32().into(), b"moved");
+                            }
                             (Some(ErrorCode::NoError), true)
                         }
                         Some(Command::Close) | None => break,
@@ -612,6 +617,9 @@ async fn supervise(
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "reconnect gave up");
+                            if let Some(old) = draining.take() {
+                                old.close(ErrorCode::NoError.to_u32().into(), b"gave up");
+                            }
                             inner.set_state(ConnectionState::Failed { error: e.clone() });
                             for w in waiters.drain(..) {
                                 let _ = w.send(Err(e.clone()));

@@ -11,7 +11,7 @@ use sibyl_proto::frame::{Action, Hello, Profile, Want};
 use sibyl_proto::{ClientConfig, SUPPORTED_VERSIONS};
 
 use crate::client::Client;
-use crate::error::{ConfigError, ConnectError, TlsError};
+use crate::error::{ConfigError, ConnectError, TlsError, TransportError};
 use crate::shard::ShardQuic;
 
 /// The SDK version sent in `Hello.profile.sdk_version`.
@@ -328,8 +328,27 @@ impl ClientBuilder {
     /// Checks the configuration and connects: hub → ticket → shard, retrying as the
     /// connection machine decides until attached, given up, or `connect_timeout` (then
     /// [`ConnectError::Timeout`], or [`ConnectError::GiveUp`] carrying the last error seen).
+    ///
+    /// The same as [`build`](Self::build) then [`Connector::connect`].
     pub async fn connect(self) -> Result<Client, ConnectError> {
-        Client::connect_prepared(self.prepare()?).await
+        self.build()?.connect().await
+    }
+
+    /// Everything [`connect`](Self::connect) does before its first packet: checks the
+    /// configuration, loads the trust anchors, builds the TLS and QUIC configurations and,
+    /// when the hub's address family is known (an IP address, or
+    /// [`bind_addr`](Self::bind_addr) set), binds the client's UDP socket. A configuration
+    /// or trust error surfaces here, and [`Connector::connect`] then spends its time on the
+    /// network only (an application can build at start-up and connect when needed).
+    ///
+    /// Must be called within a tokio runtime (the socket is registered with it).
+    pub fn build(self) -> Result<Connector, ConnectError> {
+        let prepared = self.prepare()?;
+        let endpoint = match prepared.known_bind() {
+            Some(bind) => Some(bind_endpoint(bind)?),
+            None => None,
+        };
+        Ok(Connector { prepared, endpoint })
     }
 
     /// Validates and builds everything that needs no network.
@@ -473,6 +492,38 @@ fn transport_config(
     Ok(Arc::new(transport))
 }
 
+/// A built client that has not connected yet: see [`ClientBuilder::build`].
+#[derive(Debug)]
+pub struct Connector {
+    prepared: Prepared,
+    /// Bound at build time when the address family was known; otherwise at connect.
+    endpoint: Option<quinn::Endpoint>,
+}
+
+impl Connector {
+    /// The local address of the client's UDP socket, once bound (always, unless the hub is
+    /// a DNS name and no [`ClientBuilder::bind_addr`] was given: then `connect` binds).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.as_ref()?.local_addr().ok()
+    }
+
+    /// Connects: hub → ticket → shard, as [`ClientBuilder::connect`] describes.
+    pub async fn connect(self) -> Result<Client, ConnectError> {
+        Client::connect_prepared(self.prepared, self.endpoint).await
+    }
+}
+
+/// A quinn client endpoint on a UDP socket bound to `bind`.
+pub(crate) fn bind_endpoint(bind: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
+    quinn::Endpoint::client(bind).map_err(|e| {
+        TransportError::Io {
+            what: "binding the client UDP socket",
+            source: Arc::new(e),
+        }
+        .into()
+    })
+}
+
 /// A validated configuration, ready to connect.
 #[derive(Debug)]
 pub(crate) struct Prepared {
@@ -486,6 +537,31 @@ pub(crate) struct Prepared {
     pub(crate) machine: ClientConfig,
     pub(crate) bind: Option<SocketAddr>,
     pub(crate) connect_timeout: Option<Duration>,
+}
+
+impl Prepared {
+    /// The address to bind when it is known without resolving the hub's name.
+    fn known_bind(&self) -> Option<SocketAddr> {
+        match (&self.bind, &self.hub) {
+            (Some(b), _) => Some(*b),
+            (None, HubAddress::Socket(hub)) => Some(unspecified_for(*hub)),
+            (None, HubAddress::HostPort(s)) => s.parse().ok().map(unspecified_for),
+        }
+    }
+
+    /// The address to bind for a hub at `hub`.
+    pub(crate) fn bind_for(&self, hub: SocketAddr) -> SocketAddr {
+        self.bind.unwrap_or_else(|| unspecified_for(hub))
+    }
+}
+
+/// Port 0 on the unspecified address of `peer`'s family.
+fn unspecified_for(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv6() {
+        SocketAddr::from(([0u16; 8], 0))
+    } else {
+        SocketAddr::from(([0u8; 4], 0))
+    }
 }
 
 #[cfg(test)]
@@ -504,6 +580,26 @@ mod tests {
             Err(ConnectError::Config(c)) => c,
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn build_binds_when_the_address_family_is_known() {
+        let v4 = base().build().unwrap();
+        let a = v4.local_addr().expect("bound at build");
+        assert!(a.is_ipv4() && a.port() != 0, "{a}");
+        let named = base().hub("gw.example.com:4433").build().unwrap();
+        assert_eq!(named.local_addr(), None, "a DNS name binds after resolving");
+        let pinned = base()
+            .hub("gw.example.com:4433")
+            .bind_addr("127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap();
+        assert!(pinned.local_addr().is_some_and(|a| a.ip().is_loopback()));
+        // A bad configuration fails at build, before any socket or packet.
+        assert!(matches!(
+            ClientBuilder::default().hub("127.0.0.1:1").build(),
+            Err(ConnectError::Config(ConfigError::MissingApiKey))
+        ));
     }
 
     #[test]

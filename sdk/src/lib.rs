@@ -7,7 +7,7 @@
 //! decision); this crate is the thin async driver over quinn and tokio.
 //!
 //! ```text
-//!  ClientBuilder ──prepare──▶ Hello + rustls/quinn config (sibyl-certs Trust)
+//!  ClientBuilder ──build──▶ Connector: Hello + rustls/quinn config (sibyl-certs Trust), bound UDP socket
 //!        │ connect()
 //!        ▼
 //!  driver ◀── actions / deadlines ── ClientMachine (sibyl-proto, no I/O)
@@ -73,7 +73,7 @@ pub mod subscription;
 mod wire;
 
 pub use client::{Client, ConnectionState, SessionInfo, TicketInfo};
-pub use config::{ClientBuilder, HubAddress, SDK_VERSION};
+pub use config::{ClientBuilder, Connector, HubAddress, SDK_VERSION};
 pub use error::{
     ConfigError, ConnectError, ProtocolError, PublishError, SubscribeError, TlsError,
     TransportError,

@@ -301,7 +301,18 @@ async fn explicit_reconnect_reuses_the_ticket() {
     assert_ne!(again.session_id, first);
     assert_eq!(client.session_id(), Some(again.session_id));
     assert_eq!(hub.hellos().len(), 1);
-    assert_eq!(shard.attaches_settled(2).await.len(), 2);
+    let attaches = shard.attaches_settled(2).await;
+    assert_eq!(attaches.len(), 2);
+    // Make before break: the first session was still open when the second attached ...
+    assert_eq!(
+        attaches[1].open_before, 1,
+        "old connection closed before the new attach"
+    );
+    // ... and is closed once it did.
+    let old = shard.session_connection(0);
+    tokio::time::timeout(HANG_GUARD, old.closed())
+        .await
+        .expect("the replaced connection is closed");
     client.close().await;
 }
 

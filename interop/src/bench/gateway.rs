@@ -9,7 +9,7 @@
 //!
 //!  GatewayHalf (SibylHalf)
 //!     ├─ tickets_per_s: N connectors × (fresh quinn connection, Hello ─▶ ◀─ Ticket, close)
-//!     ├─ cold_attach:   fresh sibyl_sdk::Client, connect() ─▶ attached
+//!     ├─ cold_attach:   fresh sibyl_sdk::Client: build() (timed apart), connect() ─▶ attached
 //!     └─ warm_attach:   one long-lived Client, reconnect() with its cached ticket ─▶ attached
 //! ```
 //!
@@ -31,7 +31,7 @@ use sibyl_proto::frame::{Action, Hello, Profile, Want};
 use sibyl_proto::{Codec, Frame, FrameDecoder, SUPPORTED_VERSIONS};
 
 use super::quic::{BenchTls, Resumption, SERVER_NAME, Transport};
-use super::{BenchError, SibylHalf};
+use super::{BenchError, ColdSample, SibylHalf};
 use crate::runner::{ShardReady, parse_ready};
 
 /// Environment variable naming the `sibyl-gateway` binary to benchmark.
@@ -415,13 +415,16 @@ impl SibylHalf for GatewayHalf {
         Ok(total as f64 / start.elapsed().as_secs_f64())
     }
 
-    async fn cold_attach(&mut self) -> Result<Duration, BenchError> {
+    async fn cold_attach(&mut self) -> Result<ColdSample, BenchError> {
         let builder = self.builder();
         let start = Instant::now();
-        let client = builder.connect().await.map_err(sdk_err)?;
-        let took = start.elapsed();
+        let connector = builder.build().map_err(sdk_err)?;
+        let build = start.elapsed();
+        let start = Instant::now();
+        let client = connector.connect().await.map_err(sdk_err)?;
+        let connect = start.elapsed();
         client.close().await;
-        Ok(took)
+        Ok(ColdSample::new(build, connect))
     }
 
     async fn warm_attach(&mut self) -> Result<Duration, BenchError> {

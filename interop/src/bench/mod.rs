@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use scenario::{NotBuilt, Ratio, Scenario, Settings, SibylHalf, Target, ThroughputParams, run};
+pub use scenario::{
+    ColdSample, NotBuilt, Ratio, Scenario, Settings, SibylHalf, Target, ThroughputParams, run,
+};
 
 /// Named figures of one side of a scenario (numbers only), e.g. `tickets_per_s`.
 pub type Figures = BTreeMap<String, f64>;

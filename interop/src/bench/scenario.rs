@@ -230,6 +230,24 @@ pub struct ThroughputParams {
     pub small_record: u64,
 }
 
+/// One cold `attach` sample: building the SDK client (not part of the figure) and its
+/// `connect()` to attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ColdSample {
+    /// `ClientBuilder::build`: configuration checked, trust loaded, UDP socket bound.
+    pub build: Duration,
+    /// `Connector::connect` to attached: the figure `cold_attach_ms`.
+    pub connect: Duration,
+}
+
+impl ColdSample {
+    /// A sample of `build` then `connect`.
+    pub fn new(build: Duration, connect: Duration) -> Self {
+        Self { build, connect }
+    }
+}
+
 /// The Sibyl half of the scenarios. Each method measures ONE repeat; the runner interleaves
 /// it with the baseline's repeat and takes medians. Every method defaults to
 /// [`BenchError::SibylNotBuilt`], so an implementation fills in scenarios one at a time.
@@ -257,9 +275,11 @@ pub trait SibylHalf {
     }
 
     /// `attach`, cold: a fresh SDK client with no cached ticket; time from `connect()` to
-    /// attached (hub handshake + Hello/Ticket + shard handshake + Attach). Figure
-    /// `cold_attach_ms`. The runner discards the first sample.
-    fn cold_attach(&mut self) -> impl Future<Output = Result<Duration, BenchError>> {
+    /// attached (hub handshake + Hello/Ticket + shard handshake + Attach), on a client built
+    /// (configuration checked, trust loaded, UDP socket bound) before the clock starts, as
+    /// the baseline's endpoint is. Figure `cold_attach_ms`; the build itself is reported as
+    /// `cold_build_ms`. The runner discards the first sample.
+    fn cold_attach(&mut self) -> impl Future<Output = Result<ColdSample, BenchError>> {
         async { Err(BenchError::SibylNotBuilt { scenario: "attach" }) }
     }
 
@@ -360,12 +380,13 @@ pub async fn run<S: SibylHalf>(
         Scenario::Attach | Scenario::BaselineAttach => {
             let repeats = settings.repeats_or(50, 10);
             let mut cold = Vec::with_capacity(repeats);
+            let mut cold_build = Vec::with_capacity(repeats);
             let mut warm = Vec::with_capacity(repeats);
             let mut quinn_ms = Vec::with_capacity(repeats);
             // Sample 0 of each series is a warm-up and is discarded.
             for r in 0..=repeats {
                 let sample = if with_sibyl {
-                    let c = millis(sibyl.cold_attach().await?);
+                    let c = sibyl.cold_attach().await?;
                     let w = millis(sibyl.warm_attach().await?);
                     Some((c, w))
                 } else {
@@ -376,7 +397,8 @@ pub async fn run<S: SibylHalf>(
                     continue;
                 }
                 if let Some((c, w)) = sample {
-                    cold.push(c);
+                    cold.push(millis(c.connect));
+                    cold_build.push(millis(c.build));
                     warm.push(w);
                 }
                 quinn_ms.push(q);
@@ -384,6 +406,7 @@ pub async fn run<S: SibylHalf>(
             if with_sibyl {
                 figures.insert("cold_attach_ms".into(), median(&mut cold));
                 figures.insert("warm_attach_ms".into(), median(&mut warm));
+                figures.insert("cold_build_ms".into(), median(&mut cold_build));
             }
             let q = median(&mut quinn_ms);
             settings.progress(format_args!(

@@ -252,6 +252,19 @@ pub struct SeenAttach {
     pub proof_ok: bool,
     /// Came as `EarlyAttach` (0-RTT) + `AttachProof`.
     pub early: bool,
+    /// Accepted sessions of this shard whose connection was still open when this attach's
+    /// first frame was read (a make-before-break reconnect keeps the old one open until it attached).
+    pub open_before: usize,
+}
+
+type Sessions = Arc<Mutex<Vec<(quinn::Connection, quinn::SendStream)>>>;
+
+/// How many accepted sessions in `live` are still open.
+fn open_sessions(live: &Sessions) -> usize {
+    let live = live.lock().unwrap();
+    live.iter()
+        .filter(|(c, _)| c.close_reason().is_none())
+        .count()
 }
 
 /// What an `EarlyAttach` and its `AttachProof` together amount to: an `Attach`.
@@ -273,7 +286,7 @@ pub struct FakeShard {
     /// Subscription-serving observations.
     pub data: ShardData,
     attaches: Arc<Mutex<Vec<SeenAttach>>>,
-    sessions: Arc<Mutex<Vec<(quinn::Connection, quinn::SendStream)>>>,
+    sessions: Sessions,
     endpoint: quinn::Endpoint,
 }
 
@@ -338,7 +351,9 @@ impl FakeShard {
                     };
                     // The fake answers after the handshake either way (a real shard answers
                     // an EarlyAttach in 0.5-RTT); the client sees the same frames.
-                    let (attach, early) = match read_frame(&mut recv, &mut dec).await {
+                    let first = read_frame(&mut recv, &mut dec).await;
+                    let open_before = open_sessions(&live);
+                    let (attach, early) = match first {
                         Some(Frame::Attach(a)) => (a, false),
                         Some(Frame::EarlyAttach(e)) => {
                             if let ShardMode::Refuse(code) = mode {
@@ -347,6 +362,7 @@ impl FakeShard {
                                     attach: with_proof(e, [0; 32]),
                                     proof_ok: false,
                                     early: true,
+                                    open_before,
                                 });
                                 conn.close(code.to_u32().into(), b"refused by fake shard");
                                 return;
@@ -371,6 +387,7 @@ impl FakeShard {
                         attach,
                         proof_ok,
                         early,
+                        open_before,
                     });
                     let code = match mode {
                         ShardMode::Refuse(code) => code,
@@ -453,6 +470,12 @@ impl FakeShard {
 
     pub fn attaches(&self) -> Vec<SeenAttach> {
         self.attaches.lock().unwrap().clone()
+    }
+
+    /// The connection of the `i`-th accepted session still listed (not closed or moved
+    /// away by [`close_sessions`](Self::close_sessions) / [`go_away`](Self::go_away)).
+    pub fn session_connection(&self, i: usize) -> quinn::Connection {
+        self.sessions.lock().unwrap()[i].0.clone()
     }
 
     /// Closes every attached session's connection with `code`.
