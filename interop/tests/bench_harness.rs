@@ -172,4 +172,11 @@ fn cli_prints_exactly_one_json_line() {
     assert_eq!(v["scenario"], "baseline-attach");
     assert!(v["figures"].as_object().unwrap().is_empty());
     assert!(v["baseline"]["quinn_handshake_ms"].as_f64().unwrap() > 0.0);
+    // The binary re-executes itself as the other-process server.
+    assert!(
+        v["baseline"]["quinn_handshake_other_process_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }

@@ -11,6 +11,7 @@
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,7 +125,8 @@ pub struct BenchTls {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
     _reload: ReloadHandle,
-    _dir: TempDir,
+    /// The generated files' directory (removed on drop); `None` for [`BenchTls::load`].
+    _dir: Option<TempDir>,
 }
 
 impl std::fmt::Debug for BenchTls {
@@ -145,6 +147,16 @@ impl BenchTls {
             .map_err(BenchError::Io)?;
         let certs_dir = dir.path().join("certs");
         let paths = sibyl_certs::init_dir(&certs_dir, &InitOptions::default())?;
+        Self::from_paths(paths, Some(dir))
+    }
+
+    /// The configurations for files another run generated in `certs_dir` (`ca.pem`,
+    /// `server.pem`, `server.key`; see [`CertPaths::in_dir`]), which stay where they are.
+    pub fn load(certs_dir: &Path) -> Result<Self, BenchError> {
+        Self::from_paths(CertPaths::in_dir(certs_dir), None)
+    }
+
+    fn from_paths(paths: CertPaths, dir: Option<TempDir>) -> Result<Self, BenchError> {
         let (server, reload) = ServerTlsBuilder::new(&paths.server_cert, &paths.server_key)
             // The files never change during a run; skip the per-handshake metadata checks.
             .reload_interval(Duration::from_secs(3600))
@@ -283,6 +295,99 @@ impl BaselineServer {
     }
 }
 
+/// The first argument that makes `sibyl-bench` serve as an [`OtherProcessServer`].
+pub const SERVE_BASELINE_ARG: &str = "serve-baseline";
+
+/// A [`BaselineServer`] in another process: the `sibyl-bench` binary re-executed as
+/// `sibyl-bench serve-baseline <certs dir>` ([`serve_baseline`]), serving the same files
+/// with the same transport. It prints its address and serves until its stdin closes, so it
+/// ends with this handle (dropped: stdin closed, then killed by pid and reaped) or with the
+/// parent process.
+///
+/// What it is for: a Sibyl hub and its shards are other processes than the client, while
+/// the baseline server runs inside the benchmark's own runtime; handshakes with this server
+/// show what the process boundary alone costs on the machine.
+#[derive(Debug)]
+pub struct OtherProcessServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl OtherProcessServer {
+    /// Starts `bench_bin serve-baseline <tls's certs dir>` and reads its address (blocking,
+    /// bounded by the child: it prints the address or exits).
+    pub fn start(bench_bin: &Path, tls: &BenchTls) -> Result<Self, BenchError> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let dir = tls
+            .paths()
+            .server_cert
+            .parent()
+            .ok_or(BenchError::BadParameter(
+                "certificate path without a directory",
+            ))?;
+        let mut child = Command::new(bench_bin)
+            .arg(SERVE_BASELINE_ARG)
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(BenchError::Io)?;
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|out| std::io::BufReader::new(out).read_line(&mut line));
+        match (read, line.trim().parse::<SocketAddr>()) {
+            (Some(Ok(_)), Ok(addr)) => Ok(Self { child, addr }),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(BenchError::BadParameter(
+                    "the other-process baseline server did not report its address",
+                ))
+            }
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for OtherProcessServer {
+    fn drop(&mut self) {
+        // Closing stdin ends it; the kill (by our child's pid) covers a stuck one.
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side of [`OtherProcessServer`]: serves the files in `certs_dir` with the
+/// Sibyl transport on 127.0.0.1:0, prints the address on stdout and serves until stdin
+/// reaches its end. Runs its own multi-threaded runtime, as the in-process baseline's.
+pub fn serve_baseline(certs_dir: &Path) -> Result<(), BenchError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(BenchError::Io)?;
+    runtime.block_on(async {
+        let tls = BenchTls::load(certs_dir)?;
+        let server = BaselineServer::start(&tls, Transport::Sibyl)?;
+        println!("{}", server.addr());
+        // Blocking read of stdin on the blocking pool: returns at its end (parent gone).
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+        })
+        .await;
+        Ok(())
+    })
+}
+
 /// Answers stream requests on `conn` until the peer closes it.
 async fn serve_connection(conn: quinn::Connection) {
     while let Ok(mut request) = conn.accept_uni().await {
@@ -383,9 +488,18 @@ pub async fn handshake_once(
     server: &BaselineServer,
     transport: Transport,
 ) -> Result<Duration, BenchError> {
+    handshake_once_to(tls, server.addr(), transport).await
+}
+
+/// [`handshake_once`] against the server at `addr` (e.g. an [`OtherProcessServer`]).
+pub async fn handshake_once_to(
+    tls: &BenchTls,
+    addr: SocketAddr,
+    transport: Transport,
+) -> Result<Duration, BenchError> {
     let endpoint = tls.client_endpoint(Resumption::Full, transport)?;
     let start = Instant::now();
-    let conn = endpoint.connect(server.addr(), SERVER_NAME)?.await?;
+    let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
     let took = start.elapsed();
     conn.close(VarInt::from_u32(0), b"done");
     endpoint.close(VarInt::from_u32(0), b"done");

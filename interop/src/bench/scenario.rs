@@ -306,6 +306,19 @@ pub trait SibylHalf {
     }
 }
 
+/// The `attach` scenario's informational second baseline: the bare quinn server in another
+/// process ([`quic::OtherProcessServer`]), when this process is the `sibyl-bench` binary
+/// (which can be re-executed as that server); `None` elsewhere (e.g. a test harness).
+fn other_process_server(tls: &BenchTls) -> Result<Option<quic::OtherProcessServer>, BenchError> {
+    let Ok(exe) = std::env::current_exe() else {
+        return Ok(None);
+    };
+    if exe.file_stem().and_then(|s| s.to_str()) != Some("sibyl-bench") {
+        return Ok(None);
+    }
+    tokio::task::block_in_place(|| quic::OtherProcessServer::start(&exe, tls)).map(Some)
+}
+
 /// The Sibyl half before the gateway and SDK exist: every scenario reports
 /// [`BenchError::SibylNotBuilt`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -383,6 +396,8 @@ pub async fn run<S: SibylHalf>(
             let mut cold_build = Vec::with_capacity(repeats);
             let mut warm = Vec::with_capacity(repeats);
             let mut quinn_ms = Vec::with_capacity(repeats);
+            let mut other_ms = Vec::with_capacity(repeats);
+            let other = other_process_server(tls)?;
             // Sample 0 of each series is a warm-up and is discarded.
             for r in 0..=repeats {
                 let sample = if with_sibyl {
@@ -393,9 +408,16 @@ pub async fn run<S: SibylHalf>(
                     None
                 };
                 let q = millis(quic::handshake_once(tls, &server, transport).await?);
+                let o = match &other {
+                    Some(o) => Some(millis(
+                        quic::handshake_once_to(tls, o.addr(), transport).await?,
+                    )),
+                    None => None,
+                };
                 if r == 0 {
                     continue;
                 }
+                other_ms.extend(o);
                 if let Some((c, w)) = sample {
                     cold.push(millis(c.connect));
                     cold_build.push(millis(c.build));
@@ -413,6 +435,14 @@ pub async fn run<S: SibylHalf>(
                 "{name}: quinn handshake median {q:.3} ms over {repeats} fresh endpoints"
             ));
             baseline.insert("quinn_handshake_ms".into(), q);
+            if !other_ms.is_empty() {
+                let o = median(&mut other_ms);
+                settings.progress(format_args!(
+                    "{name}: quinn handshake with a server in another process (not a target's \
+                     baseline): median {o:.3} ms"
+                ));
+                baseline.insert("quinn_handshake_other_process_ms".into(), o);
+            }
         }
         Scenario::Throughput | Scenario::BaselineThroughput => {
             let repeats = settings.repeats_or(3, 1);

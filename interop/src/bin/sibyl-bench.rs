@@ -18,6 +18,20 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("prefetch") {
         return prefetch();
     }
+    if std::env::args().nth(1).as_deref() == Some(bench::quic::SERVE_BASELINE_ARG) {
+        // `attach`'s other-process baseline server (`bench::quic::OtherProcessServer`).
+        let Some(dir) = std::env::args_os().nth(2) else {
+            eprintln!("sibyl-bench serve-baseline: missing the certificate directory");
+            return ExitCode::from(2);
+        };
+        return match bench::quic::serve_baseline(std::path::Path::new(&dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sibyl-bench serve-baseline: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let settings = Settings::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
