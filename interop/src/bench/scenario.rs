@@ -306,6 +306,10 @@ pub trait SibylHalf {
     }
 }
 
+/// Pause before every `attach` sample (Sibyl and baseline alike), so that no sample
+/// overlaps the teardown of the one before.
+const ATTACH_SETTLE: Duration = Duration::from_millis(10);
+
 /// The `attach` scenario's informational second baseline: the bare quinn server in another
 /// process ([`quic::OtherProcessServer`]), when this process is the `sibyl-bench` binary
 /// (which can be re-executed as that server); `None` elsewhere (e.g. a test harness).
@@ -400,18 +404,27 @@ pub async fn run<S: SibylHalf>(
             let other = other_process_server(tls)?;
             // Sample 0 of each series is a warm-up and is discarded.
             for r in 0..=repeats {
+                // Every sample starts on an idle system: the previous sample's connections
+                // are closed, and their teardown (hub, shard, server) is given time to end.
+                let settle = || tokio::time::sleep(ATTACH_SETTLE);
                 let sample = if with_sibyl {
+                    settle().await;
                     let c = sibyl.cold_attach().await?;
+                    settle().await;
                     let w = millis(sibyl.warm_attach().await?);
                     Some((c, w))
                 } else {
                     None
                 };
+                settle().await;
                 let q = millis(quic::handshake_once(tls, &server, transport).await?);
                 let o = match &other {
-                    Some(o) => Some(millis(
-                        quic::handshake_once_to(tls, o.addr(), transport).await?,
-                    )),
+                    Some(o) => {
+                        settle().await;
+                        Some(millis(
+                            quic::handshake_once_to(tls, o.addr(), transport).await?,
+                        ))
+                    }
                     None => None,
                 };
                 if r == 0 {
