@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sibyl_proto::frame::{Action, Subscribe};
-use sibyl_proto::{ErrorCode, Frame};
+use sibyl_proto::{ALPN, ALPN_GROUP_HINT, ErrorCode, Frame};
 use support::*;
 
 fn unix_now() -> u64 {
@@ -373,6 +373,63 @@ async fn early_attach(
     };
     send_frame(&mut send, Frame::EarlyAttach(early)).await;
     (conn, accepted, send, recv)
+}
+
+/// The ALPN the handshake of `conn` selected.
+fn alpn(conn: &quinn::Connection) -> Vec<u8> {
+    conn.handshake_data()
+        .unwrap()
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .unwrap()
+        .protocol
+        .unwrap()
+}
+
+#[test]
+fn hub_sends_a_group_hint_to_clients_that_ask_and_the_ticket_follows_it() {
+    let gw = Gateway::start(TWO_GROUPS, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let hinting = client_tuned(&gw.ca(), |tls| {
+            tls.alpn_protocols = vec![ALPN_GROUP_HINT.to_vec(), ALPN.to_vec()];
+        });
+        let conn = connect(&hinting, gw.hub).await;
+        assert_eq!(alpn(&conn), ALPN_GROUP_HINT);
+        // The hint came in 0.5-RTT, before this client sent anything.
+        let mut uni = conn.accept_uni().await.expect("the hint stream");
+        let Some(Frame::GroupHint(hint)) = recv_frame(&mut uni).await else {
+            panic!("the hub's first uni stream carries a GroupHint")
+        };
+        assert!(!hint.endpoints.is_empty());
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let h = hello(&gw.dev_key, &[("prices", Action::Subscribe)]);
+        send_frame(&mut send, Frame::Hello(h)).await;
+        let Some(Frame::Ticket(t)) = recv_frame(&mut recv).await else {
+            panic!("a ticket")
+        };
+        assert_eq!(
+            t.shard_group, hint.shard_group,
+            "the ticket is for the hinted group"
+        );
+        let mut hinted: Vec<_> = hint.endpoints.iter().map(|e| &e.addr).collect();
+        let mut ticketed: Vec<_> = t.endpoints.iter().map(|e| &e.addr).collect();
+        hinted.sort();
+        ticketed.sort();
+        assert_eq!(hinted, ticketed, "the hint names the group's ready shards");
+        conn.close(0u32.into(), b"done");
+
+        // A plain `sibyl/1` client gets `sibyl/1` and no hint: its Hello is answered as ever.
+        let plain = client(&gw.ca());
+        let (conn, t) = ask_hub(
+            &plain,
+            gw.hub,
+            hello(&gw.dev_key, &[("prices", Action::Subscribe)]),
+        )
+        .await;
+        assert_eq!(alpn(&conn), ALPN);
+        assert!(t.is_ok());
+        conn.close(0u32.into(), b"done");
+    });
 }
 
 #[test]

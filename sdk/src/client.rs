@@ -214,6 +214,7 @@ impl Inner {
                 addr,
                 &p.server_name,
                 p.hello.clone(),
+                None,
             )
             .await
         };

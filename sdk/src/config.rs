@@ -8,7 +8,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::QuicClientConfig;
 use sibyl_certs::{ClientTlsBuilder, Trust};
 use sibyl_proto::frame::{Action, Hello, Profile, Want};
-use sibyl_proto::{ClientConfig, SUPPORTED_VERSIONS};
+use sibyl_proto::{ALPN, ALPN_GROUP_HINT, ClientConfig, SUPPORTED_VERSIONS};
 
 use crate::client::Client;
 use crate::error::{ConfigError, ConnectError, TlsError, TransportError};
@@ -374,7 +374,15 @@ impl ClientBuilder {
                 b.build().map_err(TlsError::from)?
             }
         };
-        let crypto = QuicClientConfig::try_from(tls.clone())
+        // Hub connections also offer `sibyl/1+hint` (first): the hub then sends a `GroupHint`
+        // in 0.5-RTT and the shard handshake overlaps `Hello` (PROTOCOL.md §5.1).
+        let mut hub_tls = (*tls).clone();
+        if hub_tls.alpn_protocols.iter().any(|p| p == ALPN)
+            && !hub_tls.alpn_protocols.iter().any(|p| p == ALPN_GROUP_HINT)
+        {
+            hub_tls.alpn_protocols.insert(0, ALPN_GROUP_HINT.to_vec());
+        }
+        let crypto = QuicClientConfig::try_from(Arc::new(hub_tls))
             .map_err(|e| TlsError::NotQuic(e.to_string()))?;
         let quic = quic_config(
             Arc::new(crypto),

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use sibyl_proto::frame::Ticket;
+use sibyl_proto::frame::{GroupHint, Ticket};
 use sibyl_proto::{AttemptId, ClientAction, ClientConfig, ClientMachine, ErrorCode, Retry};
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::client::TicketInfo;
@@ -43,6 +44,14 @@ pub(crate) struct Driver {
     hub_conn: Option<quinn::Connection>,
     /// The last attached session id, sent as `Attach.resume`.
     pub(crate) resume: Option<u64>,
+    /// `GroupHint`s the hub task read (sender cloned into each hub task).
+    hints: (
+        mpsc::UnboundedSender<GroupHint>,
+        mpsc::UnboundedReceiver<GroupHint>,
+    ),
+    /// Shard handshakes started from a hint, by endpoint address: an attempt on that
+    /// endpoint takes its connection instead of connecting again.
+    preconnected: HashMap<String, quinn::Connecting>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -80,6 +89,8 @@ impl Driver {
             last_error: None,
             hub_conn: None,
             resume: None,
+            hints: mpsc::unbounded_channel(),
+            preconnected: HashMap::new(),
         }
     }
 
@@ -119,6 +130,7 @@ impl Driver {
             }
             let timer = self.machine.poll_timeout();
             tokio::select! {
+                Some(hint) = self.hints.1.recv() => self.preconnect(&hint),
                 Some(joined) = self.tasks.join_next() => {
                     // Aborted tasks (abandoned attempts) yield a cancelled JoinError.
                     if let Ok(event) = joined {
@@ -195,10 +207,11 @@ impl Driver {
         let name = self.hub_server_name.clone();
         let hello = self.hello.clone();
         let timeout = self.attach_timeout;
+        let hints = self.hints.0.clone();
         let task = async move {
             let exchange = async {
                 let addr = addr.resolve().await?;
-                hub::exchange(&endpoint, quic, addr, &name, hello).await
+                hub::exchange(&endpoint, quic, addr, &name, hello, Some(hints)).await
             };
             Event::Hub(
                 tokio::time::timeout(timeout, exchange)
@@ -226,9 +239,10 @@ impl Driver {
         // The shard's own config (its TLS session cache); an error is reported as the
         // attempt's outcome like any other.
         let quic = self.shard_quic.for_addr(&req.endpoint.addr);
+        let started = self.preconnected.remove(&req.endpoint.addr);
         let handle = self.tasks.spawn(async move {
             let result = match quic {
-                Ok(quic) => shard::attach(&quic_endpoint, quic, req).await,
+                Ok(quic) => shard::attach(&quic_endpoint, quic, req, started).await,
                 Err(e) => Err(e),
             };
             Event::Shard(id, Box::new(result))
@@ -313,8 +327,36 @@ impl Driver {
         }
     }
 
+    /// Starts the QUIC handshake with the hint's first endpoint while `Hello` is on its way
+    /// (PROTOCOL.md §5.1): nothing is sent on it before the ticket, whose attempt on that
+    /// endpoint then takes the connection. Only while no ticket is held (a ticket's own
+    /// attempts are under way otherwise); at most one per endpoint.
+    fn preconnect(&mut self, hint: &GroupHint) {
+        if self.machine.ticket().is_some() {
+            return;
+        }
+        let Some(first) = hint.endpoints.first() else {
+            return;
+        };
+        if self.preconnected.contains_key(&first.addr) {
+            return;
+        }
+        let Ok(addr) = first.addr.parse() else {
+            return;
+        };
+        let Ok(quic) = self.shard_quic.for_addr(&first.addr) else {
+            return;
+        };
+        if let Ok(c) = self.endpoint.connect_with(quic, addr, &first.server_name) {
+            tracing::debug!(endpoint = %first.addr, group = hint.shard_group, "pre-connecting (group hint)");
+            self.preconnected.insert(first.addr.clone(), c);
+        }
+    }
+
     /// Aborts every task and closes attached-but-unused sessions.
     pub(crate) fn abort_all(&mut self) {
+        // Hinted handshakes no attempt took: dropping the last handle closes them.
+        self.preconnected.clear();
         if let Some(h) = self.hub_task.take() {
             h.abort();
         }

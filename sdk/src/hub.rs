@@ -2,8 +2,9 @@
 
 use std::net::SocketAddr;
 
-use sibyl_proto::Frame;
-use sibyl_proto::frame::{Hello, Refused, Ticket};
+use sibyl_proto::frame::{GroupHint, Hello, Refused, Ticket};
+use sibyl_proto::{ALPN_GROUP_HINT, Frame};
+use tokio::sync::mpsc;
 
 use crate::error::{ConnectError, ProtocolError};
 use crate::wire::{FrameReader, close_for, write_frame};
@@ -16,25 +17,69 @@ pub(crate) enum HubAnswer {
 }
 
 /// Connects to the hub, sends `hello` on the hub stream and reads the one answer. On success
-/// the connection is returned open (it carries publish streams later).
+/// the connection is returned open (it carries publish streams later). When the hub selected
+/// ALPN `sibyl/1+hint`, its `GroupHint` goes to `hints` as soon as it is read (it came with
+/// the handshake), while the `Ticket` is still on its way.
 pub(crate) async fn exchange(
     endpoint: &quinn::Endpoint,
     quic: quinn::ClientConfig,
     addr: SocketAddr,
     server_name: &str,
     hello: Hello,
+    hints: Option<mpsc::UnboundedSender<GroupHint>>,
 ) -> Result<(quinn::Connection, HubAnswer), ConnectError> {
     let conn = endpoint
         .connect_with(quic, addr, server_name)
         .map_err(ConnectError::from_connect)?
         .await
         .map_err(ConnectError::from_connection)?;
-    match hub_stream(&conn, hello).await {
+    let hints = hints.filter(|_| selected_alpn(&conn).as_deref() == Some(ALPN_GROUP_HINT));
+    let answer = async {
+        match hints {
+            Some(tx) => {
+                // The hint is read first when it is there; only the answer ends the exchange.
+                let hint = async {
+                    if let Some(h) = read_hint(&conn).await {
+                        let _ = tx.send(h);
+                    }
+                };
+                let ticket = hub_stream(&conn, hello);
+                tokio::pin!(hint, ticket);
+                let mut hint_done = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut hint, if !hint_done => hint_done = true,
+                        r = &mut ticket => break r,
+                    }
+                }
+            }
+            None => hub_stream(&conn, hello).await,
+        }
+    };
+    match answer.await {
         Ok(answer) => Ok((conn, answer)),
         Err(e) => {
             close_for(&conn, &e);
             Err(e)
         }
+    }
+}
+
+/// The ALPN the handshake selected.
+fn selected_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The hub's `GroupHint` on its first uni stream; `None` if anything else comes.
+async fn read_hint(conn: &quinn::Connection) -> Option<GroupHint> {
+    let recv = conn.accept_uni().await.ok()?;
+    match FrameReader::new(recv).next().await {
+        Ok(Some(Frame::GroupHint(h))) if !h.endpoints.is_empty() => Some(h),
+        _ => None,
     }
 }
 

@@ -153,15 +153,22 @@ pub(crate) async fn attach(
     quic_endpoint: &quinn::Endpoint,
     quic: quinn::ClientConfig,
     req: AttachRequest,
+    started: Option<quinn::Connecting>,
 ) -> Result<ShardSession, ConnectError> {
-    let addr: SocketAddr = req
-        .endpoint
-        .addr
-        .parse()
-        .map_err(|_| ProtocolError::BadEndpoint(req.endpoint.addr.clone()))?;
-    let connecting = quic_endpoint
-        .connect_with(quic, addr, &req.endpoint.server_name)
-        .map_err(ConnectError::from_connect)?;
+    let connecting = match started {
+        // A handshake started from the hub's `GroupHint` (nothing sent on it yet).
+        Some(c) => c,
+        None => {
+            let addr: SocketAddr = req
+                .endpoint
+                .addr
+                .parse()
+                .map_err(|_| ProtocolError::BadEndpoint(req.endpoint.addr.clone()))?;
+            quic_endpoint
+                .connect_with(quic, addr, &req.endpoint.server_name)
+                .map_err(ConnectError::from_connect)?
+        }
+    };
     let (conn, result, zero_rtt) = match connecting.into_0rtt() {
         Ok((conn, accepted)) => {
             let (result, zero_rtt) = match early_session_stream(&conn, accepted, &req).await {

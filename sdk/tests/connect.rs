@@ -283,6 +283,35 @@ async fn shard_close_reconnects_with_the_cached_ticket() {
 }
 
 #[tokio::test]
+async fn group_hint_starts_the_shard_handshake_before_the_ticket() {
+    let (pki, keys) = (pki(), Keys::default());
+    let shard = FakeShard::start(&pki, &keys, ShardMode::Accept);
+    // This hub answers `Hello` only once the shard saw a connection: a client that waits
+    // for the ticket before connecting to the shard makes it answer blind (after the guard).
+    let hub = FakeHub::start_hinting(
+        &pki,
+        &keys,
+        vec![shard.endpoint()],
+        vec![HubReply::Ticket { ttl_s: 3600 }],
+        &shard,
+    );
+    let client = tokio::time::timeout(HANG_GUARD, connect(builder(&pki, &hub)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        hub.answered_blind(),
+        0,
+        "the shard handshake waited for the ticket"
+    );
+    let attaches = shard.attaches_settled(1).await;
+    assert_eq!(attaches.len(), 1);
+    assert!(attaches[0].proof_ok, "attached on the hinted connection");
+    assert_eq!(client.shard_endpoint(), Some(shard.endpoint()));
+    client.close().await;
+}
+
+#[tokio::test]
 async fn explicit_reconnect_reuses_the_ticket() {
     let (pki, keys) = (pki(), Keys::default());
     let shard = FakeShard::start(&pki, &keys, ShardMode::Accept);

@@ -134,6 +134,21 @@ pub fn choose_group(candidates: &[GroupCandidate]) -> Option<&GroupCandidate> {
         .min_by_key(|c| (c.connections(), c.group))
 }
 
+/// [`choose_group`], except that `preferred` (the group a `GroupHint` named for this
+/// connection) wins while it still has a ready shard, so the ticket matches the hint.
+pub fn choose_group_preferring(
+    candidates: &[GroupCandidate],
+    preferred: Option<u32>,
+) -> Option<&GroupCandidate> {
+    preferred
+        .and_then(|g| {
+            candidates
+                .iter()
+                .find(|c| c.group == g && !c.shards.is_empty())
+        })
+        .or_else(|| choose_group(candidates))
+}
+
 /// `Refused{OVERLOADED, retry_after_ms}` for "no ready shard".
 pub fn no_ready_shard() -> Refused {
     Refused {
@@ -216,6 +231,30 @@ mod tests {
         let r = no_ready_shard();
         assert_eq!(r.code, ErrorCode::Overloaded);
         assert_eq!(r.retry_after_ms, Some(OVERLOADED_RETRY_AFTER_MS));
+    }
+
+    #[test]
+    fn a_hinted_group_is_kept_while_it_has_a_ready_shard() {
+        let c = vec![
+            GroupCandidate {
+                group: 1,
+                shards: vec![shard(1, 0, 0)],
+            },
+            GroupCandidate {
+                group: 2,
+                shards: vec![shard(2, 0, 9)],
+            },
+            GroupCandidate {
+                group: 3,
+                shards: vec![],
+            },
+        ];
+        // The busier group 2 was hinted: the ticket follows the hint.
+        assert_eq!(choose_group_preferring(&c, Some(2)).unwrap().group, 2);
+        // A hinted group that lost its shards, or an unknown one: the usual choice.
+        assert_eq!(choose_group_preferring(&c, Some(3)).unwrap().group, 1);
+        assert_eq!(choose_group_preferring(&c, Some(42)).unwrap().group, 1);
+        assert_eq!(choose_group_preferring(&c, None).unwrap().group, 1);
     }
 
     #[test]

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use quinn::Endpoint;
 use sibyl_proto::frame::{
-    Action, Endpoint as TicketEndpoint, Hello, ProduceError, Refused, Ticket,
+    Action, Endpoint as TicketEndpoint, GroupHint, Hello, ProduceError, Refused, Ticket,
 };
-use sibyl_proto::{DecodeLimits, ErrorCode, Frame, FrameDecoder};
+use sibyl_proto::{ALPN, ALPN_GROUP_HINT, DecodeLimits, ErrorCode, Frame, FrameDecoder};
 use sibyl_tokens::{Claims, Keyring, SessionSecret, TokenId};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -173,9 +173,47 @@ impl Hub {
         )
     }
 
+    /// The group a new connection would be given now and its ready shards (a `GroupHint`,
+    /// sent in 0.5-RTT to clients that asked with ALPN `sibyl/1+hint`); `None` when no group
+    /// has a ready shard or the hub is draining.
+    pub fn group_hint(&self) -> Option<GroupHint> {
+        if self.is_draining() {
+            return None;
+        }
+        let candidates = self.candidates()?;
+        let chosen = admission::choose_group(&candidates)?;
+        Some(GroupHint {
+            shard_group: chosen.group,
+            endpoints: self.endpoints_of(chosen),
+        })
+    }
+
+    /// `chosen`'s ready shards as ticket endpoints (advertised address, server name).
+    fn endpoints_of(&self, chosen: &GroupCandidate) -> Vec<TicketEndpoint> {
+        chosen
+            .shards
+            .iter()
+            .map(|s| TicketEndpoint {
+                addr: self.settings.advertise.rewrite(s.addr).to_string(),
+                server_name: self.settings.advertise.server_name.clone(),
+            })
+            .collect()
+    }
+
     /// Answers one `Hello` as of `now` (Unix seconds). No I/O: everything it reads is in
     /// memory. See the module docs for the order of checks.
     pub fn handle_hello(&self, hello: &Hello, now: u64) -> Result<Ticket, Refused> {
+        self.handle_hello_hinted(hello, now, None)
+    }
+
+    /// [`handle_hello`](Self::handle_hello) on a connection that was sent a `GroupHint` for
+    /// `hinted`: the ticket is for that group while it still has a ready shard.
+    pub fn handle_hello_hinted(
+        &self,
+        hello: &Hello,
+        now: u64,
+        hinted: Option<u32>,
+    ) -> Result<Ticket, Refused> {
         if self.is_draining() {
             return Err(admission::refused(
                 ErrorCode::Draining,
@@ -197,7 +235,8 @@ impl Hub {
                 "the hub is shutting down",
             ));
         };
-        let chosen = admission::choose_group(&candidates).ok_or_else(admission::no_ready_shard)?;
+        let chosen = admission::choose_group_preferring(&candidates, hinted)
+            .ok_or_else(admission::no_ready_shard)?;
         let internal = |what: &str| admission::refused(ErrorCode::Internal, what.to_owned());
         let session_secret =
             SessionSecret::generate().map_err(|_| internal("randomness unavailable"))?;
@@ -227,14 +266,7 @@ impl Hub {
                 ),
                 _ => internal("cannot seal the token"),
             })?;
-        let endpoints = chosen
-            .shards
-            .iter()
-            .map(|s| TicketEndpoint {
-                addr: self.settings.advertise.rewrite(s.addr).to_string(),
-                server_name: self.settings.advertise.server_name.clone(),
-            })
-            .collect();
+        let endpoints = self.endpoints_of(chosen);
         Ok(Ticket {
             version,
             token,
@@ -261,8 +293,9 @@ pub struct HubServer {
 }
 
 impl HubServer {
-    /// Starts serving on `socket` (already bound) with `tls` (ALPN `sibyl/1`). Must be called
-    /// inside a tokio runtime.
+    /// Starts serving on `socket` (already bound) with `tls`, whose ALPN list it replaces with
+    /// `sibyl/1+hint`, `sibyl/1` (PROTOCOL.md §2, §5.1). Must be called inside a tokio
+    /// runtime.
     pub fn start(
         hub: Arc<Hub>,
         socket: UdpSocket,
@@ -270,7 +303,10 @@ impl HubServer {
         config: &Config,
     ) -> Result<Self, QuicSetupError> {
         let transport = quic::transport_config(&config.connection, Role::Hub);
-        let endpoint = quic::endpoint(socket, quic::server_config(tls, transport)?)?;
+        // `sibyl/1+hint` first: a client that offers it gets a `GroupHint` in 0.5-RTT.
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols = vec![ALPN_GROUP_HINT.to_vec(), ALPN.to_vec()];
+        let endpoint = quic::endpoint(socket, quic::server_config(Arc::new(tls), transport)?)?;
         let conn = ConnSettings {
             limits: quic::decode_limits(&config.connection),
             first_frame_within: config.connection.attach_timeout,
@@ -325,13 +361,70 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: ConnSettings) {
-    let conn = match connecting.await {
-        Ok(c) => c,
+/// Completes the handshake. On a `sibyl/1+hint` connection the `GroupHint` goes out first,
+/// in 0.5-RTT with the handshake flight (PROTOCOL.md §5.1); nothing is read from the client
+/// before the handshake completes. Returns the connection and the hinted group.
+async fn establish(
+    hub: &Hub,
+    mut connecting: quinn::Connecting,
+) -> Option<(quinn::Connection, Option<u32>)> {
+    if negotiated_alpn(&mut connecting).await.as_deref() == Some(ALPN_GROUP_HINT) {
+        // quinn always grants 0.5-RTT on the server side; `Err` hands the handshake back.
+        match connecting.into_0rtt() {
+            Ok((conn, done)) => {
+                let hinted = match hub.group_hint() {
+                    Some(h) => {
+                        let group = h.shard_group;
+                        send_hint(&conn, h).await;
+                        Some(group)
+                    }
+                    None => None,
+                };
+                done.await;
+                if let Some(e) = conn.close_reason() {
+                    debug!("hub handshake failed: {e}");
+                    return None;
+                }
+                return Some((conn, hinted));
+            }
+            Err(back) => connecting = back,
+        }
+    }
+    match connecting.await {
+        Ok(conn) => Some((conn, None)),
         Err(e) => {
             debug!("hub handshake failed: {e}");
-            return;
+            None
         }
+    }
+}
+
+/// The ALPN the handshake selected (known once the ClientHello was processed, which
+/// `Incoming::accept` already did).
+async fn negotiated_alpn(connecting: &mut quinn::Connecting) -> Option<Vec<u8>> {
+    let data = connecting.handshake_data().await.ok()?;
+    data.downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// Sends `hint` on the hub's first uni stream and finishes it. Best effort: a client that
+/// never reads it loses nothing but the hint.
+async fn send_hint(conn: &quinn::Connection, hint: GroupHint) {
+    let Ok(mut stream) = conn.open_uni().await else {
+        return;
+    };
+    if quic::write_frame(&mut stream, &Frame::GroupHint(hint))
+        .await
+        .is_ok()
+    {
+        let _ = stream.finish();
+    }
+}
+
+async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: ConnSettings) {
+    let Some((conn, hinted)) = establish(&hub, connecting).await else {
+        return;
     };
     let peer = conn.remote_address();
     let first = tokio::time::timeout(cs.first_frame_within, conn.accept_bi()).await;
@@ -352,7 +445,7 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
         Err(e) => return close_on(&conn, &e),
     };
     let flush = cs.first_frame_within;
-    match hub.handle_hello(&hello, unix_now()) {
+    match hub.handle_hello_hinted(&hello, unix_now(), hinted) {
         Ok(ticket) => {
             debug!(%peer, client_id = %hello.client_id, group = ticket.shard_group, "ticket issued");
             if quic::write_frame(&mut send, &Frame::Ticket(ticket))

@@ -224,11 +224,16 @@ pub fn client(ca: &Path) -> Endpoint {
 
 /// As [`client`]; with `early_data`, a resumed connection may carry 0-RTT data.
 pub fn client_with(ca: &Path, early_data: bool) -> Endpoint {
+    client_tuned(ca, |tls| tls.enable_early_data = early_data)
+}
+
+/// As [`client`], with `tune` applied to its rustls configuration.
+pub fn client_tuned(ca: &Path, tune: impl FnOnce(&mut rustls::ClientConfig)) -> Endpoint {
     let tls = ClientTlsBuilder::new(Trust::CaFile(ca.to_owned()))
         .build()
         .unwrap();
     let mut tls = (*tls).clone();
-    tls.enable_early_data = early_data;
+    tune(&mut tls);
     let mut ep = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(Arc::new(tls)).unwrap(),

@@ -60,4 +60,4 @@ pub use forecast::{
 pub use frame::data::BatchError;
 pub use frame::{Frame, FrameBody, FrameDecoder, FrameType};
 pub use proof::{attach_proof, verify_attach_proof};
-pub use version::{ALPN, PROTOCOL_VERSION, SUPPORTED_VERSIONS, negotiate};
+pub use version::{ALPN, ALPN_GROUP_HINT, PROTOCOL_VERSION, SUPPORTED_VERSIONS, negotiate};

@@ -8,6 +8,12 @@
 
 /// The ALPN protocol id for hub and shard connections.
 pub const ALPN: &[u8] = b"sibyl/1";
+/// `sibyl/1` plus the group hint: a client that lists this ALPN before [`ALPN`] on its hub
+/// connection asks the hub to send a `GroupHint` in 0.5-RTT on its first uni stream (so
+/// the client can start its shard handshake while `Hello` is on its way). The framing is
+/// `sibyl/1`'s; a hub that does not know it selects `sibyl/1` and sends no hint. Shards
+/// speak [`ALPN`] only.
+pub const ALPN_GROUP_HINT: &[u8] = b"sibyl/1+hint";
 /// The protocol version this crate implements.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The versions this crate speaks.

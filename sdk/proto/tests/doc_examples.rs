@@ -52,6 +52,17 @@ fn examples() -> Vec<(&'static str, Frame)> {
             .into(),
         ),
         (
+            "group_hint",
+            GroupHint {
+                shard_group: 7,
+                endpoints: vec![Endpoint {
+                    addr: "127.0.0.1:4434".into(),
+                    server_name: "shard-a".into(),
+                }],
+            }
+            .into(),
+        ),
+        (
             "refused",
             Refused {
                 code: ErrorCode::UnsupportedVersion,

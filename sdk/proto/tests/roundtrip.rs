@@ -75,6 +75,17 @@ fn control() -> impl Strategy<Value = Frame> {
                 })
             },
         );
+    let hint = (any::<u32>(), proptest::collection::vec((s(), s()), 1..4)).prop_map(
+        |(shard_group, eps)| {
+            Frame::from(GroupHint {
+                shard_group,
+                endpoints: eps
+                    .into_iter()
+                    .map(|(addr, server_name)| Endpoint { addr, server_name })
+                    .collect(),
+            })
+        },
+    );
     let refused = (
         code(),
         s(),
@@ -261,7 +272,7 @@ fn control() -> impl Strategy<Value = Frame> {
             })
         }),
     ];
-    prop_oneof![hello, ticket, refused, publish, session, sub]
+    prop_oneof![hello, ticket, hint, refused, publish, session, sub]
 }
 
 fn batches() -> impl Strategy<Value = Frame> {

@@ -17,11 +17,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use quinn::crypto::rustls::QuicServerConfig;
 use sibyl_certs::{InitOptions, ServerTlsBuilder, init_dir};
 use sibyl_proto::frame::{
-    Attach, AttachProof, Attached, EarlyAttach, Endpoint, GoAway, Hello, Refused, SessionLimits,
-    Ticket,
+    Attach, AttachProof, Attached, EarlyAttach, Endpoint, GoAway, GroupHint, Hello, Refused,
+    SessionLimits, Ticket,
 };
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL};
-use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder, verify_attach_proof};
+use sibyl_proto::{
+    ALPN, ALPN_GROUP_HINT, Codec, ErrorCode, Frame, FrameDecoder, verify_attach_proof,
+};
 
 /// Safety net against hangs in awaits of the tests; never a timing assertion.
 pub const HANG_GUARD: Duration = Duration::from_secs(30);
@@ -142,6 +144,8 @@ pub struct FakeHub {
     pub publish: data::PublishSide,
     hellos: Arc<Mutex<Vec<Hello>>>,
     tickets: Arc<Mutex<Vec<Ticket>>>,
+    /// See [`FakeHub::answered_blind`].
+    blind: Arc<AtomicU64>,
     endpoint: quinn::Endpoint,
 }
 
@@ -160,7 +164,55 @@ impl FakeHub {
         replies: Vec<HubReply>,
         log: FakeLog,
     ) -> Self {
-        let endpoint = server_endpoint(pki.server.clone(), LOOPBACK_ANY);
+        Self::start_inner(pki, keys, endpoints, replies, log, None)
+    }
+
+    /// A hub that speaks ALPN `sibyl/1+hint`: it sends a `GroupHint` for `endpoints` in
+    /// 0.5-RTT, and answers `Hello` only once `shard` has seen a connection (or after
+    /// [`HANG_GUARD`], noted in [`answered_blind`](Self::answered_blind)), so a client that
+    /// does not start its shard handshake from the hint is found out.
+    pub fn start_hinting(
+        pki: &Pki,
+        keys: &Keys,
+        endpoints: Vec<Endpoint>,
+        replies: Vec<HubReply>,
+        shard: &FakeShard,
+    ) -> Self {
+        let seen = shard.connections.clone();
+        Self::start_inner(
+            pki,
+            keys,
+            endpoints,
+            replies,
+            FakeLog::default(),
+            Some(seen),
+        )
+    }
+
+    /// Hello answers given before the hinted shard saw any connection.
+    pub fn answered_blind(&self) -> usize {
+        self.blind.load(Ordering::SeqCst) as usize
+    }
+
+    fn start_inner(
+        pki: &Pki,
+        keys: &Keys,
+        endpoints: Vec<Endpoint>,
+        replies: Vec<HubReply>,
+        log: FakeLog,
+        hint_for: Option<Arc<AtomicU64>>,
+    ) -> Self {
+        let tls = match hint_for {
+            Some(_) => {
+                let mut tls = (*pki.server).clone();
+                tls.alpn_protocols = vec![ALPN_GROUP_HINT.to_vec(), ALPN.to_vec()];
+                Arc::new(tls)
+            }
+            None => pki.server.clone(),
+        };
+        let endpoint = server_endpoint(tls, LOOPBACK_ANY);
+        let blind = Arc::new(AtomicU64::new(0));
+        let blind_count = blind.clone();
         let addr = endpoint.local_addr().unwrap();
         let hellos = Arc::new(Mutex::new(Vec::new()));
         let tickets = Arc::new(Mutex::new(Vec::new()));
@@ -174,7 +226,30 @@ impl FakeHub {
         let (plog, pside) = (log.clone(), publish.clone());
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let Ok(conn) = incoming.await else { continue };
+                let conn = match &hint_for {
+                    None => match incoming.await {
+                        Ok(c) => c,
+                        Err(_) => continue,
+                    },
+                    Some(_) => {
+                        let Ok(connecting) = incoming.accept() else {
+                            continue;
+                        };
+                        let Ok((conn, done)) = connecting.into_0rtt() else {
+                            continue;
+                        };
+                        let hint = GroupHint {
+                            shard_group: Self::GROUP,
+                            endpoints: endpoints.clone(),
+                        };
+                        if let Ok(mut uni) = conn.open_uni().await {
+                            write_frame(&mut uni, hint).await;
+                            let _ = uni.finish();
+                        }
+                        done.await;
+                        conn
+                    }
+                };
                 let Ok((mut send, mut recv)) = conn.accept_bi().await else {
                     continue;
                 };
@@ -184,6 +259,16 @@ impl FakeHub {
                     conn.close(ErrorCode::ProtocolViolation.to_u32().into(), b"want Hello");
                     continue;
                 };
+                if let Some(seen) = &hint_for {
+                    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+                    while seen.load(Ordering::SeqCst) == 0 {
+                        if tokio::time::Instant::now() >= deadline {
+                            blind_count.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
                 let n = {
                     let mut h = h.lock().unwrap();
                     h.push(hello);
@@ -217,6 +302,7 @@ impl FakeHub {
             publish,
             hellos,
             tickets,
+            blind,
             endpoint,
         }
     }
@@ -287,6 +373,8 @@ pub struct FakeShard {
     pub data: ShardData,
     attaches: Arc<Mutex<Vec<SeenAttach>>>,
     sessions: Sessions,
+    /// Connections this shard accepted (counted when the client's first flight arrives).
+    connections: Arc<AtomicU64>,
     endpoint: quinn::Endpoint,
 }
 
@@ -320,6 +408,8 @@ impl FakeShard {
         let addr = endpoint.local_addr().unwrap();
         let attaches = Arc::new(Mutex::new(Vec::new()));
         let sessions = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
         let (ep, seen, live, keys) = (
             endpoint.clone(),
             attaches.clone(),
@@ -329,6 +419,7 @@ impl FakeShard {
         let d = data.clone();
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
                 let (seen, live, keys) = (seen.clone(), live.clone(), keys.clone());
                 let (log, d) = (log.clone(), d.clone());
                 tokio::spawn(async move {
@@ -411,6 +502,7 @@ impl FakeShard {
             data,
             attaches,
             sessions,
+            connections,
             endpoint,
         }
     }

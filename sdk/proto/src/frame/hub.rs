@@ -78,6 +78,19 @@ pub struct Ticket {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// `GroupHint` (`0x04`): the shard group the hub will most likely issue a ticket for, sent
+/// by the hub in 0.5-RTT on its first uni stream when the client offered the ALPN
+/// [`ALPN_GROUP_HINT`](crate::version::ALPN_GROUP_HINT). Not a permission: the client may
+/// start handshakes with these endpoints while `Hello` is on its way, and attaches only
+/// with the `Ticket`'s token (whose group may differ if the hint's group lost its shards).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupHint {
+    /// The group the hub chose for this connection.
+    pub shard_group: u32,
+    /// Its ready shards in priority order, as a `Ticket` would list them; never empty.
+    pub endpoints: Vec<Endpoint>,
+}
+
 /// `Refused` (`0x03`): the hub will not issue a ticket (or failed a request).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refused {
@@ -113,5 +126,14 @@ impl Validate for Ticket {
     }
 }
 impl Validate for Refused {}
+impl Validate for GroupHint {
+    fn validate(&self) -> Result<(), &'static str> {
+        if self.endpoints.is_empty() {
+            Err("endpoints must not be empty")
+        } else {
+            Ok(())
+        }
+    }
+}
 
-cbor_frame!(Hello, Ticket, Refused);
+cbor_frame!(Hello, Ticket, Refused, GroupHint);

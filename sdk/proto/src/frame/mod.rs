@@ -17,7 +17,7 @@ pub mod session;
 pub mod subscription;
 
 pub use data::{PartitionOpen, Record, RecordIter, RecordRef, Records};
-pub use hub::{Action, Endpoint, Hello, Profile, Refused, Ticket, Want};
+pub use hub::{Action, Endpoint, GroupHint, Hello, Profile, Refused, Ticket, Want};
 pub use publish::{
     NewRecord, NewRecordIter, NewRecordRef, Produce, ProduceAck, ProduceError, PublishAccepted,
     PublishOpen,
@@ -123,6 +123,8 @@ frames! {
     Ticket = 0x02, control = true;
     /// `0x03` hub→client, hub stream: no ticket.
     Refused = 0x03, control = true;
+    /// `0x04` hub→client, the hub's first uni stream (0.5-RTT): the likely shard group.
+    GroupHint = 0x04, control = true;
     /// `0x10` client→hub, publish stream: open a publisher on a stream.
     PublishOpen = 0x10, control = true;
     /// `0x11` hub→client, publish stream: the publisher is open.
