@@ -255,6 +255,11 @@ impl Driver {
         match event {
             Event::Hub(result) => {
                 self.hub_task = None;
+                if !matches!(result, Ok((_, HubAnswer::Ticket(_)))) {
+                    // No ticket: hinted handshakes have nothing to attach with; the next
+                    // hub round hints afresh.
+                    self.preconnected.clear();
+                }
                 match result {
                     Ok((conn, HubAnswer::Ticket(ticket))) => {
                         tracing::debug!(
