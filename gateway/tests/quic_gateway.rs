@@ -316,8 +316,19 @@ fn sigterm_on_a_shard_sends_goaway_and_the_hub_replaces_it() {
         let mut b = attach(&ep, addr, &t, None).await;
         assert!(matches!(a.first, Some(Frame::Attached(_))));
         assert!(matches!(b.first, Some(Frame::Attached(_))));
+        // A connection that never attached (a handshake started from a group hint, say).
+        let idle = connect(&ep, addr).await;
 
         kill(Pid::from_raw(victim.pid), Signal::SIGTERM).unwrap();
+        // It is closed with DRAINING at once, by its own close (not by the endpoint's at the
+        // drain deadline, which gives the reason "shard draining").
+        match idle.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, ErrorCode::Draining.to_u32().into());
+                assert_eq!(&c.reason[..], b"shard draining (not attached)");
+            }
+            other => panic!("expected an application close, got {other}"),
+        }
         for s in [&mut a, &mut b] {
             let Some(Frame::GoAway(g)) = recv_frame(&mut s.recv).await else {
                 panic!("expected GoAway")

@@ -296,8 +296,21 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         quic::close(&conn, ErrorCode::Draining, "shard draining");
         return;
     }
-    // One budget for the whole attach, however many steps it takes.
-    let attach = tokio::time::timeout(within, attach(&shared, &conn, handshake.clone())).await;
+    // One budget for the whole attach, however many steps it takes. A drain that starts
+    // before the attach completes closes the connection at once: it has no session to move
+    // (e.g. a client that started its handshake from a hub's `GroupHint` and went away).
+    let mut drain = shared.drain.subscribe();
+    let attach = tokio::select! {
+        r = tokio::time::timeout(within, attach(&shared, &conn, handshake.clone())) => r,
+        () = async {
+            // The guard `wait_for` returns is not `Send`: dropped here, not held.
+            let _ = drain.wait_for(|d| *d).await.map(|_| ());
+        } => {
+            handshake_done(handshake).await;
+            quic::close(&conn, ErrorCode::Draining, DRAINING_UNATTACHED);
+            return;
+        }
+    };
     if attach.as_ref().is_ok_and(Result::is_err) {
         handshake_done(handshake).await;
     }
@@ -315,6 +328,9 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
     let _attached = AttachedGuard::new(&shared.stats);
     session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
 }
+
+/// Close reason of a connection a drain found not attached yet.
+pub const DRAINING_UNATTACHED: &str = "shard draining (not attached)";
 
 /// Resolves when the connection's handshake completes (several waiters).
 type Handshake = futures::future::Shared<quinn::ZeroRttAccepted>;
