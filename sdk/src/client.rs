@@ -208,15 +208,11 @@ impl Inner {
         let p = &self.hub_params;
         let exchange = async {
             let addr = p.addr.resolve().await?;
-            hub::exchange(
-                &self.endpoint,
-                p.quic.clone(),
-                addr,
-                &p.server_name,
-                p.hello.clone(),
-                None,
-            )
-            .await
+            let connecting = self
+                .endpoint
+                .connect_with(p.quic.clone(), addr, &p.server_name)
+                .map_err(ConnectError::from_connect)?;
+            hub::exchange(connecting, p.hello.clone(), None).await
         };
         let (conn, answer) = tokio::time::timeout(p.timeout, exchange)
             .await

@@ -208,10 +208,24 @@ impl Driver {
         let hello = self.hello.clone();
         let timeout = self.attach_timeout;
         let hints = self.hints.0.clone();
+        // A literal address: the handshake starts here, not when the task first runs (an
+        // error is left for the task to meet and report).
+        let started = match &self.hub_addr {
+            HubAddress::Socket(a) => endpoint.connect_with(quic.clone(), *a, &name).ok(),
+            HubAddress::HostPort(_) => None,
+        };
         let task = async move {
             let exchange = async {
-                let addr = addr.resolve().await?;
-                hub::exchange(&endpoint, quic, addr, &name, hello, Some(hints)).await
+                let connecting = match started {
+                    Some(c) => c,
+                    None => {
+                        let addr = addr.resolve().await?;
+                        endpoint
+                            .connect_with(quic, addr, &name)
+                            .map_err(ConnectError::from_connect)?
+                    }
+                };
+                hub::exchange(connecting, hello, Some(hints)).await
             };
             Event::Hub(
                 tokio::time::timeout(timeout, exchange)

@@ -1,7 +1,5 @@
 //! The hub exchange: one QUIC connection, the first bidi stream, `Hello` → `Ticket` | `Refused`.
 
-use std::net::SocketAddr;
-
 use sibyl_proto::frame::{GroupHint, Hello, Refused, Ticket};
 use sibyl_proto::{ALPN_GROUP_HINT, Frame};
 use tokio::sync::mpsc;
@@ -16,23 +14,17 @@ pub(crate) enum HubAnswer {
     Refused(Refused),
 }
 
-/// Connects to the hub, sends `hello` on the hub stream and reads the one answer. On success
+/// Completes the hub handshake `connecting`, sends `hello` on the hub stream and reads the
+/// one answer. On success
 /// the connection is returned open (it carries publish streams later). When the hub selected
 /// ALPN `sibyl/1+hint`, its `GroupHint` goes to `hints` as soon as it is read (it came with
 /// the handshake), while the `Ticket` is still on its way.
 pub(crate) async fn exchange(
-    endpoint: &quinn::Endpoint,
-    quic: quinn::ClientConfig,
-    addr: SocketAddr,
-    server_name: &str,
+    connecting: quinn::Connecting,
     hello: Hello,
     hints: Option<mpsc::UnboundedSender<GroupHint>>,
 ) -> Result<(quinn::Connection, HubAnswer), ConnectError> {
-    let conn = endpoint
-        .connect_with(quic, addr, server_name)
-        .map_err(ConnectError::from_connect)?
-        .await
-        .map_err(ConnectError::from_connection)?;
+    let conn = connecting.await.map_err(ConnectError::from_connection)?;
     let hints = hints.filter(|_| selected_alpn(&conn).as_deref() == Some(ALPN_GROUP_HINT));
     let answer = async {
         match hints {
