@@ -130,6 +130,8 @@ impl Driver {
             }
             let timer = self.machine.poll_timeout();
             tokio::select! {
+                // A hint is read before the same hub task's answer is handled.
+                biased;
                 Some(hint) = self.hints.1.recv() => self.preconnect(&hint),
                 Some(joined) = self.tasks.join_next() => {
                     // Aborted tasks (abandoned attempts) yield a cancelled JoinError.
