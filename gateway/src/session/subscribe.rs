@@ -719,6 +719,24 @@ struct Window {
     priority: i32,
 }
 
+/// The starvation boost after a pump's re-check: doubled (≤ [`MAX_BOOST`]) when the last
+/// check held back (`held`) and a `Position` has since shown the client consumed at least half
+/// of the window (`base × boost` records), leaving `inflight` ≤ half of it; unchanged
+/// otherwise. The window, not the client, then limits delivery (the forecast lags a rate
+/// increase, or a client catching up on a backlog has no forecast yet). Half rather than all:
+/// a client draining as fast as the shard sends never reports an empty window, since the
+/// records on the wire when it sends its `Position` are still in flight — waiting for
+/// exactly zero made a catching-up reader crawl at the warm-up window, one round trip per
+/// window.
+fn grown_boost(boost: u64, held: bool, inflight: u64, base: u64) -> u64 {
+    let window = base.saturating_mul(boost);
+    if held && inflight.saturating_mul(2) <= window {
+        boost.saturating_mul(2).clamp(1, MAX_BOOST)
+    } else {
+        boost
+    }
+}
+
 /// How long a pump waits before retrying after the store link failed.
 const RETRY: Duration = Duration::from_millis(50);
 
@@ -790,10 +808,6 @@ impl Pump {
             w.boost = (w.boost / 2).max(1);
         }
         let inflight = self.next.saturating_sub(acked);
-        if inflight == 0 && w.held {
-            // The client consumed everything while this pump held back: the forecast lags.
-            w.boost = (w.boost * 2).min(MAX_BOOST);
-        }
         let (depth, warm, priority) = {
             let p = lock(&self.dp.planner);
             (
@@ -812,6 +826,7 @@ impl Pump {
         } else {
             depth.saturating_mul(HEADROOM)
         };
+        w.boost = grown_boost(w.boost, w.held, inflight, base);
         let records = base
             .saturating_mul(w.boost)
             .saturating_sub(inflight)
@@ -949,5 +964,29 @@ impl Pump {
             }
             self.next = batch.next_offset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_BOOST, grown_boost};
+
+    #[test]
+    fn the_boost_doubles_once_a_held_window_is_half_consumed() {
+        // A 32-record window (warm-up, boost 1), held back at 32 in flight.
+        assert_eq!(grown_boost(1, true, 32, 32), 1, "nothing consumed yet");
+        assert_eq!(grown_boost(1, true, 17, 32), 1, "less than half consumed");
+        assert_eq!(grown_boost(1, true, 16, 32), 2, "half consumed");
+        assert_eq!(grown_boost(1, true, 0, 32), 2, "everything consumed");
+        // Records still on the wire when the client reported: grows all the same.
+        assert_eq!(grown_boost(4, true, 40, 32), 8);
+    }
+
+    #[test]
+    fn the_boost_stays_unless_the_pump_held_back_and_is_capped() {
+        assert_eq!(grown_boost(2, false, 0, 32), 2, "not held: the client is not waiting");
+        assert_eq!(grown_boost(MAX_BOOST, true, 0, 32), MAX_BOOST);
+        assert_eq!(grown_boost(MAX_BOOST / 2 + 1, true, 0, 32), MAX_BOOST);
+        assert_eq!(grown_boost(1, true, 0, u64::MAX), 2, "no overflow");
     }
 }
