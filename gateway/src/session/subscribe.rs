@@ -92,6 +92,9 @@ const MAX_BOOST: u64 = 64;
 const POSITION_LAG: Duration = Duration::from_millis(50);
 /// Client buffer assumed until the first `Forecast` advertises one: the SDK's smallest.
 const DEFAULT_CLIENT_BUFFER: u64 = 64 * 1024;
+/// A client counts as starved (its pump's boost doubles) when it confirmed every record sent
+/// more than the RTT plus this ago; see [`grown_boost`].
+const STARVED_MARGIN: Duration = Duration::from_millis(20);
 /// A pump holding back re-checks the planner at least this often.
 const RECHECK: Duration = Duration::from_millis(100);
 
@@ -706,7 +709,7 @@ struct Pump {
 /// A pump's pre-fetch window (predictive mode).
 struct Window {
     /// Batches sent and not yet covered by a `Position`: (offset after the batch, bytes).
-    sent: VecDeque<(u64, u64)>,
+    sent: VecDeque<(u64, u64, Instant)>,
     /// Sum of `sent` bytes.
     bytes: u64,
     /// Starvation multiplier of the depth (1 ..= `MAX_BOOST`).
@@ -720,17 +723,23 @@ struct Window {
 }
 
 /// The starvation boost after a pump's re-check: doubled (≤ [`MAX_BOOST`]) when the last
-/// check held back (`held`) and a `Position` has since shown the client consumed at least half
-/// of the window (`base × boost` records), leaving `inflight` ≤ half of it; unchanged
-/// otherwise. The window, not the client, then limits delivery (the forecast lags a rate
-/// increase, or a client catching up on a backlog has no forecast yet). Half rather than all:
-/// a client draining as fast as the shard sends never reports an empty window, since the
-/// records on the wire when it sends its `Position` are still in flight — waiting for
-/// exactly zero made a catching-up reader crawl at the warm-up window, one round trip per
-/// window.
-fn grown_boost(boost: u64, held: bool, inflight: u64, base: u64) -> u64 {
-    let window = base.saturating_mul(boost);
-    if held && inflight.saturating_mul(2) <= window {
+/// check held back (`held`) and the client has since confirmed (by `Position`) every record
+/// sent more than `starved_after` ago (`oldest_unacked`: the age of the oldest batch it has
+/// not confirmed, `None` when it confirmed everything); unchanged otherwise. Such a client
+/// consumes what arrives as soon as it arrives: the window, not the client, limits delivery
+/// (the forecast lags a rate increase, or a reader catching up on a backlog has no forecast
+/// yet). A client reading at the forecast rate keeps about a lead time of records unconsumed,
+/// so its oldest unconfirmed batch is older than that and the window stays. Waiting for the
+/// client to confirm *everything* (the rule before) missed a reader catching up: the records on
+/// the wire when it sends its `Position` are never confirmed by it, so a backlog drained at the
+/// 32-record warm-up window.
+fn grown_boost(
+    boost: u64,
+    held: bool,
+    oldest_unacked: Option<Duration>,
+    starved_after: Duration,
+) -> u64 {
+    if held && oldest_unacked.is_none_or(|age| age < starved_after) {
         boost.saturating_mul(2).clamp(1, MAX_BOOST)
     } else {
         boost
@@ -776,7 +785,7 @@ impl Pump {
     /// Predictive: forgets in-flight batches the client's `Position` covers.
     fn settle(&self, pf: &SubPrefetch, w: &mut Window) -> u64 {
         let acked = self.ctl.acked.load(Ordering::SeqCst);
-        while let Some(&(end, bytes)) = w.sent.front() {
+        while let Some(&(end, bytes, _)) = w.sent.front() {
             if end > acked {
                 break;
             }
@@ -826,7 +835,13 @@ impl Pump {
         } else {
             depth.saturating_mul(HEADROOM)
         };
-        w.boost = grown_boost(w.boost, w.held, inflight, base);
+        let now = Instant::now();
+        w.boost = grown_boost(
+            w.boost,
+            w.held,
+            w.sent.front().map(|&(_, _, at)| now.saturating_duration_since(at)),
+            self.conn.rtt() + STARVED_MARGIN,
+        );
         let records = base
             .saturating_mul(w.boost)
             .saturating_sub(inflight)
@@ -934,7 +949,7 @@ impl Pump {
                     }
                     self.hold().await;
                 }
-                w.sent.push_back((batch.next_offset(), body));
+                w.sent.push_back((batch.next_offset(), body, Instant::now()));
                 w.bytes += body;
                 pf.inflight_bytes.fetch_add(body, Ordering::SeqCst);
                 lock(&self.dp.planner).on_pushed(pf.key, self.partition, count);
@@ -969,24 +984,29 @@ impl Pump {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::{MAX_BOOST, grown_boost};
 
+    const MS: Duration = Duration::from_millis(1);
+
     #[test]
-    fn the_boost_doubles_once_a_held_window_is_half_consumed() {
-        // A 32-record window (warm-up, boost 1), held back at 32 in flight.
-        assert_eq!(grown_boost(1, true, 32, 32), 1, "nothing consumed yet");
-        assert_eq!(grown_boost(1, true, 17, 32), 1, "less than half consumed");
-        assert_eq!(grown_boost(1, true, 16, 32), 2, "half consumed");
-        assert_eq!(grown_boost(1, true, 0, 32), 2, "everything consumed");
-        // Records still on the wire when the client reported: grows all the same.
-        assert_eq!(grown_boost(4, true, 40, 32), 8);
+    fn a_held_pump_doubles_its_boost_when_the_client_confirmed_all_older_records() {
+        let after = 20 * MS;
+        assert_eq!(grown_boost(1, true, None, after), 2, "everything confirmed");
+        // Records on the wire when the client reported (a reader catching up).
+        assert_eq!(grown_boost(4, true, Some(3 * MS), after), 8);
+        // A client reading at the forecast rate keeps older records buffered.
+        assert_eq!(grown_boost(4, true, Some(60 * MS), after), 4);
+        assert_eq!(grown_boost(4, true, Some(after), after), 4);
     }
 
     #[test]
     fn the_boost_stays_unless_the_pump_held_back_and_is_capped() {
-        assert_eq!(grown_boost(2, false, 0, 32), 2, "not held: the client is not waiting");
-        assert_eq!(grown_boost(MAX_BOOST, true, 0, 32), MAX_BOOST);
-        assert_eq!(grown_boost(MAX_BOOST / 2 + 1, true, 0, 32), MAX_BOOST);
-        assert_eq!(grown_boost(1, true, 0, u64::MAX), 2, "no overflow");
+        let after = 20 * MS;
+        assert_eq!(grown_boost(2, false, None, after), 2, "not held back");
+        assert_eq!(grown_boost(2, false, Some(MS), after), 2, "not held back");
+        assert_eq!(grown_boost(MAX_BOOST, true, None, after), MAX_BOOST);
+        assert_eq!(grown_boost(MAX_BOOST / 2 + 1, true, None, after), MAX_BOOST);
     }
 }
