@@ -26,8 +26,10 @@
 //! never lets the bytes in flight of the whole subscription exceed the buffer the client
 //! advertised in its last `Forecast` (64 KiB, the SDK's smallest buffer, until one
 //! arrives): that is the client's free pre-fetch buffer as seen from the shard. `boost`
-//! doubles when the client reports it drained everything while the pump was holding back
-//! (the forecast lags a rate increase) and halves with each new forecast. The partition
+//! doubles when, while the pump was holding back, the client confirms every record sent more
+//! than RTT + 20 ms ago (it consumes records as they arrive: the forecast lags a rate
+//! increase, or a reader catching up on a backlog has no forecast yet) and halves with each
+//! new forecast. The partition
 //! stream's QUIC priority follows the predicted bytes/s. A [`DeviationTracker`] compares
 //! positions with the forecast; a persistent deviation replaces that partition's predicted
 //! load with the measured one until the next forecast.
