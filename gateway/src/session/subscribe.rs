@@ -841,7 +841,9 @@ impl Pump {
         w.boost = grown_boost(
             w.boost,
             w.held,
-            w.sent.front().map(|&(_, _, at)| now.saturating_duration_since(at)),
+            w.sent
+                .front()
+                .map(|&(_, _, at)| now.saturating_duration_since(at)),
             self.conn.rtt() + STARVED_MARGIN,
         );
         let records = base
@@ -951,7 +953,8 @@ impl Pump {
                     }
                     self.hold().await;
                 }
-                w.sent.push_back((batch.next_offset(), body, Instant::now()));
+                w.sent
+                    .push_back((batch.next_offset(), body, Instant::now()));
                 w.bytes += body;
                 pf.inflight_bytes.fetch_add(body, Ordering::SeqCst);
                 lock(&self.dp.planner).on_pushed(pf.key, self.partition, count);
