@@ -26,8 +26,10 @@
 //! never lets the bytes in flight of the whole subscription exceed the buffer the client
 //! advertised in its last `Forecast` (64 KiB, the SDK's smallest buffer, until one
 //! arrives): that is the client's free pre-fetch buffer as seen from the shard. `boost`
-//! doubles when the client reports it drained everything while the pump was holding back
-//! (the forecast lags a rate increase) and halves with each new forecast. The partition
+//! doubles when, while the pump was holding back, the client confirms every record sent more
+//! than RTT + 20 ms ago (it consumes records as they arrive: the forecast lags a rate
+//! increase, or a reader catching up on a backlog has no forecast yet) and halves with each
+//! new forecast. The partition
 //! stream's QUIC priority follows the predicted bytes/s. A [`DeviationTracker`] compares
 //! positions with the forecast; a persistent deviation replaces that partition's predicted
 //! load with the measured one until the next forecast.
@@ -92,6 +94,9 @@ const MAX_BOOST: u64 = 64;
 const POSITION_LAG: Duration = Duration::from_millis(50);
 /// Client buffer assumed until the first `Forecast` advertises one: the SDK's smallest.
 const DEFAULT_CLIENT_BUFFER: u64 = 64 * 1024;
+/// A client counts as starved (its pump's boost doubles) when it confirmed every record sent
+/// more than the RTT plus this ago; see [`grown_boost`].
+const STARVED_MARGIN: Duration = Duration::from_millis(20);
 /// A pump holding back re-checks the planner at least this often.
 const RECHECK: Duration = Duration::from_millis(100);
 
@@ -706,7 +711,7 @@ struct Pump {
 /// A pump's pre-fetch window (predictive mode).
 struct Window {
     /// Batches sent and not yet covered by a `Position`: (offset after the batch, bytes).
-    sent: VecDeque<(u64, u64)>,
+    sent: VecDeque<(u64, u64, Instant)>,
     /// Sum of `sent` bytes.
     bytes: u64,
     /// Starvation multiplier of the depth (1 ..= `MAX_BOOST`).
@@ -717,6 +722,30 @@ struct Window {
     forecasts_seen: u64,
     /// The stream's current QUIC priority.
     priority: i32,
+}
+
+/// The starvation boost after a pump's re-check: doubled (≤ [`MAX_BOOST`]) when the last
+/// check held back (`held`) and the client has since confirmed (by `Position`) every record
+/// sent more than `starved_after` ago (`oldest_unacked`: the age of the oldest batch it has
+/// not confirmed, `None` when it confirmed everything); unchanged otherwise. Such a client
+/// consumes what arrives as soon as it arrives: the window, not the client, limits delivery
+/// (the forecast lags a rate increase, or a reader catching up on a backlog has no forecast
+/// yet). A client reading at the forecast rate keeps about a lead time of records unconsumed,
+/// so its oldest unconfirmed batch is older than that and the window stays. Waiting for the
+/// client to confirm *everything* (the rule before) missed a reader catching up: the records on
+/// the wire when it sends its `Position` are never confirmed by it, so a backlog drained at the
+/// 32-record warm-up window.
+fn grown_boost(
+    boost: u64,
+    held: bool,
+    oldest_unacked: Option<Duration>,
+    starved_after: Duration,
+) -> u64 {
+    if held && oldest_unacked.is_none_or(|age| age < starved_after) {
+        boost.saturating_mul(2).clamp(1, MAX_BOOST)
+    } else {
+        boost
+    }
 }
 
 /// How long a pump waits before retrying after the store link failed.
@@ -758,7 +787,7 @@ impl Pump {
     /// Predictive: forgets in-flight batches the client's `Position` covers.
     fn settle(&self, pf: &SubPrefetch, w: &mut Window) -> u64 {
         let acked = self.ctl.acked.load(Ordering::SeqCst);
-        while let Some(&(end, bytes)) = w.sent.front() {
+        while let Some(&(end, bytes, _)) = w.sent.front() {
             if end > acked {
                 break;
             }
@@ -790,10 +819,6 @@ impl Pump {
             w.boost = (w.boost / 2).max(1);
         }
         let inflight = self.next.saturating_sub(acked);
-        if inflight == 0 && w.held {
-            // The client consumed everything while this pump held back: the forecast lags.
-            w.boost = (w.boost * 2).min(MAX_BOOST);
-        }
         let (depth, warm, priority) = {
             let p = lock(&self.dp.planner);
             (
@@ -812,6 +837,15 @@ impl Pump {
         } else {
             depth.saturating_mul(HEADROOM)
         };
+        let now = Instant::now();
+        w.boost = grown_boost(
+            w.boost,
+            w.held,
+            w.sent
+                .front()
+                .map(|&(_, _, at)| now.saturating_duration_since(at)),
+            self.conn.rtt() + STARVED_MARGIN,
+        );
         let records = base
             .saturating_mul(w.boost)
             .saturating_sub(inflight)
@@ -919,7 +953,8 @@ impl Pump {
                     }
                     self.hold().await;
                 }
-                w.sent.push_back((batch.next_offset(), body));
+                w.sent
+                    .push_back((batch.next_offset(), body, Instant::now()));
                 w.bytes += body;
                 pf.inflight_bytes.fetch_add(body, Ordering::SeqCst);
                 lock(&self.dp.planner).on_pushed(pf.key, self.partition, count);
@@ -949,5 +984,34 @@ impl Pump {
             }
             self.next = batch.next_offset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{MAX_BOOST, grown_boost};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_held_pump_doubles_its_boost_when_the_client_confirmed_all_older_records() {
+        let after = 20 * MS;
+        assert_eq!(grown_boost(1, true, None, after), 2, "everything confirmed");
+        // Records on the wire when the client reported (a reader catching up).
+        assert_eq!(grown_boost(4, true, Some(3 * MS), after), 8);
+        // A client reading at the forecast rate keeps older records buffered.
+        assert_eq!(grown_boost(4, true, Some(60 * MS), after), 4);
+        assert_eq!(grown_boost(4, true, Some(after), after), 4);
+    }
+
+    #[test]
+    fn the_boost_stays_unless_the_pump_held_back_and_is_capped() {
+        let after = 20 * MS;
+        assert_eq!(grown_boost(2, false, None, after), 2, "not held back");
+        assert_eq!(grown_boost(2, false, Some(MS), after), 2, "not held back");
+        assert_eq!(grown_boost(MAX_BOOST, true, None, after), MAX_BOOST);
+        assert_eq!(grown_boost(MAX_BOOST / 2 + 1, true, None, after), MAX_BOOST);
     }
 }
