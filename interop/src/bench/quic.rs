@@ -380,8 +380,7 @@ pub fn serve_baseline(certs_dir: &Path) -> Result<(), BenchError> {
         println!("{}", server.addr());
         // Blocking read of stdin on the blocking pool: returns at its end (parent gone).
         let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+            std::io::copy(&mut std::io::stdin(), &mut std::io::sink())
         })
         .await;
         Ok(())

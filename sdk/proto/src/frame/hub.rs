@@ -116,23 +116,24 @@ impl Validate for Hello {
         }
     }
 }
+/// `Ticket` and `GroupHint` list at least one endpoint.
+fn endpoints_present(endpoints: &[Endpoint]) -> Result<(), &'static str> {
+    if endpoints.is_empty() {
+        Err("endpoints must not be empty")
+    } else {
+        Ok(())
+    }
+}
+
 impl Validate for Ticket {
     fn validate(&self) -> Result<(), &'static str> {
-        if self.endpoints.is_empty() {
-            Err("endpoints must not be empty")
-        } else {
-            Ok(())
-        }
+        endpoints_present(&self.endpoints)
     }
 }
 impl Validate for Refused {}
 impl Validate for GroupHint {
     fn validate(&self) -> Result<(), &'static str> {
-        if self.endpoints.is_empty() {
-            Err("endpoints must not be empty")
-        } else {
-            Ok(())
-        }
+        endpoints_present(&self.endpoints)
     }
 }
 
