@@ -546,6 +546,14 @@ enum Phase {
 }
 
 /// The background task: watches the attached session and re-runs the machine when it ends.
+/// Keeps `conn` open until the next session attaches (it becomes `draining`); a
+/// connection kept so before is closed now.
+fn keep_until_next(draining: &mut Option<quinn::Connection>, conn: &quinn::Connection) {
+    if let Some(older) = draining.replace(conn.clone()) {
+        older.close(ErrorCode::NoError.to_u32().into(), b"moved");
+    }
+}
+
 async fn supervise(
     inner: Arc<Inner>,
     mut driver: Driver,
@@ -564,10 +572,8 @@ async fn supervise(
                     end = s.ended() => {
                         tracing::info!(endpoint = %s.endpoint.addr, ?end, "shard session ended");
                         let code = end.machine_code();
-                        if matches!(end, SessionEnd::GoAway(_))
-                            && let Some(older) = draining.replace(s.conn.clone())
-                        {
-                            older.close(ErrorCode::NoError.to_u32().into(), b"moved");
+                        if matches!(end, SessionEnd::GoAway(_)) {
+                            keep_until_next(&mut draining, &s.conn);
                         }
                         (code, false)
                     }
@@ -577,9 +583,7 @@ async fn supervise(
                             // Make before break: the old connection keeps serving (its
                             // streams, and the shard's view of this client) until the next
                             // session attaches, and its close is off the new attach's path.
-                            if let Some(older) = draining.replace(s.conn.clone()) {
-                                older.close(ErrorCode::NoError.to_u32().into(), b"moved");
-                            }
+                            keep_until_next(&mut draining, &s.conn);
                             (Some(ErrorCode::NoError), true)
                         }
                         Some(Command::Close) | None => break,
