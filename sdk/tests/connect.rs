@@ -20,6 +20,18 @@ fn builder(pki: &Pki, hub: &FakeHub) -> ClientBuilder {
         .want_subscribe("orders")
 }
 
+/// One accepting shard and a hub that tickets it for an hour.
+fn one_shard(pki: &Pki, keys: &Keys) -> (FakeShard, FakeHub) {
+    let shard = FakeShard::start(pki, keys, ShardMode::Accept);
+    let hub = FakeHub::start(
+        pki,
+        keys,
+        vec![shard.endpoint()],
+        vec![HubReply::Ticket { ttl_s: 3600 }],
+    );
+    (shard, hub)
+}
+
 async fn connect(b: ClientBuilder) -> Result<Client, ConnectError> {
     tokio::time::timeout(HANG_GUARD, b.connect())
         .await
@@ -78,13 +90,7 @@ async fn happy_path_attaches_with_a_valid_proof() {
 #[tokio::test]
 async fn pinned_fingerprint_trust_connects() {
     let (pki, keys) = (pki(), Keys::default());
-    let shard = FakeShard::start(&pki, &keys, ShardMode::Accept);
-    let hub = FakeHub::start(
-        &pki,
-        &keys,
-        vec![shard.endpoint()],
-        vec![HubReply::Ticket { ttl_s: 3600 }],
-    );
+    let (shard, hub) = one_shard(&pki, &keys);
     let b = builder(&pki, &hub).trust(Trust::PinnedSha256(pki.server_fingerprint));
     let client = connect(b).await.unwrap();
     assert_eq!(client.shard_endpoint(), Some(shard.endpoint()));
@@ -314,13 +320,7 @@ async fn group_hint_starts_the_shard_handshake_before_the_ticket() {
 #[tokio::test]
 async fn explicit_reconnect_reuses_the_ticket() {
     let (pki, keys) = (pki(), Keys::default());
-    let shard = FakeShard::start(&pki, &keys, ShardMode::Accept);
-    let hub = FakeHub::start(
-        &pki,
-        &keys,
-        vec![shard.endpoint()],
-        vec![HubReply::Ticket { ttl_s: 3600 }],
-    );
+    let (shard, hub) = one_shard(&pki, &keys);
     let client = connect(builder(&pki, &hub)).await.unwrap();
     let first = client.session_id().unwrap();
     let again = tokio::time::timeout(HANG_GUARD, client.reconnect())
@@ -450,13 +450,7 @@ async fn reconnect_after_the_cached_ticket_aged_goes_back_to_the_hub() {
 #[tokio::test]
 async fn reconnect_attaches_in_0rtt_and_falls_back_when_the_shard_restarted() {
     let (pki, keys) = (pki(), Keys::default());
-    let shard = FakeShard::start(&pki, &keys, ShardMode::Accept);
-    let hub = FakeHub::start(
-        &pki,
-        &keys,
-        vec![shard.endpoint()],
-        vec![HubReply::Ticket { ttl_s: 3600 }],
-    );
+    let (shard, hub) = one_shard(&pki, &keys);
     let client = connect(builder(&pki, &hub)).await.unwrap();
     assert!(
         !client.session().unwrap().zero_rtt,
