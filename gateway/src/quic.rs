@@ -59,6 +59,25 @@ pub enum Role {
     Shard,
 }
 
+/// Runs a new connection's task: polled once here, in the accept loop's task, then spawned
+/// into `tasks` unless that first poll finished it.
+///
+/// `Incoming::accept` has processed the client's first datagram and queued the connection's
+/// driver task, which sends the server's first flight when it runs. Whatever the first poll
+/// writes (a shard's `Attached` answering 0-RTT `EarlyAttach`, a hub's `GroupHint`) is thus
+/// already buffered when that flight is built and goes out coalesced with it, instead of a
+/// scheduling round (or, with the client busy on the flight, a client round trip) later.
+/// The spawned task polls the future again, so its wakers are its own from then on.
+pub async fn spawn_after_first_poll<F>(tasks: &mut tokio::task::JoinSet<()>, connection: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut connection = Box::pin(connection);
+    if futures::poll!(connection.as_mut()).is_pending() {
+        tasks.spawn(connection);
+    }
+}
+
 /// The quinn transport configuration for client connections of `role` under `c`.
 ///
 /// Windows as in the benchmark baseline; `max_concurrent_bidi_streams` =

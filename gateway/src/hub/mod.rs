@@ -340,10 +340,12 @@ async fn accept_loop(endpoint: Endpoint, hub: Arc<Hub>, conn: ConnSettings) {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 // Accepted here, not in the connection's task: the handshake's first flight
-                // goes out without waiting for that task to be scheduled.
+                // goes out without waiting for that task to be scheduled, with the
+                // `GroupHint` in it (`spawn_after_first_poll`).
                 Some(incoming) => match incoming.accept() {
                     Ok(connecting) => {
-                        tasks.spawn(serve_connection(hub.clone(), connecting, conn));
+                        let serve = serve_connection(hub.clone(), connecting, conn);
+                        quic::spawn_after_first_poll(&mut tasks, serve).await;
                     }
                     Err(e) => debug!("hub handshake failed: {e}"),
                 },

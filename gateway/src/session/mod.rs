@@ -239,16 +239,8 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
                 Some(incoming) => match incoming.accept() {
                     Ok(connecting) => {
                         let guard = LiveGuard::new(&shared);
-                        // First poll here, before this connection's driver task (queued by
-                        // `accept`) sends the handshake's first flight: an `EarlyAttach` that
-                        // came as 0-RTT data in the client's first datagram is then answered
-                        // in that same flight, not one scheduling round (or, on a busy
-                        // machine, one client round trip) later. The spawned task re-polls
-                        // it, so every waker is its own from then on.
-                        let mut serve = Box::pin(serve(shared.clone(), connecting, guard));
-                        if futures::poll!(serve.as_mut()).is_pending() {
-                            tasks.spawn(serve);
-                        }
+                        let serve = serve(shared.clone(), connecting, guard);
+                        quic::spawn_after_first_poll(&mut tasks, serve).await;
                     }
                     Err(e) => debug!("shard handshake failed: {e}"),
                 },
