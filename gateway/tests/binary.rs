@@ -148,20 +148,33 @@ fn hub_starts_shards_restarts_a_killed_one_and_drains_on_sigterm() {
     let data = tmp.path().join("data");
     let mut hub = Hub::start(&data, &[]);
 
-    let fingerprint = hub.until(|l| l.contains("CA fingerprint:").then(|| l.to_owned()));
-    assert!(fingerprint.contains("SHA256 "), "{fingerprint}");
-    let dev_key = hub.until(|l| {
-        l.trim()
-            .strip_prefix("dev API key:")
-            .map(|k| k.trim().to_owned())
-    });
-    assert!(dev_key.starts_with("sk_"));
-
-    // Default: 2 groups × 2 shards, each reports ready.
-    let mut ready = Vec::new();
-    while ready.len() < 4 {
-        ready.push(hub.until(parse_ready));
+    // Default: 2 groups × 2 shards, each reports ready. The banner (stdout) and the
+    // `shard ready` lines (stderr) come through two reader threads in any order, so every
+    // line is tried against every piece.
+    enum Piece {
+        Fingerprint(String),
+        DevKey(String),
+        Ready(Ready),
     }
+    let (mut fingerprint, mut dev_key, mut ready) = (None, None, Vec::new());
+    while fingerprint.is_none() || dev_key.is_none() || ready.len() < 4 {
+        match hub.until(|l| {
+            if l.contains("CA fingerprint:") {
+                return Some(Piece::Fingerprint(l.to_owned()));
+            }
+            if let Some(k) = l.trim().strip_prefix("dev API key:") {
+                return Some(Piece::DevKey(k.trim().to_owned()));
+            }
+            parse_ready(l).map(Piece::Ready)
+        }) {
+            Piece::Fingerprint(f) => fingerprint = Some(f),
+            Piece::DevKey(k) => dev_key = Some(k),
+            Piece::Ready(r) => ready.push(r),
+        }
+    }
+    let (fingerprint, dev_key) = (fingerprint.unwrap(), dev_key.unwrap());
+    assert!(fingerprint.contains("SHA256 "), "{fingerprint}");
+    assert!(dev_key.starts_with("sk_"));
     let mut slots: Vec<(u32, u32)> = ready.iter().map(|r| (r.group, r.shard)).collect();
     slots.sort();
     assert_eq!(slots, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);

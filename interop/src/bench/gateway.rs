@@ -125,6 +125,13 @@ pub struct GatewayProcess {
     dir: tempfile::TempDir,
 }
 
+/// A start-up line [`GatewayProcess::start`] waits for.
+enum StartupPiece {
+    Hub(SocketAddr),
+    DevKey(String),
+    Ready(ShardReady),
+}
+
 impl GatewayProcess {
     /// Starts the gateway with `config_toml` (TOML; empty for the defaults) on
     /// `--listen 127.0.0.1:0` and a fresh data dir, serving `certs` (copied into
@@ -195,16 +202,34 @@ impl GatewayProcess {
             dir,
         };
         let deadline = Instant::now() + STARTUP_PATIENCE;
-        gw.hub = gw.until(deadline, "the hub address", |l| {
-            l.trim().strip_prefix("hub address:")?.trim().parse().ok()
-        })?;
-        gw.dev_key = gw.until(deadline, "the dev API key", |l| {
-            Some(l.trim().strip_prefix("dev API key:")?.trim().to_owned())
-        })?;
-        while gw.shards.len() < shards {
-            let r = gw.until(deadline, "every shard ready", parse_ready)?;
-            gw.shards.push(r);
+        // One pass over the output, each line tried against every piece: the banner is on
+        // stdout and `shard ready` on stderr, read by two threads, so a shard's line can come
+        // between two banner lines (waiting for the pieces one after the other lost it).
+        let (mut hub, mut dev_key) = (None, None);
+        while hub.is_none() || dev_key.is_none() || gw.shards.len() < shards {
+            let what = match (&hub, &dev_key) {
+                (None, _) => "the hub address",
+                (_, None) => "the dev API key",
+                _ => "every shard ready",
+            };
+            let piece = gw.until(deadline, what, |l| {
+                let t = l.trim();
+                if let Some(a) = t.strip_prefix("hub address:") {
+                    return a.trim().parse().ok().map(StartupPiece::Hub);
+                }
+                if let Some(k) = t.strip_prefix("dev API key:") {
+                    return Some(StartupPiece::DevKey(k.trim().to_owned()));
+                }
+                parse_ready(l).map(StartupPiece::Ready)
+            })?;
+            match piece {
+                StartupPiece::Hub(a) => hub = Some(a),
+                StartupPiece::DevKey(k) => dev_key = Some(k),
+                StartupPiece::Ready(r) => gw.shards.push(r),
+            }
         }
+        gw.hub = hub.unwrap_or(gw.hub);
+        gw.dev_key = dev_key.unwrap_or_default();
         Ok(gw)
     }
 
