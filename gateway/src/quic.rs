@@ -68,13 +68,19 @@ pub enum Role {
 /// already buffered when that flight is built and goes out coalesced with it, instead of a
 /// scheduling round (or, with the client busy on the flight, a client round trip) later.
 /// The spawned task polls the future again, so its wakers are its own from then on.
+///
+/// A panic in the connection's code ends that connection only, in the first poll as in the
+/// spawned task (the accept loop goes on; the panic hook has printed the message).
 pub async fn spawn_after_first_poll<F>(tasks: &mut tokio::task::JoinSet<()>, connection: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut connection = Box::pin(connection);
+    use futures::FutureExt;
+    let mut connection = Box::pin(std::panic::AssertUnwindSafe(connection).catch_unwind());
     if futures::poll!(connection.as_mut()).is_pending() {
-        tasks.spawn(connection);
+        tasks.spawn(async move {
+            let _ = connection.await;
+        });
     }
 }
 
@@ -250,6 +256,45 @@ pub async fn finish_and_flush(send: &mut SendStream, within: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn first_poll_runs_in_place_and_only_unfinished_connections_are_spawned() {
+        let mut tasks = tokio::task::JoinSet::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Finishes in the first poll: runs before the call returns, nothing is spawned.
+        let done = tx.clone();
+        spawn_after_first_poll(&mut tasks, async move { done.send("ready").unwrap() }).await;
+        assert_eq!(rx.try_recv(), Ok("ready"));
+        assert!(tasks.is_empty());
+        // Waits after its first step: that step ran in place, the rest in the spawned task.
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        spawn_after_first_poll(&mut tasks, async move {
+            tx.send("first step").unwrap();
+            wait.await.unwrap();
+            tx.send("finished").unwrap();
+        })
+        .await;
+        assert_eq!(rx.try_recv(), Ok("first step"));
+        assert_eq!(tasks.len(), 1);
+        go.send(()).unwrap();
+        tasks.join_next().await.unwrap().unwrap();
+        assert_eq!(rx.try_recv(), Ok("finished"));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_connection_ends_alone() {
+        let mut tasks = tokio::task::JoinSet::new();
+        // In the first poll: caught here, the caller goes on.
+        spawn_after_first_poll(&mut tasks, async { panic!("first poll") }).await;
+        assert!(tasks.is_empty());
+        // After the first poll: the spawned task ends without a panic of its own.
+        spawn_after_first_poll(&mut tasks, async {
+            tokio::task::yield_now().await;
+            panic!("later");
+        })
+        .await;
+        assert!(tasks.join_next().await.unwrap().is_ok());
+    }
 
     #[test]
     fn stream_errors_map_to_their_codes() {
