@@ -32,7 +32,7 @@ use sibyl_proto::{Codec, Frame, FrameDecoder, SUPPORTED_VERSIONS};
 
 use super::quic::{BenchTls, Resumption, SERVER_NAME, Transport};
 use super::{BenchError, ColdSample, SibylHalf};
-use crate::runner::{ShardReady, parse_ready};
+use crate::runner::{ShardReady, StartupLine, parse_startup};
 
 /// Environment variable naming the `sibyl-gateway` binary to benchmark.
 pub const GATEWAY_BIN_ENV: &str = "SIBYL_GATEWAY_BIN";
@@ -125,13 +125,6 @@ pub struct GatewayProcess {
     dir: tempfile::TempDir,
 }
 
-/// A start-up line [`GatewayProcess::start`] waits for.
-enum StartupPiece {
-    Hub(SocketAddr),
-    DevKey(String),
-    Ready(ShardReady),
-}
-
 impl GatewayProcess {
     /// Starts the gateway with `config_toml` (TOML; empty for the defaults) on
     /// `--listen 127.0.0.1:0` and a fresh data dir, serving `certs` (copied into
@@ -212,20 +205,10 @@ impl GatewayProcess {
                 (_, None) => "the dev API key",
                 _ => "every shard ready",
             };
-            let piece = gw.until(deadline, what, |l| {
-                let t = l.trim();
-                if let Some(a) = t.strip_prefix("hub address:") {
-                    return a.trim().parse().ok().map(StartupPiece::Hub);
-                }
-                if let Some(k) = t.strip_prefix("dev API key:") {
-                    return Some(StartupPiece::DevKey(k.trim().to_owned()));
-                }
-                parse_ready(l).map(StartupPiece::Ready)
-            })?;
-            match piece {
-                StartupPiece::Hub(a) => hub = Some(a),
-                StartupPiece::DevKey(k) => dev_key = Some(k),
-                StartupPiece::Ready(r) => gw.shards.push(r),
+            match gw.until(deadline, what, parse_startup)? {
+                StartupLine::Hub(a) => hub = Some(a),
+                StartupLine::DevKey(k) => dev_key = Some(k),
+                StartupLine::Ready(r) => gw.shards.push(r),
             }
         }
         gw.hub = hub.unwrap_or(gw.hub);

@@ -47,6 +47,30 @@ pub fn parse_ready(line: &str) -> Option<ShardReady> {
     })
 }
 
+/// A line of `sibyl-gateway`'s start-up output that harnesses wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupLine {
+    /// The banner's `hub address: A`.
+    Hub(SocketAddr),
+    /// The banner's `dev API key: K` (first start only).
+    DevKey(String),
+    /// A `shard ready` log line.
+    Ready(ShardReady),
+}
+
+/// Parses one line of output into the piece it carries, if any. The banner is on stdout and
+/// `shard ready` on stderr, so the pieces come in any order.
+pub fn parse_startup(line: &str) -> Option<StartupLine> {
+    let t = line.trim();
+    if let Some(a) = t.strip_prefix("hub address:") {
+        return a.trim().parse().ok().map(StartupLine::Hub);
+    }
+    if let Some(k) = t.strip_prefix("dev API key:") {
+        return Some(StartupLine::DevKey(k.trim().to_owned()));
+    }
+    parse_ready(line).map(StartupLine::Ready)
+}
+
 /// Settings of one gateway instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayOptions {
@@ -177,15 +201,11 @@ impl Gateway {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     let (m, cv) = &*out;
                     let mut o = m.lock().unwrap_or_else(|p| p.into_inner());
-                    let t = line.trim();
-                    if let Some(a) = t.strip_prefix("hub address:") {
-                        o.hub = a.trim().parse().ok();
-                    }
-                    if let Some(k) = t.strip_prefix("dev API key:") {
-                        o.dev_key = Some(k.trim().to_owned());
-                    }
-                    if let Some(r) = parse_ready(&line) {
-                        o.ready.push(r);
+                    match parse_startup(&line) {
+                        Some(StartupLine::Hub(a)) => o.hub = Some(a),
+                        Some(StartupLine::DevKey(k)) => o.dev_key = Some(k),
+                        Some(StartupLine::Ready(r)) => o.ready.push(r),
+                        None => {}
                     }
                     o.tail.push(line);
                     if o.tail.len() > LOG_TAIL {
@@ -331,5 +351,35 @@ impl Gateway {
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop_inner(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_lines_are_recognised_whatever_their_order() {
+        let ready = "2026-11-22T20:23:17Z  INFO sibyl_gateway::supervisor: shard ready group=0 \
+                     shard=1 pid=42 addr=127.0.0.1:35580 generation=1";
+        assert_eq!(
+            parse_startup(ready),
+            Some(StartupLine::Ready(ShardReady {
+                group: 0,
+                shard: 1,
+                pid: 42,
+                addr: "127.0.0.1:35580".parse().unwrap(),
+            }))
+        );
+        assert_eq!(
+            parse_startup("  hub address:     127.0.0.1:57559"),
+            Some(StartupLine::Hub("127.0.0.1:57559".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_startup("  dev API key:     sk_1bb1e8ae904e_abc"),
+            Some(StartupLine::DevKey("sk_1bb1e8ae904e_abc".into()))
+        );
+        assert_eq!(parse_startup("  hub address:     not-an-address"), None);
+        assert_eq!(parse_startup("Sibyl gateway hub"), None);
     }
 }

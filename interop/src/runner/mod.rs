@@ -28,7 +28,7 @@ pub use contract::{
     EXIT_UNSUPPORTED, ExitVerdict, PROGRESS_FILE, REASON_FILE, parse_shard_addrs, reason_of,
     verdict_of,
 };
-pub use gateway::{Gateway, GatewayOptions, ShardReady, parse_ready};
+pub use gateway::{Gateway, GatewayOptions, ShardReady, StartupLine, parse_ready, parse_startup};
 pub use impair::{BLACKHOLE, Netem, free_port_range, impairment_of};
 pub use matrix::{Cell, Matrix, Verdict};
 pub use run::{ClientSpec, Runner, RunnerOptions, SERVER_ENV_FILE, ServerSpec};
