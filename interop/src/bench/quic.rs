@@ -408,6 +408,14 @@ async fn serve_connection(conn: quinn::Connection) {
     }
 }
 
+/// A stream request: `total` bytes in `write_size` writes (read back by [`split_request`]).
+fn stream_request(total: u64, write_size: u64) -> [u8; REQUEST_LEN] {
+    let mut buf = [0u8; REQUEST_LEN];
+    buf[..8].copy_from_slice(&total.to_be_bytes());
+    buf[8..].copy_from_slice(&write_size.to_be_bytes());
+    buf
+}
+
 fn split_request(buf: &[u8; REQUEST_LEN]) -> (u64, u64) {
     let mut total = [0u8; 8];
     let mut write_size = [0u8; 8];
@@ -505,6 +513,46 @@ pub async fn handshake_once_to(
     Ok(took)
 }
 
+/// The path of a cold attach done with nothing but bare quinn: on one fresh client endpoint
+/// (bound before the clock starts), a full handshake with `first`, then a full handshake
+/// with `second`, then one request/response on the second connection (a 1-byte stream
+/// request, read to its byte). Clock from the first `connect()` to that byte.
+///
+/// Sibyl's cold attach has the same critical path (hub handshake; the shard handshake
+/// starts when the hub's is done, since only then is the shard known; `Attach` needs the
+/// finished shard handshake's exporter; `Attached`), plus its own work. With `first` and
+/// `second` in other processes, as the hub and the shards are, this is the floor of
+/// `cold_attach_ms` on the machine.
+pub async fn cold_floor_once(
+    tls: &BenchTls,
+    first: SocketAddr,
+    second: SocketAddr,
+    transport: Transport,
+) -> Result<Duration, BenchError> {
+    let endpoint = tls.client_endpoint(Resumption::Full, transport)?;
+    let start = Instant::now();
+    let a = endpoint.connect(first, SERVER_NAME)?.await?;
+    let b = endpoint.connect(second, SERVER_NAME)?.await?;
+    let mut request = b.open_uni().await?;
+    request.write_all(&stream_request(1, 1)).await?;
+    request.finish().map_err(|_| BenchError::StreamClosed)?;
+    let mut answer = b.accept_uni().await?;
+    let mut byte = [0u8; 1];
+    answer
+        .read_exact(&mut byte)
+        .await
+        .map_err(|_| BenchError::ShortStream {
+            expected: 1,
+            got: 0,
+        })?;
+    let took = start.elapsed();
+    for conn in [a, b] {
+        conn.close(VarInt::from_u32(0), b"done");
+    }
+    endpoint.close(VarInt::from_u32(0), b"done");
+    Ok(took)
+}
+
 /// Durations of `repeats` handshakes as in [`handshake_once`], after one untimed warm-up.
 pub async fn handshake_durations(
     tls: &BenchTls,
@@ -556,10 +604,9 @@ pub async fn stream_bytes_per_s(
     let conn = endpoint.connect(server.addr(), SERVER_NAME)?.await?;
     let start = Instant::now();
     let mut request = conn.open_uni().await?;
-    let mut buf = [0u8; REQUEST_LEN];
-    buf[..8].copy_from_slice(&total_bytes.to_be_bytes());
-    buf[8..].copy_from_slice(&write_size.to_be_bytes());
-    request.write_all(&buf).await?;
+    request
+        .write_all(&stream_request(total_bytes, write_size))
+        .await?;
     request.finish().map_err(|_| BenchError::StreamClosed)?;
     let mut recv = conn.accept_uni().await?;
     let mut got = 0u64;
@@ -576,4 +623,16 @@ pub async fn stream_bytes_per_s(
         });
     }
     Ok(got as f64 / elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_request_round_trips() {
+        let buf = stream_request(512 << 20, 16 << 10);
+        assert_eq!(split_request(&buf), (512 << 20, 16 << 10));
+        assert_eq!(split_request(&stream_request(1, 1)), (1, 1));
+    }
 }

@@ -401,7 +401,14 @@ pub async fn run<S: SibylHalf>(
             let mut warm = Vec::with_capacity(repeats);
             let mut quinn_ms = Vec::with_capacity(repeats);
             let mut other_ms = Vec::with_capacity(repeats);
+            let mut floor_ms = Vec::with_capacity(repeats);
             let other = other_process_server(tls)?;
+            // A second one for the cold floor's second leg (a hub and a shard are two
+            // processes).
+            let other2 = match other {
+                Some(_) => other_process_server(tls)?,
+                None => None,
+            };
             // Sample 0 of each series is a warm-up and is discarded.
             for r in 0..=repeats {
                 // Every sample starts on an idle system: the previous sample's connections
@@ -427,10 +434,20 @@ pub async fn run<S: SibylHalf>(
                     }
                     None => None,
                 };
+                let f = match (&other, &other2, with_sibyl) {
+                    (Some(a), Some(b), true) => {
+                        settle().await;
+                        Some(millis(
+                            quic::cold_floor_once(tls, a.addr(), b.addr(), transport).await?,
+                        ))
+                    }
+                    _ => None,
+                };
                 if r == 0 {
                     continue;
                 }
                 other_ms.extend(o);
+                floor_ms.extend(f);
                 if let Some((c, w)) = sample {
                     cold.push(millis(c.connect));
                     cold_build.push(millis(c.build));
@@ -455,6 +472,16 @@ pub async fn run<S: SibylHalf>(
                      baseline): median {o:.3} ms"
                 ));
                 baseline.insert("quinn_handshake_other_process_ms".into(), o);
+            }
+            if !floor_ms.is_empty() {
+                let f = median(&mut floor_ms);
+                settings.progress(format_args!(
+                    "{name}: cold floor, bare quinn on cold attach's path (full handshake with \
+                     one other-process server, then with a second, then one request/response; \
+                     not a target's baseline): median {f:.3} ms = {:.2}x quinn_handshake_ms",
+                    f / q
+                ));
+                baseline.insert("quinn_cold_floor_other_process_ms".into(), f);
             }
         }
         Scenario::Throughput | Scenario::BaselineThroughput => {
