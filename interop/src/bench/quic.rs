@@ -458,12 +458,35 @@ pub async fn handshakes_per_s(
     concurrency: usize,
     duration: Duration,
 ) -> Result<f64, BenchError> {
+    connections_per_s(tls, server.addr(), transport, concurrency, duration, false).await
+}
+
+/// As [`handshakes_per_s`] against the server at `addr` (e.g. an [`OtherProcessServer`]),
+/// each connection also carrying one request/response (a 1-byte stream) before it is
+/// closed: the bare quinn shape of a ticket (handshake, `Hello`, `Ticket`).
+pub async fn exchanges_per_s(
+    tls: &BenchTls,
+    addr: SocketAddr,
+    transport: Transport,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<f64, BenchError> {
+    connections_per_s(tls, addr, transport, concurrency, duration, true).await
+}
+
+async fn connections_per_s(
+    tls: &BenchTls,
+    addr: SocketAddr,
+    transport: Transport,
+    concurrency: usize,
+    duration: Duration,
+    exchange: bool,
+) -> Result<f64, BenchError> {
     let concurrency = concurrency.max(1);
     let mut endpoints = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         endpoints.push(tls.client_endpoint(Resumption::Full, transport)?);
     }
-    let addr = server.addr();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -472,8 +495,13 @@ pub async fn handshakes_per_s(
             let mut done = 0u64;
             while Instant::now() < deadline {
                 let conn = endpoint.connect(addr, SERVER_NAME)?.await?;
-                done += 1;
+                let r = match exchange {
+                    true => one_byte_exchange(&conn).await,
+                    false => Ok(()),
+                };
                 conn.close(VarInt::from_u32(0), b"done");
+                r?;
+                done += 1;
             }
             endpoint.close(VarInt::from_u32(0), b"done");
             Ok::<u64, BenchError>(done)
@@ -533,10 +561,22 @@ pub async fn cold_floor_once(
     let start = Instant::now();
     let a = endpoint.connect(first, SERVER_NAME)?.await?;
     let b = endpoint.connect(second, SERVER_NAME)?.await?;
-    let mut request = b.open_uni().await?;
+    one_byte_exchange(&b).await?;
+    let took = start.elapsed();
+    for conn in [a, b] {
+        conn.close(VarInt::from_u32(0), b"done");
+    }
+    endpoint.close(VarInt::from_u32(0), b"done");
+    Ok(took)
+}
+
+/// One request/response on `conn`: a stream request for one byte, read to that byte (the
+/// shape of `Hello` → `Ticket` and of `Attach` → `Attached`, on a bare quinn server).
+async fn one_byte_exchange(conn: &quinn::Connection) -> Result<(), BenchError> {
+    let mut request = conn.open_uni().await?;
     request.write_all(&stream_request(1, 1)).await?;
     request.finish().map_err(|_| BenchError::StreamClosed)?;
-    let mut answer = b.accept_uni().await?;
+    let mut answer = conn.accept_uni().await?;
     let mut byte = [0u8; 1];
     answer
         .read_exact(&mut byte)
@@ -544,13 +584,7 @@ pub async fn cold_floor_once(
         .map_err(|_| BenchError::ShortStream {
             expected: 1,
             got: 0,
-        })?;
-    let took = start.elapsed();
-    for conn in [a, b] {
-        conn.close(VarInt::from_u32(0), b"done");
-    }
-    endpoint.close(VarInt::from_u32(0), b"done");
-    Ok(took)
+        })
 }
 
 /// Durations of `repeats` handshakes as in [`handshake_once`], after one untimed warm-up.

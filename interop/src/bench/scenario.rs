@@ -376,6 +376,12 @@ pub async fn run<S: SibylHalf>(
             let duration = settings.duration();
             let mut sibyl_rates = Vec::with_capacity(repeats);
             let mut quinn_rates = Vec::with_capacity(repeats);
+            let mut floor_rates = Vec::with_capacity(repeats);
+            // The floor's server is in another process, as the hub is.
+            let other = match with_sibyl {
+                true => other_process_server(tls)?,
+                false => None,
+            };
             for r in 1..=repeats {
                 if with_sibyl {
                     let t = sibyl.tickets_per_s(concurrency, duration).await?;
@@ -388,11 +394,31 @@ pub async fn run<S: SibylHalf>(
                     "{name} {r}/{repeats}: quinn {h:.0} handshakes/s ({concurrency} connectors)"
                 ));
                 quinn_rates.push(h);
+                if let Some(o) = &other {
+                    let f = quic::exchanges_per_s(tls, o.addr(), transport, concurrency, duration)
+                        .await?;
+                    settings.progress(format_args!(
+                        "{name} {r}/{repeats}: floor {f:.0}/s (quinn handshake + one \
+                         request/response, server in another process)"
+                    ));
+                    floor_rates.push(f);
+                }
             }
             if with_sibyl {
                 figures.insert("tickets_per_s".into(), median(&mut sibyl_rates));
             }
-            baseline.insert("quinn_handshakes_per_s".into(), median(&mut quinn_rates));
+            let q = median(&mut quinn_rates);
+            baseline.insert("quinn_handshakes_per_s".into(), q);
+            if !floor_rates.is_empty() {
+                let f = median(&mut floor_rates);
+                settings.progress(format_args!(
+                    "{name}: admission floor, bare quinn on a ticket's path (handshake, then \
+                     one request/response, server in another process; not a target's \
+                     baseline): median {f:.0}/s = {:.3}x quinn_handshakes_per_s",
+                    f / q
+                ));
+                baseline.insert("quinn_exchanges_other_process_per_s".into(), f);
+            }
         }
         Scenario::Attach | Scenario::BaselineAttach => {
             let repeats = settings.repeats_or(50, 10);
