@@ -50,6 +50,14 @@ pub use subscribe::DataPlane;
 /// How long a `GoAway` may take to be acknowledged before the connection is closed anyway.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(2);
 
+/// At the end of a drain, how long the closed endpoint may wait for its connections to be
+/// idle (bounded further by the drain deadline, and at least 200 ms). Our `CONNECTION_CLOSE`
+/// frames leave at once; the wait only lets a lost one be repeated. It must stay short:
+/// a connection its peer closed or abandoned mid-handshake sits in quinn's draining state
+/// for three PTOs, about 3 s before any RTT sample, and needs nothing from us. Waiting for
+/// it held a shard's exit 3–5 s after a client dropped a hinted handshake.
+const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+
 /// Why the session server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -196,8 +204,9 @@ impl SessionServer {
     }
 
     /// Drains: new connections are closed with `DRAINING`, every attached session gets
-    /// `GoAway{DRAINING, reconnect_after_ms: 0}` and is then closed with `DRAINING`. Returns
-    /// when no connection is left or `within` has passed (then the endpoint is closed).
+    /// `GoAway{DRAINING, reconnect_after_ms: 0}` and is then closed with `DRAINING`. When no
+    /// connection is left or `within` has passed, the endpoint is closed; returns after at
+    /// most 500 ms more (`CLOSE_FLUSH`: the close frames' time to leave).
     pub async fn drain(self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         self.shared.drain.send_replace(true);
@@ -222,10 +231,10 @@ impl SessionServer {
         );
         self.accept.abort();
         let _ = self.accept.await;
-        let left = deadline
+        let flush = deadline
             .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_millis(200));
-        let _ = tokio::time::timeout(left, self.endpoint.wait_idle()).await;
+            .clamp(Duration::from_millis(200), CLOSE_FLUSH);
+        let _ = tokio::time::timeout(flush, self.endpoint.wait_idle()).await;
     }
 }
 
