@@ -286,8 +286,13 @@ fn doc_blocks(doc: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn doc_examples_decode() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md");
-    let doc = std::fs::read_to_string(path).expect("docs/PROTOCOL.md exists");
+    // The runtime value first: cargo sets it for every test run, while the compile-time one
+    // is wherever the binary was built (a checkout sharing this target dir may be gone).
+    let dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    let path = std::path::Path::new(&dir).join("../../docs/PROTOCOL.md");
+    let doc = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let blocks = doc_blocks(&doc);
     let expected = examples();
     assert_eq!(
