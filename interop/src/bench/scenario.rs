@@ -430,10 +430,10 @@ pub async fn run<S: SibylHalf>(
             let mut floor_ms = Vec::with_capacity(repeats);
             let other = other_process_server(tls)?;
             // A second one for the cold floor's second leg (a hub and a shard are two
-            // processes).
-            let other2 = match other {
-                Some(_) => other_process_server(tls)?,
-                None => None,
+            // processes); the floor is only measured next to a Sibyl run.
+            let other2 = match (&other, with_sibyl) {
+                (Some(_), true) => other_process_server(tls)?,
+                _ => None,
             };
             // Sample 0 of each series is a warm-up and is discarded.
             for r in 0..=repeats {
@@ -460,8 +460,8 @@ pub async fn run<S: SibylHalf>(
                     }
                     None => None,
                 };
-                let f = match (&other, &other2, with_sibyl) {
-                    (Some(a), Some(b), true) => {
+                let f = match (&other, &other2) {
+                    (Some(a), Some(b)) => {
                         settle().await;
                         Some(millis(
                             quic::cold_floor_once(tls, a.addr(), b.addr(), transport).await?,
