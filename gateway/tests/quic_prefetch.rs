@@ -230,7 +230,7 @@ fn a_new_partition_without_forecast_gets_its_warmup_batch() {
         let (hub, shard) = session(&ep, &gw).await;
         publish(&hub, 0, 200).await;
         publish(&hub, 1, 200).await;
-        // Partition 0 forecast at 500 records/s (depth: 500/s × ≥ 70 ms lead × headroom 2 ≈ 70
+        // Partition 0 forecast at 500 records/s (depth: 500/s × ≥ 70 ms lead × headroom 1.5 ≈ 53
         // records on loopback); partition 1 not forecast; a 1 MiB buffer.
         let (mut ctl, _r, _) = subscribe(
             &shard,

@@ -85,8 +85,12 @@ struct Owned {
 }
 
 /// In-flight records a pump allows per record of planned depth (covers the forecast's
-/// error and the granularity of positions).
-const HEADROOM: u64 = 2;
+/// error and the granularity of positions), as (numerator, denominator): 1.5. With 2,
+/// `sibyl-bench prefetch` wasted 0.049–0.055 of what it received (the window left in the
+/// client's buffer when a trace stops) against 0.038–0.040 with 1.5, with app waits still
+/// at 0 (docs/BENCHMARKS.md, session 6); below that the starvation boost takes over and the
+/// waste gets noisier, not lower.
+const HEADROOM: (u64, u64) = (3, 2);
 /// Largest starvation boost of a pump's window.
 const MAX_BOOST: u64 = 64;
 /// How late the shard learns what the client consumed: the SDK's position interval in
@@ -835,7 +839,7 @@ impl Pump {
             // No forecast for this partition yet: a warm-up-sized window until one arrives.
             PrefetchConfig::default().warmup_records
         } else {
-            depth.saturating_mul(HEADROOM)
+            depth.saturating_mul(HEADROOM.0).div_ceil(HEADROOM.1)
         };
         let now = Instant::now();
         w.boost = grown_boost(
