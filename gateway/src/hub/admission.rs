@@ -118,9 +118,10 @@ pub struct GroupCandidate {
 }
 
 impl GroupCandidate {
-    /// Total open connections over the group's ready shards.
+    /// Total open connections over the group's ready shards, counting the clients sent
+    /// since each shard's last heartbeat ([`ShardInfo::load`]).
     pub fn connections(&self) -> u64 {
-        self.shards.iter().map(|s| s.connections).sum()
+        self.shards.iter().map(ShardInfo::load).sum()
     }
 }
 
@@ -172,6 +173,7 @@ mod tests {
             pid: 100 + index,
             addr: SocketAddr::from(([127, 0, 0, 1], 5000 + index as u16)),
             connections,
+            admitted: 0,
             subscriptions: 0,
             rss_bytes: 0,
         }

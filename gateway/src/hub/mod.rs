@@ -6,7 +6,10 @@
 //!     └─ Hub::handle_hello(hello, now)   (no I/O: keys, keyring, shard loads all in memory)
 //!          ├─ admission::negotiate_version / ApiKeyStore::verify / admission::scopes_for
 //!          ├─ ShardDirectory (Supervisor) ──▶ admission::choose_group
-//!          └─ Claims ──Keyring::seal(AAD = deployment id)──▶ Ticket{endpoints by least conns}
+//!          ├─ Claims ──Keyring::seal(AAD = deployment id)──▶ Ticket{endpoints by least conns}
+//!          └─ ShardDirectory::note_admitted(first endpoint): counts as a connection until
+//!             that shard's next heartbeat (a GroupHint's first endpoint is counted when the
+//!             hint is sent, and stays first in that connection's ticket)
 //!   ◀── Ticket (stream finished; the connection stays open until idle) | Refused (then
 //!       the connection is closed with the refusal code)
 //! ```
@@ -35,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::apikeys::ApiKeyStore;
 use crate::config::{AdvertiseConfig, Config};
 use crate::quic::{self, QuicSetupError, Role, StreamError};
-use crate::supervisor::{ShardInfo, Supervisor};
+use crate::supervisor::{ShardId, ShardInfo, Supervisor};
 
 pub use admission::GroupCandidate;
 pub use groups::{CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport};
@@ -43,14 +46,31 @@ pub use publish::PublishService;
 
 /// Where the hub learns which shards are ready and how loaded they are.
 pub trait ShardDirectory: Send + Sync {
-    /// Ready shards of `group`, fewest connections first.
+    /// Ready shards of `group`, fewest connections first ([`ShardInfo::load`]).
     fn ready_by_least_connections(&self, group: u32) -> Vec<ShardInfo>;
+    /// A client was sent to `shard`: count it in [`ShardInfo::admitted`] until the shard's
+    /// next load report.
+    fn note_admitted(&self, shard: &ShardInfo);
 }
 
 impl ShardDirectory for Supervisor {
     fn ready_by_least_connections(&self, group: u32) -> Vec<ShardInfo> {
         self.by_least_connections(group)
     }
+
+    fn note_admitted(&self, shard: &ShardInfo) {
+        Supervisor::note_admitted(self, shard);
+    }
+}
+
+/// What a connection was sent in its `GroupHint`: the group and the shard the client
+/// pre-connects to (the hint's first endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hinted {
+    /// The hinted group.
+    pub group: u32,
+    /// Its first endpoint's shard.
+    pub shard: ShardId,
 }
 
 /// Hub settings taken from [`Config`] at start.
@@ -175,23 +195,43 @@ impl Hub {
 
     /// The group a new connection would be given now and its ready shards (a `GroupHint`,
     /// sent in 0.5-RTT to clients that asked with ALPN `sibyl/1+hint`); `None` when no group
-    /// has a ready shard or the hub is draining.
-    pub fn group_hint(&self) -> Option<GroupHint> {
+    /// has a ready shard or the hub is draining. The client pre-connects to the first
+    /// endpoint, so that shard is counted as admitted now; pass the [`Hinted`] to
+    /// [`handle_hello_hinted`](Self::handle_hello_hinted) so the ticket keeps it first.
+    pub fn group_hint(&self) -> Option<(GroupHint, Hinted)> {
         if self.is_draining() {
             return None;
         }
         let candidates = self.candidates()?;
         let chosen = admission::choose_group(&candidates)?;
-        Some(GroupHint {
-            shard_group: chosen.group,
-            endpoints: self.endpoints_of(chosen),
-        })
+        let first = chosen.shards.first()?;
+        self.note_admitted(first);
+        Some((
+            GroupHint {
+                shard_group: chosen.group,
+                endpoints: self.endpoints_of(&chosen.shards),
+            },
+            Hinted {
+                group: chosen.group,
+                shard: first.id,
+            },
+        ))
     }
 
-    /// `chosen`'s ready shards as ticket endpoints (advertised address, server name).
-    fn endpoints_of(&self, chosen: &GroupCandidate) -> Vec<TicketEndpoint> {
-        chosen
-            .shards
+    fn note_admitted(&self, shard: &ShardInfo) {
+        if let Some(dir) = self
+            .directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            dir.note_admitted(shard);
+        }
+    }
+
+    /// `shards` as ticket endpoints (advertised address, server name).
+    fn endpoints_of(&self, shards: &[ShardInfo]) -> Vec<TicketEndpoint> {
+        shards
             .iter()
             .map(|s| TicketEndpoint {
                 addr: self.settings.advertise.rewrite(s.addr).to_string(),
@@ -206,13 +246,15 @@ impl Hub {
         self.handle_hello_hinted(hello, now, None)
     }
 
-    /// [`handle_hello`](Self::handle_hello) on a connection that was sent a `GroupHint` for
-    /// `hinted`: the ticket is for that group while it still has a ready shard.
+    /// [`handle_hello`](Self::handle_hello) on a connection that was sent a `GroupHint`
+    /// ([`group_hint`](Self::group_hint)): the ticket is for the hinted group while it still
+    /// has a ready shard, with the hinted shard first while it is ready (the client is
+    /// already connecting to it).
     pub fn handle_hello_hinted(
         &self,
         hello: &Hello,
         now: u64,
-        hinted: Option<u32>,
+        hinted: Option<Hinted>,
     ) -> Result<Ticket, Refused> {
         if self.is_draining() {
             return Err(admission::refused(
@@ -235,7 +277,7 @@ impl Hub {
                 "the hub is shutting down",
             ));
         };
-        let chosen = admission::choose_group_preferring(&candidates, hinted)
+        let chosen = admission::choose_group_preferring(&candidates, hinted.map(|h| h.group))
             .ok_or_else(admission::no_ready_shard)?;
         let internal = |what: &str| admission::refused(ErrorCode::Internal, what.to_owned());
         let session_secret =
@@ -266,7 +308,16 @@ impl Hub {
                 ),
                 _ => internal("cannot seal the token"),
             })?;
-        let endpoints = self.endpoints_of(chosen);
+        let mut shards = chosen.shards.clone();
+        let hinted_first = hinted
+            .and_then(|h| shards.iter().position(|s| s.id == h.shard))
+            .inspect(|&i| shards[..=i].rotate_right(1))
+            .is_some();
+        if !hinted_first && let Some(first) = shards.first() {
+            // A hinted shard was counted when the hint was sent.
+            self.note_admitted(first);
+        }
+        let endpoints = self.endpoints_of(&shards);
         Ok(Ticket {
             version,
             token,
@@ -365,20 +416,19 @@ fn unix_now() -> u64 {
 
 /// Completes the handshake. On a `sibyl/1+hint` connection the `GroupHint` goes out first,
 /// in 0.5-RTT with the handshake flight (PROTOCOL.md §5.1); nothing is read from the client
-/// before the handshake completes. Returns the connection and the hinted group.
+/// before the handshake completes. Returns the connection and what it was hinted.
 async fn establish(
     hub: &Hub,
     mut connecting: quinn::Connecting,
-) -> Option<(quinn::Connection, Option<u32>)> {
+) -> Option<(quinn::Connection, Option<Hinted>)> {
     if negotiated_alpn(&mut connecting).await.as_deref() == Some(ALPN_GROUP_HINT) {
         // quinn always grants 0.5-RTT on the server side; `Err` hands the handshake back.
         match connecting.into_0rtt() {
             Ok((conn, done)) => {
                 let hinted = match hub.group_hint() {
-                    Some(h) => {
-                        let group = h.shard_group;
+                    Some((h, hinted)) => {
                         send_hint(&conn, h).await;
-                        Some(group)
+                        Some(hinted)
                     }
                     None => None,
                 };
@@ -622,8 +672,16 @@ mod tests {
                 .filter(|s| s.group == group)
                 .cloned()
                 .collect();
-            v.sort_by_key(|s| (s.connections, s.id.index));
+            v.sort_by_key(|s| (s.load(), s.id.index));
             v
+        }
+
+        fn note_admitted(&self, shard: &ShardInfo) {
+            for s in self.0.lock().unwrap().iter_mut() {
+                if s.id == shard.id && s.generation == shard.generation {
+                    s.admitted += 1;
+                }
+            }
         }
     }
 
@@ -635,6 +693,7 @@ mod tests {
             pid: 1,
             addr: SocketAddr::from(([127, 0, 0, 1], 6000 + (group * 10 + index) as u16)),
             connections,
+            admitted: 0,
             subscriptions: 0,
             rss_bytes: 0,
         }
@@ -698,6 +757,64 @@ mod tests {
             ring.open_at(&t.token, b"", &OpenOptions::default(), NOW)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn clients_between_heartbeats_spread_over_groups_and_shards() {
+        let (hub, _, key) = setup(vec![
+            shard(0, 0, 0),
+            shard(0, 1, 0),
+            shard(1, 0, 0),
+            shard(1, 1, 0),
+        ]);
+        // With no heartbeat in between, each ticket's first endpoint counts as a connection:
+        // four clients land on four shards, not all on group 0's first.
+        let firsts: Vec<(u32, String)> = (0..4)
+            .map(|_| {
+                let t = hub.handle_hello(&hello(&key), NOW).unwrap();
+                (t.shard_group, t.endpoints[0].addr.clone())
+            })
+            .collect();
+        assert_eq!(
+            firsts,
+            [
+                (0, "127.0.0.1:6000".to_owned()),
+                (1, "10.0.0.1:7000".to_owned()),
+                (0, "127.0.0.1:6001".to_owned()),
+                (1, "127.0.0.1:6011".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_hinted_shard_stays_first_in_its_ticket_and_counts_once() {
+        let (hub, _, key) = setup(vec![shard(0, 0, 0), shard(0, 1, 0)]);
+        let (hint, hinted) = hub.group_hint().unwrap();
+        assert_eq!(hint.endpoints[0].addr, "127.0.0.1:6000");
+        assert_eq!(hinted.shard, ShardId { group: 0, index: 0 });
+        // Shard 0 was counted when the hint went out, so it now sorts after shard 1, yet the
+        // hinted connection's ticket keeps it first (the client is already connecting).
+        let t = hub
+            .handle_hello_hinted(&hello(&key), NOW, Some(hinted))
+            .unwrap();
+        let addrs: Vec<&str> = t.endpoints.iter().map(|e| e.addr.as_str()).collect();
+        assert_eq!(addrs, ["127.0.0.1:6000", "127.0.0.1:6001"]);
+        // Counted once: the next client goes to shard 1, the one after that is a tie again.
+        let t = hub.handle_hello(&hello(&key), NOW).unwrap();
+        assert_eq!(t.endpoints[0].addr, "127.0.0.1:6001");
+        let (hint, _) = hub.group_hint().unwrap();
+        assert_eq!(hint.endpoints[0].addr, "127.0.0.1:6000");
+        // A hinted shard that is no longer ready: the ticket's own first endpoint is counted.
+        let gone = Hinted {
+            group: 0,
+            shard: ShardId { group: 0, index: 7 },
+        };
+        let t = hub
+            .handle_hello_hinted(&hello(&key), NOW, Some(gone))
+            .unwrap();
+        assert_eq!(t.endpoints[0].addr, "127.0.0.1:6001");
+        let t = hub.handle_hello(&hello(&key), NOW).unwrap();
+        assert_eq!(t.endpoints[0].addr, "127.0.0.1:6000");
     }
 
     #[test]

@@ -136,6 +136,11 @@ impl Supervisor {
         self.lock().by_least_connections(group)
     }
 
+    /// The hub sent a client to `shard` ([`SupervisorPolicy::note_admitted`]).
+    pub fn note_admitted(&self, shard: &ShardInfo) {
+        self.lock().note_admitted(shard.id, shard.generation);
+    }
+
     /// The ready shard of `group` with the fewest connections.
     pub fn pick_least_connections(&self, group: u32) -> Option<ShardInfo> {
         self.lock().pick_least_connections(group)

@@ -108,6 +108,9 @@ pub enum ShardState {
         last_seen: Instant,
         /// Last load report.
         load: Load,
+        /// Clients sent to it (the first endpoint of a `GroupHint` or `Ticket`) since `load`
+        /// was reported; see [`ShardInfo::admitted`].
+        admitted: u64,
     },
     /// Declared dead and killed; waiting for its exit before restarting.
     Dead {
@@ -154,10 +157,22 @@ pub struct ShardInfo {
     pub addr: SocketAddr,
     /// Open connections from the last heartbeat.
     pub connections: u64,
+    /// Clients the hub sent to it since that heartbeat (see
+    /// [`SupervisorPolicy::note_admitted`]): they count as connections until the next
+    /// heartbeat reports them, so that clients arriving between two heartbeats spread over
+    /// the shards instead of all going to the one that looked least loaded.
+    pub admitted: u64,
     /// Active subscriptions from the last heartbeat.
     pub subscriptions: u64,
     /// RSS from the last heartbeat.
     pub rss_bytes: u64,
+}
+
+impl ShardInfo {
+    /// What least-connections routing compares: `connections + admitted`.
+    pub fn load(&self) -> u64 {
+        self.connections.saturating_add(self.admitted)
+    }
 }
 
 /// What the policy reports back from an event, for logging by the driver.
@@ -262,6 +277,7 @@ impl SupervisorPolicy {
             addr,
             last_seen: now,
             load: Load::default(),
+            admitted: 0,
         };
         Transition::Ready(info(slot).expect("just set Ready"))
     }
@@ -272,11 +288,29 @@ impl SupervisorPolicy {
             return;
         };
         if let ShardState::Ready {
-            last_seen, load: l, ..
+            last_seen,
+            load: l,
+            admitted,
+            ..
         } = &mut slot.state
         {
             *last_seen = now;
             *l = load;
+            // The report counts the clients that attached since the last one. A client sent
+            // just before it and not yet attached is not counted until the next report.
+            *admitted = 0;
+        }
+    }
+
+    /// The hub sent a client to the shard (the first endpoint of a `GroupHint` or of a
+    /// `Ticket`): it counts as one more connection until the next heartbeat. Ignored unless
+    /// that incarnation is Ready.
+    pub fn note_admitted(&mut self, shard: ShardId, generation: u64) {
+        let Some(slot) = self.slot_mut(shard, generation) else {
+            return;
+        };
+        if let ShardState::Ready { admitted, .. } = &mut slot.state {
+            *admitted = admitted.saturating_add(1);
         }
     }
 
@@ -491,11 +525,12 @@ impl SupervisorPolicy {
             .collect()
     }
 
-    /// Ready shards of `group` ordered by fewest connections (ties by index): the ticket's
-    /// endpoint list, best first.
+    /// Ready shards of `group` ordered by fewest connections, counting the clients sent since
+    /// the last heartbeat ([`ShardInfo::load`]; ties by index): the ticket's endpoint list,
+    /// best first.
     pub fn by_least_connections(&self, group: u32) -> Vec<ShardInfo> {
         let mut v = self.ready_shards(group);
-        v.sort_by_key(|s| (s.connections, s.id.index));
+        v.sort_by_key(|s| (s.load(), s.id.index));
         v
     }
 
@@ -544,7 +579,11 @@ impl SupervisorPolicy {
 fn info(slot: &Slot) -> Option<ShardInfo> {
     match slot.state {
         ShardState::Ready {
-            pid, addr, load, ..
+            pid,
+            addr,
+            load,
+            admitted,
+            ..
         } => Some(ShardInfo {
             id: slot.id,
             group: slot.id.group,
@@ -552,6 +591,7 @@ fn info(slot: &Slot) -> Option<ShardInfo> {
             pid,
             addr,
             connections: load.connections,
+            admitted,
             subscriptions: load.subscriptions,
             rss_bytes: load.rss_bytes,
         }),
@@ -722,6 +762,39 @@ mod tests {
                 .collect();
         assert_eq!(order, vec![1, 2, 0]);
         assert_eq!(h.p.pick_least_connections(0).unwrap().connections, 2);
+    }
+
+    #[test]
+    fn clients_sent_between_heartbeats_count_until_the_next_one() {
+        let mut h = Harness::new(&[(0, 2)]);
+        h.ready(G0S0, 7000);
+        h.ready(G0S1, 7001);
+        let order = |h: &Harness| -> Vec<(u32, u64)> {
+            h.p.by_least_connections(0)
+                .iter()
+                .map(|s| (s.id.index, s.admitted))
+                .collect()
+        };
+        // Equal loads: the lower index first. Each client sent there counts as a connection.
+        let g0 = h.generation_of(G0S0);
+        h.p.note_admitted(G0S0, g0);
+        assert_eq!(order(&h), vec![(1, 0), (0, 1)]);
+        let g1 = h.generation_of(G0S1);
+        h.p.note_admitted(G0S1, g1);
+        h.p.note_admitted(G0S1, g1);
+        assert_eq!(order(&h), vec![(0, 1), (1, 2)]);
+        assert_eq!(h.p.pick_least_connections(0).unwrap().load(), 1);
+        // A heartbeat replaces the guess with the shard's own count.
+        h.beat(G0S1, 1);
+        assert_eq!(order(&h), vec![(0, 1), (1, 0)]);
+        assert_eq!(h.p.by_least_connections(0)[1].load(), 1);
+        // Another incarnation, or a shard not Ready, is not counted.
+        h.p.note_admitted(G0S1, g1 + 1);
+        assert_eq!(order(&h), vec![(0, 1), (1, 0)]);
+        h.exit(G0S0);
+        h.p.note_admitted(G0S0, g0);
+        assert!(!matches!(h.p.state(G0S0), Some(ShardState::Ready { .. })));
+        assert_eq!(order(&h), vec![(1, 0)]);
     }
 
     #[test]
