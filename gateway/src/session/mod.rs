@@ -58,6 +58,20 @@ const GOAWAY_FLUSH: Duration = Duration::from_secs(2);
 /// it held a shard's exit 3–5 s after a client dropped a hinted handshake.
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 
+/// During a drain, how long an unattached connection's handshake may take to complete before
+/// the connection is closed anyway: 2 × the path's RTT estimate (quinn's initial 333 ms
+/// before any sample), within 100 ms ..= `attach_timeout`. A close sent after the handshake
+/// carries its `DRAINING` code to the client; one sent before reaches it as a bare
+/// APPLICATION_ERROR (RFC 9000 §10.2.3), and the SDK retries either way. A client that went
+/// away mid-handshake (e.g. one the hub refused after sending it a `GroupHint`) never
+/// completes it: waiting the whole `attach_timeout` held a drain until its deadline.
+fn drain_handshake_grace(rtt: Duration, attach_timeout: Duration) -> Duration {
+    (rtt * 2).clamp(
+        Duration::from_millis(100),
+        attach_timeout.max(Duration::from_millis(100)),
+    )
+}
+
 /// Why the session server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -295,14 +309,16 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
     };
     let within = shared.conn.attach_timeout;
     // An application close sent before the handshake completes reaches the client without
-    // its code (RFC 9000 §10.2.3, e.g. a refused `EarlyAttach`): closes wait for it.
-    let handshake_done = |h: Option<Handshake>| async move {
+    // its code (RFC 9000 §10.2.3, e.g. a refused `EarlyAttach`): closes wait for it, up to
+    // `wait`.
+    let handshake_done = |h: Option<Handshake>, wait: Duration| async move {
         if let Some(done) = h {
-            let _ = tokio::time::timeout(within, done).await;
+            let _ = tokio::time::timeout(wait, done).await;
         }
     };
+    let drain_grace = || drain_handshake_grace(conn.rtt(), within);
     if shared.is_draining() {
-        handshake_done(handshake).await;
+        handshake_done(handshake, drain_grace()).await;
         quic::close(&conn, ErrorCode::Draining, "shard draining");
         return;
     }
@@ -316,13 +332,13 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
             // The guard `wait_for` returns is not `Send`: dropped here, not held.
             let _ = drain.wait_for(|d| *d).await.map(|_| ());
         } => {
-            handshake_done(handshake).await;
+            handshake_done(handshake, drain_grace()).await;
             quic::close(&conn, ErrorCode::Draining, DRAINING_UNATTACHED);
             return;
         }
     };
     if attach.as_ref().is_ok_and(Result::is_err) {
-        handshake_done(handshake).await;
+        handshake_done(handshake, within).await;
     }
     let (claims, send, recv, dec) = match attach {
         Ok(Ok(attached)) => attached,
@@ -577,4 +593,27 @@ async fn go_away(conn: &Connection, send: &mut SendStream) {
         quic::finish_and_flush(send, GOAWAY_FLUSH).await;
     }
     quic::close(conn, ErrorCode::Draining, "shard draining");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::drain_handshake_grace;
+
+    #[test]
+    fn drain_handshake_grace_follows_the_rtt_within_bounds() {
+        let ms = Duration::from_millis;
+        let attach = Duration::from_secs(10);
+        // Loopback: the floor.
+        assert_eq!(drain_handshake_grace(ms(0), attach), ms(100));
+        // Before any RTT sample quinn estimates 333 ms.
+        assert_eq!(drain_handshake_grace(ms(333), attach), ms(666));
+        // Never longer than the attach budget, and never below the floor.
+        assert_eq!(
+            drain_handshake_grace(Duration::from_secs(30), attach),
+            attach
+        );
+        assert_eq!(drain_handshake_grace(ms(30), ms(10)), ms(100));
+    }
 }
