@@ -60,7 +60,8 @@ const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 
 /// During a drain, how long an unattached connection's handshake may take to complete before
 /// the connection is closed anyway: 2 × the path's RTT estimate (quinn's initial 333 ms
-/// before any sample), within 100 ms ..= `attach_timeout`. A close sent after the handshake
+/// before any sample), at most `attach_timeout` and at least 100 ms (the floor wins over a
+/// shorter `attach_timeout`). A close sent after the handshake
 /// carries its `DRAINING` code to the client; one sent before reaches it as a bare
 /// APPLICATION_ERROR (RFC 9000 §10.2.3), and the SDK retries either way. A client that went
 /// away mid-handshake (e.g. one the hub refused after sending it a `GroupHint`) never
