@@ -57,7 +57,47 @@ pub fn storelink_decode(data: &[u8]) {
                 Some(ServerMsg::Response(resp))
             );
         }
+        if let Ok(ServerMsg::Raw {
+            segment_base,
+            pos,
+            data,
+            ..
+        }) = link::decode_server_msg(body)
+        {
+            raw_decode_checked(segment_base % 4, segment_base, pos, &data);
+        }
         rest = &rest[used..];
+    }
+    // Segment bytes the hub could send for a raw read: a few valid frames built from the
+    // input, then the input itself, cut where the input says.
+    if let Some((&sel, tail)) = data.split_first() {
+        let mut seg = Vec::new();
+        for (i, chunk) in tail.chunks(7).take(usize::from(sel % 5)).enumerate() {
+            crate::store::fuzz_encode_record(&mut seg, i as u64, 0, &chunk[..1], chunk);
+        }
+        seg.extend_from_slice(tail);
+        let cut = seg.len().saturating_sub(usize::from(sel >> 4));
+        raw_decode_checked(u64::from(sel % 3), 0, 0, &seg[..cut]);
+    }
+}
+
+/// [`decode_raw`](crate::storelink::raw::decode_raw) of `data` from `from`: a batch it
+/// returns starts at `from`, counts its records consecutively and points the next read
+/// inside `data`.
+fn raw_decode_checked(from: u64, segment_base: u64, pos: u64, data: &[u8]) {
+    use crate::storelink::raw::decode_raw;
+    if let Ok((records, hint)) = decode_raw(1, from, 64, segment_base, pos, data) {
+        assert_eq!(records.base_offset(), from);
+        assert_eq!(records.partition(), 1);
+        let mut next = from;
+        for r in records.iter() {
+            assert_eq!(r.offset, next, "raw records are consecutive");
+            next += 1;
+        }
+        assert!(next - from <= 64);
+        assert_eq!(hint.next, next);
+        assert_eq!(hint.segment_base, segment_base);
+        assert!(hint.pos >= pos && hint.pos - pos <= data.len() as u64);
     }
 }
 
@@ -181,6 +221,15 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     )
     .expect("seed encodes");
     out.push(("storelink_decode", "group-assign".into(), push));
+    // A raw answer: the frame prefix, then three stored records from offset 2.
+    let mut frames = Vec::new();
+    for i in 2..5u64 {
+        crate::store::fuzz_encode_record(&mut frames, i, 1_700_000_000_000 + i, b"k", b"payload");
+    }
+    let mut raw = Vec::new();
+    link::encode_raw_prefix(9, 2, 4096, frames.len(), &mut raw).expect("seed encodes");
+    raw.extend_from_slice(&frames);
+    out.push(("storelink_decode", "raw-records".into(), raw));
     let mut seg = vec![0u8];
     for i in 0..4u64 {
         crate::store::fuzz_encode_record(&mut seg, i, 1_700_000_000_000 + i, b"key", b"payload");

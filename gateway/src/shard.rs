@@ -189,6 +189,7 @@ async fn connect_data_plane(init: &ShardInit) -> Option<Arc<DataPlane>> {
                 let rc = ReaderConfig {
                     fetch_records: sc.batch_records,
                     fetch_bytes: sc.batch_bytes,
+                    ..ReaderConfig::default()
                 };
                 return Some(DataPlane::new(
                     CachedReader::new(link, cache, rc),

@@ -20,9 +20,48 @@ use support::*;
 const ONE_SHARD: &str = "[[shards.groups]]\nid = 0\nshards = 1\n\
     [[streams]]\nname = \"t\"\npartitions = 2\ndurability = \"always\"\nmax_payload = 1024\n";
 
-/// Stream `t` of one group with two shards (for the failover test).
+/// Stream `t` of one group with two shards (for the failover test); partition 1 carries
+/// [`big_payload`]s.
 const TWO_SHARDS: &str = "[[shards.groups]]\nid = 0\nshards = 2\n\
-    [[streams]]\nname = \"t\"\npartitions = 2\ndurability = \"never\"\nmax_payload = 1024\n";
+    [[streams]]\nname = \"t\"\npartitions = 2\ndurability = \"never\"\nmax_payload = 8192\n";
+
+/// Payloads of 2.4–5.9 KB: large enough that shards read them with raw store-link reads.
+fn big_payload(i: u64) -> Vec<u8> {
+    let len = 2_400 + (i % 37) as usize * 97;
+    (0..len)
+        .map(|j| (i as usize).wrapping_mul(31).wrapping_add(j) as u8)
+        .collect()
+}
+
+/// Publishes `n` [`big_payload`] records to partition `p`, `per` per batch, and waits for
+/// their acks.
+async fn publish_big(
+    send: &mut SendStream,
+    recv: &mut Reader,
+    seq: &mut u64,
+    p: u32,
+    n: u64,
+    per: u64,
+) {
+    let mut batches = 0;
+    for from in (0..n).step_by(per as usize) {
+        let pay: Vec<Vec<u8>> = (from..(from + per).min(n)).map(big_payload).collect();
+        *seq += 1;
+        let recs = pay.iter().map(|b| NewRecordRef {
+            timestamp: 0,
+            key: b"",
+            payload: b,
+        });
+        send_frame(send, Frame::Produce(Produce::new(*seq, p, recs).unwrap())).await;
+        batches += 1;
+    }
+    for _ in 0..batches {
+        match recv.next().await {
+            Some(Frame::ProduceAck(a)) => assert_eq!(a.partition, p),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+}
 
 fn payload(p: u32, i: u64) -> Vec<u8> {
     format!("p{p}-record-{i:08}-{}", "x".repeat((i % 37) as usize)).into_bytes()
@@ -483,17 +522,24 @@ fn resume_on_another_shard_after_sigkill_has_no_gap_or_duplicate() {
         let mut recv = Reader::new(recv);
         let mut seq = 0;
         publish(&mut send, &mut recv, &mut seq, 0, 0, 3000, 100, |_| 0).await;
+        // Partition 1: large records, which shards read raw (segment bytes over the link).
+        publish_big(&mut send, &mut recv, &mut seq, 1, 600, 20).await;
         let first = gw.ready[0].clone();
         let other = gw.ready[1].clone();
         let shard = attach_shard(&ep, first.addr, &t).await;
         let (_ctl, _r, _) = subscribe(&shard, 1, Start::Earliest, None, Mode::Predictive).await;
-        let mut r = loop {
-            let (open, r) = accept_partition(&shard).await;
+        let (mut r, mut r1) = (None, None);
+        while r.is_none() || r1.is_none() {
+            let (open, rd) = accept_partition(&shard).await;
             if open.partition == 0 {
-                break r;
+                r = Some(rd);
+            } else {
+                r1 = Some(rd);
             }
-        };
+        }
+        let (mut r, mut r1) = (r.unwrap(), r1.unwrap());
         let mut got = read_records(&mut r, 500).await;
+        let mut got1 = read_records(&mut r1, 150).await;
         // The shard dies mid-stream.
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(first.pid),
@@ -501,26 +547,40 @@ fn resume_on_another_shard_after_sigkill_has_no_gap_or_duplicate() {
         )
         .unwrap();
         let next = got.last().unwrap().offset + 1;
+        let next1 = got1.last().unwrap().offset + 1;
         let shard2 = attach_shard(&ep, other.addr, &t).await;
-        let start = Start::Offsets([(0, next)].into_iter().collect());
+        let start = Start::Offsets([(0, next), (1, next1)].into_iter().collect());
         let (_ctl2, _r2, a) = subscribe(&shard2, 1, start, None, Mode::Predictive).await;
-        assert_eq!(
+        let start_of = |p: u32| {
             a.partitions
                 .iter()
-                .find(|p| p.partition == 0)
+                .find(|x| x.partition == p)
                 .unwrap()
-                .start_offset,
-            next
-        );
-        let mut r2 = loop {
-            let (open, r) = accept_partition(&shard2).await;
-            if open.partition == 0 {
-                break r;
-            }
+                .start_offset
         };
-        got.extend(read_records(&mut r2, (3000 - next) as usize).await);
+        assert_eq!((start_of(0), start_of(1)), (next, next1));
+        let (mut r2, mut r21) = (None, None);
+        while r2.is_none() || r21.is_none() {
+            let (open, rd) = accept_partition(&shard2).await;
+            if open.partition == 0 {
+                r2 = Some(rd);
+            } else {
+                r21 = Some(rd);
+            }
+        }
+        got.extend(read_records(&mut r2.unwrap(), (3000 - next) as usize).await);
+        got1.extend(read_records(&mut r21.unwrap(), (600 - next1) as usize).await);
         assert_eq!(got.len(), 3000);
         check_records(0, 0, &got);
+        assert_eq!(got1.len(), 600);
+        for (i, r) in got1.iter().enumerate() {
+            assert_eq!(r.offset, i as u64, "offsets are contiguous");
+            assert!(
+                r.payload == big_payload(r.offset),
+                "payload of offset {}",
+                r.offset
+            );
+        }
     });
 }
 

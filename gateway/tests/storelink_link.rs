@@ -463,3 +463,210 @@ async fn group_members_are_revoked_while_the_link_is_down_and_rejoin() {
     assert_eq!(up.partitions, vec![(0, 12), (1, 34)]);
     drop(f.dir);
 }
+
+/// A store whose segments roll every 64 KiB with an index entry every 8 KiB, holding
+/// `n` records of ~3 KiB (sizes vary) in partition 0 of `orders`.
+fn raw_fixture(n: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(StoreConfig {
+            dir: dir.path().join("store"),
+            segment_bytes: 64 << 10,
+            index_interval_bytes: 8 << 10,
+            ..StoreConfig::default()
+        })
+        .unwrap(),
+    );
+    store
+        .create_stream(
+            "orders",
+            StreamConfig {
+                partitions: 2,
+                ..StreamConfig::default()
+            },
+        )
+        .unwrap();
+    for i in 0..n {
+        let p = big_payload(i);
+        let r = store
+            .append(
+                "orders",
+                0,
+                &[NewRecord {
+                    timestamp_ms: 5_000 + i,
+                    key: b"key",
+                    payload: &p,
+                }],
+            )
+            .unwrap();
+        assert_eq!(r.base_offset, i);
+    }
+    let server = StoreLinkServer::bind(&socket_path(dir.path()), store.clone()).unwrap();
+    Fixture { dir, store, server }
+}
+
+fn big_payload(i: u64) -> Vec<u8> {
+    let len = 2_500 + (i as usize * 37) % 1_500;
+    (0..len).map(|j| (i as usize + j) as u8).collect()
+}
+
+/// `(offset, timestamp, key, payload)` of a batch.
+fn rows(b: &sibyl_gateway::storelink::RecordBatch) -> Vec<(u64, u64, Vec<u8>, Vec<u8>)> {
+    b.iter()
+        .map(|r| (r.offset, r.timestamp, r.key.to_vec(), r.payload.to_vec()))
+        .collect()
+}
+
+#[tokio::test]
+async fn raw_reads_return_what_verifying_reads_return_across_segments() {
+    let f = raw_fixture(200);
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+    // Raw reads following their hints, 20 KiB at a time (ranges end inside frames).
+    let (mut raw, mut hint, mut from, mut hinted) = (Vec::new(), None, 0, 0);
+    while from < 200 {
+        let (b, next) = link
+            .read_raw("orders", 0, from, 1_000, 20 << 10, hint)
+            .await
+            .unwrap();
+        assert_eq!(b.base_offset(), from);
+        assert!(!b.is_empty());
+        hinted += usize::from(hint.is_some());
+        if let Some(n) = next {
+            assert_eq!(n.next, b.next_offset());
+        }
+        hint = next;
+        from = b.next_offset();
+        raw.extend(rows(&b));
+    }
+    assert!(hinted > 10, "later reads start where the last one ended");
+    let mut verified = Vec::new();
+    let mut from = 0;
+    while from < 200 {
+        let b = link.read("orders", 0, from, 1_000, 20 << 10).await.unwrap();
+        from = b.next_offset();
+        verified.extend(rows(&b));
+    }
+    assert_eq!(raw.len(), 200);
+    assert_eq!(raw, verified);
+    for (o, ts, k, p) in &raw {
+        assert_eq!(
+            (*ts, k.as_slice(), p),
+            (5_000 + o, &b"key"[..], &big_payload(*o))
+        );
+    }
+    // Without a hint, from between index entries: the frames before `from` are skipped, and
+    // the batch stops at its segment's end.
+    for from in [1, 43, 77, 123] {
+        let (b, _) = link
+            .read_raw("orders", 0, from, 5, 1 << 20, None)
+            .await
+            .unwrap();
+        let got = rows(&b);
+        assert!(!got.is_empty() && got.len() <= 5);
+        assert_eq!(got, raw[from as usize..from as usize + got.len()].to_vec());
+    }
+    // A hint for another offset is ignored; at the tail the batch is empty.
+    let (b, _) = link.read_raw("orders", 0, 150, 1, 1, hint).await.unwrap();
+    assert_eq!(rows(&b), raw[150..151].to_vec());
+    let (b, next) = link.read_raw("orders", 0, 200, 1, 1, None).await.unwrap();
+    assert!(b.is_empty() && b.next_offset() == 200 && next.is_none());
+    assert!(matches!(
+        link.read_raw("orders", 0, 201, 1, 1, None).await,
+        Err(LinkError::Store(RemoteError::OffsetOutOfRange { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn a_record_damaged_on_disk_stops_a_raw_read_and_is_reported_as_corrupt() {
+    let f = raw_fixture(10);
+    // Damage record 4's payload in the (single, first) segment file, after the store opened.
+    let seg = f
+        .dir
+        .path()
+        .join("store/orders/0")
+        .join(format!("{:020}.log", 0));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let frame = |i: u64| 8 + 20 + 3 + big_payload(i).len();
+    let at: usize = (0..4).map(frame).sum::<usize>() + frame(4) - 1;
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+    let (b, next) = link
+        .read_raw("orders", 0, 0, 100, 1 << 20, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    // From the damaged record on, the raw bytes hold nothing good: the verifying read's answer.
+    assert!(matches!(
+        link.read_raw("orders", 0, 4, 100, 1 << 20, next).await,
+        Err(LinkError::Store(RemoteError::Corrupt { offset: 4, .. }))
+    ));
+    assert!(
+        f.store
+            .metrics()
+            .corrupt_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn the_cached_reader_reads_large_records_raw_and_small_ones_verified() {
+    let f = raw_fixture(100);
+    append_small(&f.store);
+    let link = StoreLink::connect(f.server.path()).await.unwrap();
+    let reader = CachedReader::new(
+        link,
+        CacheConfig::default(),
+        ReaderConfig {
+            fetch_bytes: 16 << 10,
+            ..ReaderConfig::default()
+        },
+    );
+    let mut from = 0;
+    while from < 100 {
+        let b = reader
+            .read("orders", 0, from, 1_000, 16 << 10)
+            .await
+            .unwrap();
+        assert!(b.iter().all(|r| r.payload == big_payload(r.offset)));
+        from = b.next_offset();
+    }
+    let raw = reader.raw_fetches();
+    assert!(raw > 0, "large records are read raw after the first fetch");
+    let mut from = 0;
+    while from < 500 {
+        let b = reader
+            .read("orders", 1, from, 1_000, 16 << 10)
+            .await
+            .unwrap();
+        from = b.next_offset();
+    }
+    assert_eq!(
+        reader.raw_fetches(),
+        raw,
+        "small records are read the verifying way"
+    );
+}
+
+/// 500 records of 10 bytes in partition 1 of `orders`.
+fn append_small(store: &Store) {
+    for i in 0..500u64 {
+        let p = format!("small-{i:04}").into_bytes();
+        store
+            .append(
+                "orders",
+                1,
+                &[NewRecord {
+                    timestamp_ms: i,
+                    key: b"",
+                    payload: &p,
+                }],
+            )
+            .unwrap();
+    }
+}

@@ -24,6 +24,15 @@ pub(crate) fn frame_len(key_len: usize, payload_len: usize) -> usize {
     HEADER_LEN + FIXED_BODY_LEN + key_len + payload_len
 }
 
+/// The whole frame length announced by a frame's first [`HEADER_LEN`] bytes, `None` when the
+/// body length is out of bounds (nothing else is checked: the CRC covers the body).
+pub(crate) fn frame_len_from_header(head: &[u8; HEADER_LEN]) -> Option<usize> {
+    let body_len = u32_at(head, 0) as usize;
+    (FIXED_BODY_LEN..=MAX_BODY_LEN)
+        .contains(&body_len)
+        .then_some(HEADER_LEN + body_len)
+}
+
 /// Appends one encoded frame to `out`.
 ///
 /// The caller has checked `key.len() + payload.len() + FIXED_BODY_LEN <= MAX_BODY_LEN`.

@@ -65,7 +65,19 @@ pub use config::{
 };
 pub use error::StoreError;
 
-pub(crate) use codec::FrameRef;
+pub(crate) use codec::{Decode, FrameRef, decode_frame};
+pub use partition::RawRange;
+
+/// What [`Store::raw_read`] found.
+#[derive(Debug, Clone)]
+pub enum RawRead {
+    /// `from` is the partition's `next`: nothing to read yet.
+    Tail,
+    /// The bytes to send.
+    Range(RawRange),
+    /// No raw range starts here: read the verifying way.
+    Unsuitable,
+}
 
 use partition::{PartitionId, PartitionLog, sync_dir};
 
@@ -449,6 +461,52 @@ impl Store {
         )
     }
 
+    /// Where the stored frames of records `>= from` lie, for a reader that sends the file's
+    /// bytes as they are (the store link's raw read) instead of records. The range starts on
+    /// a frame boundary at or before `from` (`hint`, a `(segment base, byte position)` a
+    /// previous raw read ended on, or the sparse index entry), holds at least one whole frame,
+    /// about `max_bytes` and at most `max_len` bytes, stays inside one segment and stops
+    /// before any corrupt region; it may end inside a frame. **Nothing in it is verified**: the
+    /// reader checks every CRC and offset and falls back to [`read`](Self::read) on anything
+    /// unexpected. [`RawRead::Unsuitable`] when no such range starts here (a corrupt region,
+    /// a frame larger than `max_len`); [`RawRead::Tail`] at `from == next`; the errors of
+    /// [`read`](Self::read) otherwise.
+    pub fn raw_read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        hint: Option<(u64, u64)>,
+        max_bytes: usize,
+        max_len: usize,
+    ) -> Result<RawRead, StoreError> {
+        let s = self.stream(stream)?;
+        let p = s.partition(partition)?;
+        let snap = {
+            let log = p.lock()?;
+            let (earliest, next) = log.bounds();
+            if from < earliest || from > next {
+                return Err(StoreError::OffsetOutOfRange {
+                    stream: stream.to_owned(),
+                    partition,
+                    requested: from,
+                    earliest,
+                    next,
+                });
+            }
+            if from == next {
+                return Ok(RawRead::Tail);
+            }
+            log.segment_plan(from)
+        };
+        Ok(
+            match partition::raw_range(&snap, hint, max_bytes, max_len)? {
+                Some(r) => RawRead::Range(r),
+                None => RawRead::Unsuitable,
+            },
+        )
+    }
+
     /// `(earliest, next)`: the first stored offset and the offset the next record will get.
     pub fn bounds(&self, stream: &str, partition: u32) -> Result<(u64, u64), StoreError> {
         let s = self.stream(stream)?;
@@ -624,8 +682,8 @@ fn write_meta(dir: &Path, cfg: &StreamConfig) -> Result<(), StoreError> {
     sync_dir(dir)
 }
 
-/// Fuzzing support: appends one record encoded as in a segment file (for seed corpora).
-#[cfg(any(fuzzing, feature = "fuzzing"))]
+/// Fuzzing and tests: appends one record encoded as in a segment file (for seed corpora).
+#[cfg(any(test, fuzzing, feature = "fuzzing"))]
 pub fn fuzz_encode_record(out: &mut Vec<u8>, offset: u64, ts_ms: u64, key: &[u8], payload: &[u8]) {
     codec::encode_frame(out, offset, ts_ms, key, payload);
 }

@@ -372,6 +372,18 @@ impl PartitionLog {
         plan
     }
 
+    /// Snapshot of the segment holding `from`, starting at the sparse index entry at or before
+    /// it (the first element of [`read_plan`](Self::read_plan), without the later segments).
+    /// The caller has checked `earliest <= from < next`.
+    pub(crate) fn segment_plan(&self, from: u64) -> SegmentSnapshot {
+        let i = self
+            .segments
+            .partition_point(|s| s.base_offset <= from)
+            .saturating_sub(1);
+        let seg = &self.segments[i];
+        seg.snapshot(seg.index.lookup_offset(from).map_or(0, |e| e.pos))
+    }
+
     /// Snapshot of the segment holding the first record with timestamp `>= ts`, if any
     /// segment has one.
     pub(crate) fn timestamp_plan(&self, ts: u64) -> Option<SegmentSnapshot> {
@@ -642,6 +654,67 @@ pub(crate) fn visit_records(
     }
     metrics.records_read.fetch_add(n as u64, Relaxed);
     Ok(n)
+}
+
+/// A byte range of one segment file that starts on a frame boundary and holds at least one
+/// whole frame ([`Store::raw_read`](super::Store::raw_read)).
+#[derive(Debug, Clone)]
+pub struct RawRange {
+    /// The segment file.
+    pub file: Arc<File>,
+    /// The segment's first offset (names it).
+    pub segment_base: u64,
+    /// Where the range starts in the file.
+    pub pos: u64,
+    /// Length of the range in bytes.
+    pub len: usize,
+}
+
+/// Where a raw read of `snap` from `from` can start and how far it can go: a range of at
+/// most `max_bytes` (but at least the first frame) that stops before the segment's end and
+/// before any hole, of at most `max_len` bytes. `hint` (a segment base and a byte position a
+/// previous raw read ended on) replaces the index position when it names this segment and
+/// lies past that position. `None` when no such range exists here (a hole at the start, a
+/// first frame that does not decode or is larger than `max_len`): the caller then reads the
+/// records the verifying way.
+pub(crate) fn raw_range(
+    snap: &SegmentSnapshot,
+    hint: Option<(u64, u64)>,
+    max_bytes: usize,
+    max_len: usize,
+) -> Result<Option<RawRange>, StoreError> {
+    let start = match hint {
+        Some((base, pos)) if base == snap.base_offset && pos >= snap.start_pos => pos,
+        _ => snap.start_pos,
+    };
+    let limit = match snap.holes.iter().find(|h| h.end_pos > start) {
+        Some(h) if h.pos <= start => return Ok(None),
+        Some(h) => h.pos.min(snap.end),
+        None => snap.end,
+    };
+    if start >= limit {
+        return Ok(None);
+    }
+    let mut head = [0u8; codec::HEADER_LEN];
+    if limit - start < head.len() as u64 {
+        return Ok(None);
+    }
+    snap.file
+        .read_exact_at(&mut head, start)
+        .map_err(StoreError::io(&*snap.path))?;
+    let Some(first) = codec::frame_len_from_header(&head) else {
+        return Ok(None);
+    };
+    let avail = usize::try_from(limit - start).unwrap_or(usize::MAX);
+    if first > avail || first > max_len {
+        return Ok(None);
+    }
+    Ok(Some(RawRange {
+        file: snap.file.clone(),
+        segment_base: snap.base_offset,
+        pos: start,
+        len: max_bytes.max(first).min(avail).min(max_len),
+    }))
 }
 
 /// First offset `>= ` with timestamp `>= ts` in `snap`, scanning from its start position.

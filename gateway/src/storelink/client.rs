@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::batch::RecordBatch;
 use super::codec::{self, MAX_FRAME_LEN, RemoteError, Request, Response, ServerMsg, StreamInfo};
+use super::raw::{self, RawHint};
 use super::server::{LinkReadError, read_frame, size_link_buffers, write_loop};
 
 /// Why a store link call failed. Say whose fault it is and whether to retry with
@@ -309,6 +310,67 @@ impl StoreLink {
         }
     }
 
+    /// Reads like [`read`](Self::read) through a raw read: the hub sends segment bytes and
+    /// this side checks and re-encodes them ([`super::raw`]). `hint` is where the previous
+    /// raw read of the partition ended, if `from` is its `next`. Returns the batch and, when
+    /// it came from segment bytes, where the next raw read continues. When the bytes hold no
+    /// good record from `from` (a corrupt record, a gap) this falls back to a verifying
+    /// [`read`](Self::read), so errors are those of `read`.
+    pub async fn read_raw(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: u64,
+        max_records: u32,
+        max_bytes: u32,
+        hint: Option<RawHint>,
+    ) -> Result<(RecordBatch, Option<RawHint>), LinkError> {
+        let hint = hint
+            .filter(|h| h.next == from)
+            .map(|h| (h.segment_base, h.pos));
+        let req = |id| Request::ReadRaw {
+            id,
+            stream: stream.to_owned(),
+            partition,
+            from,
+            max_records,
+            max_bytes,
+            hint,
+        };
+        let msg = self.call(req).await?;
+        let (batch, next) = match msg {
+            ServerMsg::Raw {
+                segment_base,
+                pos,
+                data,
+                ..
+            } => match raw::decode_raw(partition, from, max_records, segment_base, pos, &data) {
+                Ok((records, next)) => (RecordBatch::from_records(records), Some(next)),
+                Err(problem) => {
+                    tracing::debug!(
+                        stream, partition, from, %problem,
+                        "raw read unusable; reading the verifying way"
+                    );
+                    let b = self
+                        .read(stream, partition, from, max_records, max_bytes)
+                        .await?;
+                    return Ok((b, None));
+                }
+            },
+            ServerMsg::Batch { records, .. } => (RecordBatch::from_records(records), None),
+            ServerMsg::Response(Response::ReadEmpty { next, .. }) => {
+                return Ok((RecordBatch::empty(partition, next), None));
+            }
+            other => return Err(unexpected(&other)),
+        };
+        if batch.partition() != partition || batch.base_offset() != from {
+            return Err(LinkError::Protocol {
+                reason: "batch does not start at the requested offset".into(),
+            });
+        }
+        Ok((batch, next))
+    }
+
     /// Watches a partition's `next` offset. The receiver starts at 0 until the hub answers,
     /// then follows the partition (only growing; intermediate values may be skipped). All
     /// watchers of a partition on this link share one hub-side watch, dropped after the last
@@ -476,6 +538,7 @@ impl Drop for PendingGuard<'_> {
 fn unexpected(msg: &ServerMsg) -> LinkError {
     let what = match msg {
         ServerMsg::Batch { .. } => "a batch".to_owned(),
+        ServerMsg::Raw { .. } => "segment bytes".to_owned(),
         ServerMsg::Response(r) => format!("{r:?}"),
     };
     LinkError::Protocol {
@@ -595,7 +658,7 @@ fn dispatch(inner: &Inner, msg: ServerMsg) {
     let mut guard = inner.state();
     let st = &mut *guard;
     let id = match &msg {
-        ServerMsg::Batch { id, .. } => *id,
+        ServerMsg::Batch { id, .. } | ServerMsg::Raw { id, .. } => *id,
         ServerMsg::Response(r) => match r {
             Response::Watching { id, next } | Response::Tail { watch: id, next } => {
                 let (id, next) = (*id, *next);

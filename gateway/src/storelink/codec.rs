@@ -9,10 +9,18 @@
 //! tag 0x02  Response  hub → shard   CBOR of [`Response`]
 //! tag 0x03  Batch     hub → shard   id u64 BE | a whole client-facing `Records` frame
 //!                                   (type 0x41 | len u32 BE | body, sibyl_proto::frame::data)
+//! tag 0x04  Raw       hub → shard   id u64 BE | segment_base u64 BE | pos u64 BE | bytes of
+//!                                   the segment file from pos on (store frames, unverified)
 //! ```
 //!
 //! A `Batch` carries the records of a `Read` as the very frame a shard sends its clients, so a
 //! shard can forward it with no per-record re-encoding.
+//!
+//! A `Raw` answers a [`Request::ReadRaw`]: the hub sends a range of the segment file as it is
+//! (`sendfile`, never copied through the hub), and the shard checks every frame's CRC and
+//! offset and re-encodes the records as a `Records` batch ([`super::raw`]). The hub may
+//! answer a `ReadRaw` with a `Batch` instead (a corrupt region, an oversized record), and
+//! the shard falls back to `Read` when the bytes are not what it expects.
 //!
 //! Consumer groups ride the same link: the shard relays its group members' join, leave,
 //! positions and forecasts as [`Request::GroupJoin`], [`Request::GroupLeave`],
@@ -46,6 +54,11 @@ const LEN_LEN: usize = 4;
 const TAG_REQUEST: u8 = 0x01;
 const TAG_RESPONSE: u8 = 0x02;
 const TAG_BATCH: u8 = 0x03;
+const TAG_RAW: u8 = 0x04;
+/// Bytes of a `Raw` frame before the segment bytes: length, tag, id, segment base, position.
+pub const RAW_PREFIX: usize = LEN_LEN + 1 + 8 + 8 + 8;
+/// Most segment bytes one `Raw` frame carries.
+pub const MAX_RAW_LEN: usize = MAX_FRAME_LEN - (RAW_PREFIX - LEN_LEN);
 
 /// Why bytes from the peer could not be decoded (the peer sent garbage), or, when encoding,
 /// why a message cannot be sent (the caller's misuse).
@@ -133,6 +146,26 @@ pub enum Request {
         max_records: u32,
         /// About this many bytes (at least one record is returned if any is available).
         max_bytes: u32,
+    },
+    /// Like [`Request::Read`], answered by a `Raw` frame (the segment bytes from a frame
+    /// boundary at or before `from`), a batch frame (the hub's choice), [`Response::ReadEmpty`]
+    /// at the tail, or an error.
+    ReadRaw {
+        /// Request id.
+        id: u64,
+        /// Stream name.
+        stream: String,
+        /// Partition.
+        partition: u32,
+        /// First offset wanted.
+        from: u64,
+        /// At most this many records, if the hub answers with a batch.
+        max_records: u32,
+        /// About this many bytes (at least one whole record).
+        max_bytes: u32,
+        /// `(segment_base, pos)` where the previous raw answer's last whole frame ended, when
+        /// `from` is the offset after it: the hub starts there instead of at its index entry.
+        hint: Option<(u64, u64)>,
     },
     /// Push [`Response::Tail`] whenever the partition's `next` grows; answered by
     /// [`Response::Watching`]. The request id names the watch.
@@ -410,6 +443,17 @@ pub enum ServerMsg {
         /// The records.
         records: Records,
     },
+    /// Segment bytes answering `ReadRaw` request `id` (unverified: see [`super::raw`]).
+    Raw {
+        /// Request id.
+        id: u64,
+        /// First offset of the segment the bytes come from.
+        segment_base: u64,
+        /// Where the bytes start in that segment file.
+        pos: u64,
+        /// The bytes.
+        data: Bytes,
+    },
 }
 
 fn put_frame(
@@ -449,6 +493,31 @@ pub fn encode_response(resp: &Response, out: &mut Vec<u8>) -> Result<(), CodecEr
     put_frame(out, TAG_RESPONSE, |o| {
         sibyl_proto::cbor::to_writer(resp, o).map_err(CodecError::from)
     })
+}
+
+/// Appends the prefix of a `Raw` frame that `len` segment bytes will follow (the hub sends
+/// them straight from the file). [`CodecError::TooLarge`] over [`MAX_RAW_LEN`].
+pub fn encode_raw_prefix(
+    id: u64,
+    segment_base: u64,
+    pos: u64,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    if len > MAX_RAW_LEN {
+        return Err(CodecError::TooLarge {
+            len,
+            max: MAX_RAW_LEN,
+        });
+    }
+    // Bounded by MAX_FRAME_LEN, far below u32::MAX.
+    let frame = (RAW_PREFIX - LEN_LEN + len) as u32;
+    out.extend_from_slice(&frame.to_be_bytes());
+    out.push(TAG_RAW);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&segment_base.to_be_bytes());
+    out.extend_from_slice(&pos.to_be_bytes());
+    Ok(())
 }
 
 /// Appends a batch frame holding an already built `Records` batch.
@@ -663,6 +732,20 @@ pub fn decode_server_msg_shared(body: &Bytes) -> Result<ServerMsg, CodecError> {
             let resp: Response = sibyl_proto::cbor::from_slice(rest)?;
             resp.check_limits()?;
             Ok(ServerMsg::Response(resp))
+        }
+        Some((&TAG_RAW, rest)) => {
+            let head = rest.get(..24).ok_or(CodecError::Short)?;
+            let be = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&head[i..i + 8]);
+                u64::from_be_bytes(b)
+            };
+            Ok(ServerMsg::Raw {
+                id: be(0),
+                segment_base: be(8),
+                pos: be(16),
+                data: body.slice(1 + 24..),
+            })
         }
         Some((&TAG_BATCH, rest)) => {
             let (id, rest) = rest.split_at_checked(8).ok_or(CodecError::Short)?;

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! - [`codec`]: the wire format (I/O-free): [`Request`], [`Response`], batch frames that carry
-//!   a client-facing `Records` frame, every length bounded before allocation.
+//!   a client-facing `Records` frame, raw frames that carry segment bytes, every length
+//!   bounded before allocation.
 //! - [`StoreLinkServer`]: binds `<data>/run/store.sock` (mode 0600), serves each shard link on
 //!   its own task; reads and time lookups run on blocking threads, a bounded number per link;
 //!   tail watches push coalesced `Tail` notifications. A malformed frame closes that link only.
@@ -24,15 +25,24 @@
 //!   partition, bounded per partition and per shard (LRU across partitions).
 //! - [`CachedReader`]: cache first, then one shared fetch through the link per miss position.
 //!
-//! Bytes of a record on the read path: `pread` into the hub's reused read buffer (CRC checked
-//! there), one copy into the batch frame ([`codec::BatchWriter`]), the socket; on the shard
-//! one read into the frame's own buffer, whose `Records` section (a `Bytes` slice) the cache
-//! keeps and the pump hands to QUIC without copying.
+//! - [`raw`] (I/O-free): the shard's half of a raw read, segment bytes → a checked `Records`
+//!   batch.
+//!
+//! Bytes of a record on the read path, verifying `Read`: `pread` into the hub's reused read
+//! buffer (CRC checked there), one copy into the batch frame ([`codec::BatchWriter`]), the
+//! socket; on the shard one read into the frame's own buffer, whose `Records` section (a
+//! `Bytes` slice) the cache keeps and the pump hands to QUIC without copying. `ReadRaw` (what
+//! [`CachedReader`] uses for large records, [`ReaderConfig::raw_min_record_bytes`]): the hub
+//! `sendfile`s the segment range (the kernel moves page references, the hub touches no
+//! byte); the shard reads it into the frame's buffer, checks each CRC and offset and
+//! re-encodes the records once into a `Records` batch ([`raw::decode_raw`]). That moves the
+//! CRC pass to the shard and takes two copies and a socket copy off the hub.
 
 pub mod batch;
 pub mod cache;
 mod client;
 pub mod codec;
+pub mod raw;
 mod reader;
 mod server;
 

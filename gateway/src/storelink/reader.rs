@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 use super::batch::RecordBatch;
 use super::cache::{CacheConfig, CacheStats, ShardCache};
 use super::client::{LinkError, StoreLink};
+use super::raw::RawHint;
 
 /// How much a cache miss fetches from the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,12 @@ pub struct ReaderConfig {
     pub fetch_records: u32,
     /// Bytes per fetch (at least what the caller asked for). Default 1 MiB.
     pub fetch_bytes: u32,
+    /// A partition whose last fetch averaged at least this many bytes per record is read
+    /// with raw reads (the hub sends segment bytes with `sendfile`, this shard checks and
+    /// re-encodes them: [`super::raw`]); smaller records are read the verifying way, where
+    /// the hub's per-record work is cheaper than a second pass here. `u32::MAX` turns raw
+    /// reads off. Default 2 KiB.
+    pub raw_min_record_bytes: u32,
 }
 
 impl Default for ReaderConfig {
@@ -24,8 +31,18 @@ impl Default for ReaderConfig {
         Self {
             fetch_records: 16 * 1024,
             fetch_bytes: 1 << 20,
+            raw_min_record_bytes: 2 << 10,
         }
     }
+}
+
+/// How a partition is fetched: what its last fetch taught.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fetching {
+    /// Use a raw read (the last fetch's records were large).
+    raw: bool,
+    /// Where the last raw read ended.
+    hint: Option<RawHint>,
 }
 
 type Waiters = Vec<oneshot::Sender<Result<RecordBatch, LinkError>>>;
@@ -37,6 +54,8 @@ struct Shared {
     cache: Mutex<ShardCache>,
     inflight: Mutex<HashMap<FetchKey, Waiters>>,
     fetches: AtomicU64,
+    raw_fetches: AtomicU64,
+    fetching: Mutex<HashMap<(String, u32), Fetching>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,6 +108,8 @@ impl CachedReader {
                 cache: Mutex::new(ShardCache::new(cache)),
                 inflight: Mutex::new(HashMap::new()),
                 fetches: AtomicU64::new(0),
+                raw_fetches: AtomicU64::new(0),
+                fetching: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -107,6 +128,11 @@ impl CachedReader {
     /// readers).
     pub fn fetches(&self) -> u64 {
         self.shared.fetches.load(Relaxed)
+    }
+
+    /// Of [`fetches`](Self::fetches), those sent as raw reads.
+    pub fn raw_fetches(&self) -> u64 {
+        self.shared.raw_fetches.load(Relaxed)
     }
 
     /// Bytes the cache holds.
@@ -227,16 +253,31 @@ impl CachedReader {
     ) -> Result<RecordBatch, LinkError> {
         let sh = &*self.shared;
         sh.fetches.fetch_add(1, Relaxed);
-        let r = sh
-            .link
-            .read(
-                stream,
-                partition,
-                from,
-                sh.cfg.fetch_records.max(max_records),
-                sh.cfg.fetch_bytes.max(max_bytes),
-            )
-            .await;
+        let (max_records, max_bytes) = (
+            sh.cfg.fetch_records.max(max_records),
+            sh.cfg.fetch_bytes.max(max_bytes),
+        );
+        let part = (stream.to_owned(), partition);
+        let how = lock(&sh.fetching).get(&part).copied().unwrap_or_default();
+        let r = if how.raw {
+            sh.raw_fetches.fetch_add(1, Relaxed);
+            sh.link
+                .read_raw(stream, partition, from, max_records, max_bytes, how.hint)
+                .await
+        } else {
+            sh.link
+                .read(stream, partition, from, max_records, max_bytes)
+                .await
+                .map(|b| (b, None))
+        };
+        let r = r.map(|(b, hint)| {
+            if let Some(records) = b.records() {
+                let mean = records.body_len() / (records.count().max(1) as usize);
+                let raw = mean >= sh.cfg.raw_min_record_bytes as usize;
+                lock(&sh.fetching).insert(part, Fetching { raw, hint });
+            }
+            b
+        });
         if let Ok(b) = &r {
             lock(&sh.cache).insert(stream, b.clone());
         }

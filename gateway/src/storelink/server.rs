@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use crate::hub::groups::{
     CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport,
 };
 use crate::predict::GroupConfig;
-use crate::store::Store;
+use crate::store::{RawRange, RawRead, Store};
 
 /// Limits of the hub side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,18 +225,102 @@ pub(crate) fn size_link_buffers(stream: &UnixStream) {
     }
 }
 
+/// What a link's writer sends: an encoded frame, or a `Raw` frame whose segment bytes go
+/// from the file to the socket with `sendfile` (never through the hub's memory).
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// A whole frame.
+    Frame(Vec<u8>),
+    /// The prefix of a `Raw` frame ([`codec::encode_raw_prefix`]), then `range`'s bytes.
+    Raw { prefix: Vec<u8>, range: RawRange },
+}
+
+impl From<Vec<u8>> for Out {
+    fn from(f: Vec<u8>) -> Self {
+        Self::Frame(f)
+    }
+}
+
+/// How often a `sendfile` waiting for the socket checks whether its link is gone.
+const SENDFILE_POLL: Duration = Duration::from_millis(100);
+
 /// Writes queued frames, coalescing whatever is queued into one flush.
-pub(crate) async fn write_loop(
+pub(crate) async fn write_loop<T: Into<Out>>(
     wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<T>,
 ) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(64 << 10, wr);
+    // Set when this task ends, however it ends: a `sendfile` still waiting gives up.
+    let gone = SetOnDrop(Arc::new(AtomicBool::new(false)));
     while let Some(f) = rx.recv().await {
-        w.write_all(&f).await?;
+        write_out(&mut w, f.into(), &gone.0).await?;
         while let Ok(f) = rx.try_recv() {
-            w.write_all(&f).await?;
+            write_out(&mut w, f.into(), &gone.0).await?;
         }
         w.flush().await?;
+    }
+    Ok(())
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn write_out(
+    w: &mut BufWriter<OwnedWriteHalf>,
+    out: Out,
+    gone: &Arc<AtomicBool>,
+) -> io::Result<()> {
+    match out {
+        Out::Frame(f) => w.write_all(&f).await,
+        Out::Raw { prefix, range } => {
+            w.write_all(&prefix).await?;
+            w.flush().await?;
+            // On a blocking thread: the file's pages may have to come from the disk. The
+            // duplicate descriptor stays valid whatever happens to this task meanwhile.
+            let sock = w.get_ref().as_ref().as_fd().try_clone_to_owned()?;
+            let gone = gone.clone();
+            tokio::task::spawn_blocking(move || send_range(&sock, &range, &gone))
+                .await
+                .map_err(io::Error::other)?
+        }
+    }
+}
+
+/// Sends `range`'s bytes from its file to the (non-blocking) socket `sock`, waiting for room
+/// with `poll`; gives up when `gone` is set.
+fn send_range(sock: &OwnedFd, range: &RawRange, gone: &AtomicBool) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut off = i64::try_from(range.pos).map_err(io::Error::other)?;
+    let mut left = range.len;
+    let slice = PollTimeout::try_from(SENDFILE_POLL).unwrap_or(PollTimeout::MAX);
+    while left > 0 {
+        match nix::sys::sendfile::sendfile64(sock, &*range.file, Some(&mut off), left) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "segment file ends inside its range",
+                ));
+            }
+            Ok(n) => left -= n.min(left),
+            Err(Errno::EAGAIN) => {
+                if gone.load(Ordering::Relaxed) {
+                    return Err(io::ErrorKind::BrokenPipe.into());
+                }
+                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+                match poll(&mut fds, slice) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -263,7 +348,7 @@ async fn serve_link(
     size_link_buffers(&stream);
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 << 10, rd);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(cfg.max_inflight_per_link + 64);
+    let (tx, rx) = mpsc::channel::<Out>(cfg.max_inflight_per_link + 64);
     let _writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx)));
     // However this link ends (EOF, garbage, shutdown abort), its group members leave.
     let member_of = LinkGuard {
@@ -325,11 +410,11 @@ async fn handle(
     req: Request,
     store: &Arc<Store>,
     cfg: &ServerConfig,
-    tx: &mpsc::Sender<Vec<u8>>,
+    tx: &mpsc::Sender<Out>,
     inflight: &Arc<Semaphore>,
     watches: &mut WatchSet,
 ) -> Result<(), WriterGone> {
-    let send = |f: Vec<u8>| async move { tx.send(f).await.map_err(|_| WriterGone) };
+    let send = |f: Vec<u8>| async move { tx.send(f.into()).await.map_err(|_| WriterGone) };
     match req {
         Request::Streams { id } => {
             let streams = store
@@ -372,7 +457,7 @@ async fn handle(
                     Ok(Err(e)) => error_frame(id, RemoteError::from(&e)),
                     Err(e) => error_frame(id, unavailable(&e)),
                 };
-                let _ = tx.send(f).await;
+                let _ = tx.send(f.into()).await;
                 drop(permit);
             });
             Ok(())
@@ -403,7 +488,40 @@ async fn handle(
                 })
                 .await;
                 let f = r.unwrap_or_else(|e| error_frame(id, unavailable(&e)));
-                let _ = tx.send(f).await;
+                let _ = tx.send(f.into()).await;
+                drop(permit);
+            });
+            Ok(())
+        }
+        Request::ReadRaw {
+            id,
+            stream,
+            partition,
+            from,
+            max_records,
+            max_bytes,
+            hint,
+        } => {
+            let permit = inflight.clone().acquire_owned().await;
+            let (store, tx) = (store.clone(), tx.clone());
+            let max_records = max_records.clamp(1, cfg.max_read_records.max(1)) as usize;
+            let max_bytes = max_bytes.min(cfg.max_read_bytes) as usize;
+            tokio::spawn(async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    raw_blocking(
+                        &store,
+                        id,
+                        &stream,
+                        partition,
+                        from,
+                        hint,
+                        max_records,
+                        max_bytes,
+                    )
+                })
+                .await;
+                let out = r.unwrap_or_else(|e| error_frame(id, unavailable(&e)).into());
+                let _ = tx.send(out).await;
                 drop(permit);
             });
             Ok(())
@@ -433,7 +551,7 @@ async fn handle(
                 while rx.changed().await.is_ok() {
                     let next = *rx.borrow_and_update();
                     if tx
-                        .send(response_frame(&Response::Tail { watch: id, next }))
+                        .send(response_frame(&Response::Tail { watch: id, next }).into())
                         .await
                         .is_err()
                     {
@@ -621,7 +739,7 @@ fn route(st: &mut GroupsState) {
 }
 
 /// Sends a link's group pushes as `GroupAssign` responses.
-async fn push_loop(outbox: Arc<Outbox>, tx: mpsc::Sender<Vec<u8>>) {
+async fn push_loop(outbox: Arc<Outbox>, tx: mpsc::Sender<Out>) {
     loop {
         outbox.ready.notified().await;
         let batch = std::mem::take(&mut *lock(&outbox.pending));
@@ -631,7 +749,7 @@ async fn push_loop(outbox: Arc<Outbox>, tx: mpsc::Sender<Vec<u8>>) {
                 epoch,
                 partitions,
             });
-            if tx.send(f).await.is_err() {
+            if tx.send(f.into()).await.is_err() {
                 return;
             }
         }
@@ -723,6 +841,45 @@ fn unavailable(e: &tokio::task::JoinError) -> RemoteError {
 
 /// Runs one read on a blocking thread and encodes its answer: each record goes from the
 /// store's read buffer straight into the batch frame (CRC verified by the store, one copy).
+/// Answers a `ReadRaw`: a `Raw` frame of the segment bytes from `from` on when the store has
+/// such a range, a verifying batch (as `Read`) when it has not.
+#[allow(clippy::too_many_arguments)]
+fn raw_blocking(
+    store: &Store,
+    id: u64,
+    stream: &str,
+    partition: u32,
+    from: u64,
+    hint: Option<(u64, u64)>,
+    max_records: usize,
+    max_bytes: usize,
+) -> Out {
+    match store.raw_read(stream, partition, from, hint, max_bytes, codec::MAX_RAW_LEN) {
+        Ok(RawRead::Tail) => response_frame(&Response::ReadEmpty { id, next: from }).into(),
+        Ok(RawRead::Range(range)) => {
+            let mut prefix = Vec::with_capacity(codec::RAW_PREFIX);
+            match codec::encode_raw_prefix(
+                id,
+                range.segment_base,
+                range.pos,
+                range.len,
+                &mut prefix,
+            ) {
+                Ok(()) => Out::Raw { prefix, range },
+                // The store bounds the range by MAX_RAW_LEN.
+                Err(_) => {
+                    read_frame_blocking(store, id, stream, partition, from, max_records, max_bytes)
+                        .into()
+                }
+            }
+        }
+        Ok(RawRead::Unsuitable) => {
+            read_frame_blocking(store, id, stream, partition, from, max_records, max_bytes).into()
+        }
+        Err(e) => error_frame(id, RemoteError::from(&e)).into(),
+    }
+}
+
 fn read_frame_blocking(
     store: &Store,
     id: u64,
