@@ -201,6 +201,15 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             loads: vec![(0, 100, 10_000), (1, 5, 500)],
         },
         Request::GroupLeave { member: 7 },
+        Request::ReadRaw {
+            id: 5,
+            stream: "events".into(),
+            partition: 2,
+            from: 7,
+            max_records: 100,
+            max_bytes: 1 << 20,
+            hint: Some((0, 4096)),
+        },
     ];
     let mut all = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
