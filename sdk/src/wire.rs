@@ -1,5 +1,6 @@
 //! Frames over quinn streams: one [`FrameDecoder`] per receive stream, whole frames out.
 
+use bytes::BytesMut;
 use sibyl_proto::{Codec, Frame, FrameDecoder};
 
 use crate::error::{ConnectError, ProtocolError};
@@ -35,20 +36,35 @@ impl FrameReader {
             if let Some(frame) = self.decoder.next_frame().map_err(ProtocolError::from)? {
                 return Ok(Some(frame));
             }
-            match self
-                .recv
-                .read_chunk(READ_CHUNK, true)
-                .await
-                .map_err(ConnectError::from_read)?
-            {
-                Some(chunk) => self.decoder.push(&chunk.bytes),
-                None => {
-                    self.decoder.finish().map_err(ProtocolError::from)?;
-                    return Ok(None);
-                }
+            // Straight into the decoder's buffer: quinn copies every chunk it holds in one
+            // call (one lock of the connection, one flow-control update) instead of one call
+            // per packet-sized chunk.
+            let buf = self.decoder.read_buffer(READ_CHUNK);
+            let n = read_into(&mut self.recv, buf).await?;
+            if n == 0 {
+                self.decoder.finish().map_err(ProtocolError::from)?;
+                return Ok(None);
             }
         }
     }
+}
+
+/// Reads what `recv` has (at least one byte, waiting if it has none) into `buf`'s spare
+/// capacity; 0 at the end of the stream.
+async fn read_into(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<usize, ConnectError> {
+    use tokio::io::AsyncReadExt;
+    recv.read_buf(buf).await.map_err(|e| {
+        // quinn's `AsyncRead` wraps its `ReadError` in the `io::Error`.
+        let e = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+            .cloned()
+            .unwrap_or(quinn::ReadError::ClosedStream);
+        ConnectError::from_read(e)
+    })
 }
 
 /// Writes one whole frame.

@@ -352,6 +352,60 @@ proptest! {
         prop_assert_eq!(&a, &frames);
         prop_assert_eq!(&b, &frames);
     }
+
+    #[test]
+    fn decoder_read_buffer_equals_push(
+        frames in proptest::collection::vec(any_frame(), 1..6),
+        step in 1usize..700,
+    ) {
+        let mut wire = Vec::new();
+        for f in &frames {
+            f.encode(&mut wire);
+        }
+        // A transport that appends up to `step` bytes per read into the decoder's buffer.
+        let mut d = FrameDecoder::new(DecodeLimits::default());
+        let mut got = Vec::new();
+        for piece in wire.chunks(step) {
+            let buf = d.read_buffer(step);
+            prop_assert!(buf.capacity() > buf.len());
+            buf.extend_from_slice(piece);
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        d.finish().unwrap();
+        prop_assert_eq!(&got, &frames);
+    }
+}
+
+#[test]
+fn decoder_read_buffer_makes_room_for_a_whole_records_frame_once_its_header_is_in() {
+    let recs: Vec<Record> = (0..4)
+        .map(|i| Record {
+            offset: i,
+            timestamp: 1,
+            key: vec![],
+            payload: vec![7; 20_000],
+        })
+        .collect();
+    let mut wire = Vec::new();
+    Frame::from(Records::from_records(0, &recs).unwrap()).encode(&mut wire);
+    let mut d = FrameDecoder::new(DecodeLimits::default());
+    d.read_buffer(64).extend_from_slice(&wire[..10]);
+    assert!(d.next_frame().unwrap().is_none());
+    let buf = d.read_buffer(64);
+    assert!(
+        buf.capacity() >= wire.len(),
+        "the whole frame fits without moving"
+    );
+    let at = buf.as_ptr();
+    buf.extend_from_slice(&wire[10..]);
+    assert_eq!(buf.as_ptr(), at);
+    let Some(Frame::Records(r)) = d.next_frame().unwrap() else {
+        panic!("a Records frame")
+    };
+    assert_eq!(r.to_records(), recs);
+    d.finish().unwrap();
 }
 
 #[test]

@@ -255,7 +255,8 @@ impl Codec for Frame {
 
 /// Buffers the bytes of one stream and yields whole frames.
 ///
-/// Call [`push`](Self::push) with each chunk read from the stream, then
+/// Call [`push`](Self::push) with each chunk read from the stream (or read straight into
+/// [`read_buffer`](Self::read_buffer)), then
 /// [`next_frame`](Self::next_frame) until it returns `Ok(None)`; at the stream's end call
 /// [`finish`](Self::finish). Any `Err` is fatal for the stream: close with
 /// [`FrameError::code`]. The buffer never grows past one frame's maximum plus one chunk as
@@ -303,6 +304,23 @@ impl FrameDecoder {
             }
         }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// The buffer to read the stream's next bytes into, for a transport that copies into
+    /// spare capacity (one copy, no intermediate chunk). While a `Records` frame whose header
+    /// is buffered is incomplete, it has room for exactly the rest of that frame (bounded by
+    /// `max_batch_body`, as with [`push`](Self::push)), so the frame is never moved while it
+    /// arrives; otherwise at least `min` bytes of spare capacity. Only append to it
+    /// (`BufMut`, `read_buf`); then call [`next_frame`](Self::next_frame) as after a push.
+    pub fn read_buffer(&mut self, min: usize) -> &mut BytesMut {
+        let want = match peek_header(&self.buf, &self.limits) {
+            Ok((FrameType::Records, len)) if HEADER_LEN + len as usize > self.buf.len() => {
+                HEADER_LEN + len as usize - self.buf.len()
+            }
+            _ => min,
+        };
+        self.buf.reserve(want);
+        &mut self.buf
     }
 
     /// After a frame was taken: room for the whole next `Records` frame if its header is
