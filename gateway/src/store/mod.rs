@@ -435,17 +435,7 @@ impl Store {
         let p = s.partition(partition)?;
         let plan = {
             let log = p.lock()?;
-            let (earliest, next) = log.bounds();
-            if from_offset < earliest || from_offset > next {
-                return Err(StoreError::OffsetOutOfRange {
-                    stream: stream.to_owned(),
-                    partition,
-                    requested: from_offset,
-                    earliest,
-                    next,
-                });
-            }
-            if from_offset == next {
+            if !log.readable_from(from_offset)? {
                 return Ok(0);
             }
             log.read_plan(from_offset)
@@ -484,17 +474,7 @@ impl Store {
         let p = s.partition(partition)?;
         let snap = {
             let log = p.lock()?;
-            let (earliest, next) = log.bounds();
-            if from < earliest || from > next {
-                return Err(StoreError::OffsetOutOfRange {
-                    stream: stream.to_owned(),
-                    partition,
-                    requested: from,
-                    earliest,
-                    next,
-                });
-            }
-            if from == next {
+            if !log.readable_from(from)? {
                 return Ok(RawRead::Tail);
             }
             log.segment_plan(from)

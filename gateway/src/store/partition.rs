@@ -357,6 +357,22 @@ impl PartitionLog {
         Ok(delete as u64)
     }
 
+    /// Whether a read may start at `from`: [`StoreError::OffsetOutOfRange`] outside
+    /// `[earliest, next]`, `false` at `next` (nothing to read yet), `true` below it.
+    pub(crate) fn readable_from(&self, from: u64) -> Result<bool, StoreError> {
+        let (earliest, next) = self.bounds();
+        if from < earliest || from > next {
+            return Err(StoreError::OffsetOutOfRange {
+                stream: self.id.stream.clone(),
+                partition: self.id.partition,
+                requested: from,
+                earliest,
+                next,
+            });
+        }
+        Ok(from < next)
+    }
+
     /// Snapshots what a read from `from` needs, so the bytes are read outside the lock.
     /// The caller has checked `earliest <= from < next`.
     pub(crate) fn read_plan(&self, from: u64) -> Vec<SegmentSnapshot> {

@@ -295,13 +295,7 @@ impl StoreLink {
         };
         match self.call(req).await? {
             ServerMsg::Batch { records, .. } => {
-                let batch = RecordBatch::from_records(records);
-                if batch.partition() != partition || batch.base_offset() != from {
-                    return Err(LinkError::Protocol {
-                        reason: "batch does not start at the requested offset".into(),
-                    });
-                }
-                Ok(batch)
+                starting_at(RecordBatch::from_records(records), partition, from)
             }
             ServerMsg::Response(Response::ReadEmpty { next, .. }) => {
                 Ok(RecordBatch::empty(partition, next))
@@ -363,12 +357,7 @@ impl StoreLink {
             }
             other => return Err(unexpected(&other)),
         };
-        if batch.partition() != partition || batch.base_offset() != from {
-            return Err(LinkError::Protocol {
-                reason: "batch does not start at the requested offset".into(),
-            });
-        }
-        Ok((batch, next))
+        Ok((starting_at(batch, partition, from)?, next))
     }
 
     /// Watches a partition's `next` offset. The receiver starts at 0 until the hub answers,
@@ -533,6 +522,16 @@ impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.inner.state().pending.remove(&self.id);
     }
+}
+
+/// `batch` if it holds `partition`'s records from `from` on, as a read of `from` asked.
+fn starting_at(batch: RecordBatch, partition: u32, from: u64) -> Result<RecordBatch, LinkError> {
+    if batch.partition() != partition || batch.base_offset() != from {
+        return Err(LinkError::Protocol {
+            reason: "batch does not start at the requested offset".into(),
+        });
+    }
+    Ok(batch)
 }
 
 fn unexpected(msg: &ServerMsg) -> LinkError {

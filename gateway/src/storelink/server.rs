@@ -445,21 +445,14 @@ async fn handle(
             partition,
             ts_ms,
         } => {
-            let permit = inflight.clone().acquire_owned().await;
-            let (store, tx) = (store.clone(), tx.clone());
-            tokio::spawn(async move {
-                let r = tokio::task::spawn_blocking(move || {
-                    store.offset_for_timestamp(&stream, partition, ts_ms)
-                })
-                .await;
-                let f = match r {
-                    Ok(Ok(offset)) => response_frame(&Response::Offset { id, offset }),
-                    Ok(Err(e)) => error_frame(id, RemoteError::from(&e)),
-                    Err(e) => error_frame(id, unavailable(&e)),
-                };
-                let _ = tx.send(f.into()).await;
-                drop(permit);
-            });
+            store_call(inflight, store, tx, id, move |store| {
+                match store.offset_for_timestamp(&stream, partition, ts_ms) {
+                    Ok(offset) => response_frame(&Response::Offset { id, offset }),
+                    Err(e) => error_frame(id, RemoteError::from(&e)),
+                }
+                .into()
+            })
+            .await;
             Ok(())
         }
         Request::Read {
@@ -470,27 +463,13 @@ async fn handle(
             max_records,
             max_bytes,
         } => {
-            let permit = inflight.clone().acquire_owned().await;
-            let (store, tx) = (store.clone(), tx.clone());
             let max_records = max_records.clamp(1, cfg.max_read_records.max(1)) as usize;
             let max_bytes = max_bytes.min(cfg.max_read_bytes) as usize;
-            tokio::spawn(async move {
-                let r = tokio::task::spawn_blocking(move || {
-                    read_frame_blocking(
-                        &store,
-                        id,
-                        &stream,
-                        partition,
-                        from,
-                        max_records,
-                        max_bytes,
-                    )
-                })
-                .await;
-                let f = r.unwrap_or_else(|e| error_frame(id, unavailable(&e)));
-                let _ = tx.send(f.into()).await;
-                drop(permit);
-            });
+            store_call(inflight, store, tx, id, move |store| {
+                read_frame_blocking(store, id, &stream, partition, from, max_records, max_bytes)
+                    .into()
+            })
+            .await;
             Ok(())
         }
         Request::ReadRaw {
@@ -502,28 +481,21 @@ async fn handle(
             max_bytes,
             hint,
         } => {
-            let permit = inflight.clone().acquire_owned().await;
-            let (store, tx) = (store.clone(), tx.clone());
             let max_records = max_records.clamp(1, cfg.max_read_records.max(1)) as usize;
             let max_bytes = max_bytes.min(cfg.max_read_bytes) as usize;
-            tokio::spawn(async move {
-                let r = tokio::task::spawn_blocking(move || {
-                    raw_blocking(
-                        &store,
-                        id,
-                        &stream,
-                        partition,
-                        from,
-                        hint,
-                        max_records,
-                        max_bytes,
-                    )
-                })
-                .await;
-                let out = r.unwrap_or_else(|e| error_frame(id, unavailable(&e)).into());
-                let _ = tx.send(out).await;
-                drop(permit);
-            });
+            store_call(inflight, store, tx, id, move |store| {
+                raw_blocking(
+                    store,
+                    id,
+                    &stream,
+                    partition,
+                    from,
+                    hint,
+                    max_records,
+                    max_bytes,
+                )
+            })
+            .await;
             Ok(())
         }
         Request::WatchTail {
@@ -831,6 +803,27 @@ impl Drop for LinkGuard {
             );
         }
     }
+}
+
+/// Runs `call` (a store call that may block on the disk) on a blocking thread, at most
+/// `max_inflight_per_link` per link (waiting for a slot stops reading the link), and queues
+/// its answer to request `id`.
+async fn store_call(
+    inflight: &Arc<Semaphore>,
+    store: &Arc<Store>,
+    tx: &mpsc::Sender<Out>,
+    id: u64,
+    call: impl FnOnce(&Store) -> Out + Send + 'static,
+) {
+    let permit = inflight.clone().acquire_owned().await;
+    let (store, tx) = (store.clone(), tx.clone());
+    tokio::spawn(async move {
+        let out = tokio::task::spawn_blocking(move || call(&store))
+            .await
+            .unwrap_or_else(|e| error_frame(id, unavailable(&e)).into());
+        let _ = tx.send(out).await;
+        drop(permit);
+    });
 }
 
 fn unavailable(e: &tokio::task::JoinError) -> RemoteError {
