@@ -5,7 +5,8 @@ use sibyl_proto::{Codec, Frame, FrameDecoder};
 
 use crate::error::{ConnectError, ProtocolError};
 
-/// Largest chunk taken from quinn per read (the decoder bounds frames by type first).
+/// Room offered to quinn per read outside a `Records` frame (inside one, the rest of the
+/// frame is offered; the decoder bounds frames by type first).
 const READ_CHUNK: usize = 64 * 1024;
 
 /// A receive stream with its frame decoder.
