@@ -22,14 +22,18 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+/// A store (configured by `tune`) with stream `orders` of 2 partitions, and its link server.
+fn fixture_with(tune: impl FnOnce(&mut StoreConfig)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(StoreConfig {
-            dir: dir.path().join("store"),
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    );
+    let mut cfg = StoreConfig {
+        dir: dir.path().join("store"),
+        ..StoreConfig::default()
+    };
+    tune(&mut cfg);
+    let store = Arc::new(Store::open(cfg).unwrap());
     store
         .create_stream(
             "orders",
@@ -467,25 +471,11 @@ async fn group_members_are_revoked_while_the_link_is_down_and_rejoin() {
 /// A store whose segments roll every 64 KiB with an index entry every 8 KiB, holding
 /// `n` records of ~3 KiB (sizes vary) in partition 0 of `orders`.
 fn raw_fixture(n: u64) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(
-        Store::open(StoreConfig {
-            dir: dir.path().join("store"),
-            segment_bytes: 64 << 10,
-            index_interval_bytes: 8 << 10,
-            ..StoreConfig::default()
-        })
-        .unwrap(),
-    );
-    store
-        .create_stream(
-            "orders",
-            StreamConfig {
-                partitions: 2,
-                ..StreamConfig::default()
-            },
-        )
-        .unwrap();
+    let f = fixture_with(|c| {
+        c.segment_bytes = 64 << 10;
+        c.index_interval_bytes = 8 << 10;
+    });
+    let store = &f.store;
     for i in 0..n {
         let p = big_payload(i);
         let r = store
@@ -501,8 +491,7 @@ fn raw_fixture(n: u64) -> Fixture {
             .unwrap();
         assert_eq!(r.base_offset, i);
     }
-    let server = StoreLinkServer::bind(&socket_path(dir.path()), store.clone()).unwrap();
-    Fixture { dir, store, server }
+    f
 }
 
 fn big_payload(i: u64) -> Vec<u8> {
