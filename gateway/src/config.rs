@@ -500,10 +500,14 @@ pub struct ConnectionConfig {
     #[serde(with = "humantime_serde")]
     pub keep_alive_interval: Duration,
     /// After the handshake, a client must send its first frame (`Hello` to the hub, `Attach`
-    /// to a shard) within this time, or the connection is closed (`PROTOCOL_VIOLATION`).
-    /// Default 10s.
+    /// to a shard, `Subscribe` on a new control stream) within this time, or the connection
+    /// is closed (`IDLE`). Default 10s.
     #[serde(with = "humantime_serde")]
     pub attach_timeout: Duration,
+    /// Attached sessions one shard serves at once; an attach beyond it is refused: the shard
+    /// closes the connection with `OVERLOADED` (the client tries the ticket's next endpoint).
+    /// Default 10 000; 1..=1 000 000.
+    pub max_sessions: u32,
 }
 
 impl Default for ConnectionConfig {
@@ -515,6 +519,7 @@ impl Default for ConnectionConfig {
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: Duration::from_secs(10),
             attach_timeout: Duration::from_secs(10),
+            max_sessions: 10_000,
         }
     }
 }
@@ -865,6 +870,9 @@ impl Config {
         }
         if c.attach_timeout.is_zero() {
             return Err(invalid("connection.attach_timeout", "must be > 0"));
+        }
+        if !(1..=1_000_000).contains(&c.max_sessions) {
+            return Err(invalid("connection.max_sessions", "must be in 1..=1000000"));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, st) in self.streams.iter().enumerate() {

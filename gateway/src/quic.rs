@@ -217,14 +217,15 @@ pub async fn read_frame(
     }
 }
 
-/// Reads the first frame of a stream within `within`; the stream ending first is
-/// [`StreamError::Ended`].
+/// Reads the first frame of a stream that carries only `allowed` within `within`; the
+/// stream ending first is [`StreamError::Ended`].
 pub async fn read_first_frame(
     recv: &mut RecvStream,
     limits: DecodeLimits,
+    allowed: &'static [FrameType],
     within: Duration,
 ) -> Result<Frame, StreamError> {
-    let mut dec = FrameDecoder::new(limits);
+    let mut dec = FrameDecoder::accepting(limits, allowed);
     match tokio::time::timeout(within, read_frame(recv, &mut dec)).await {
         Ok(Ok(Some(f))) => Ok(f),
         Ok(Ok(None)) => Err(StreamError::Ended),

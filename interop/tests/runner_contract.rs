@@ -157,6 +157,7 @@ fn matrix_renders_markdown_and_json() {
         verdict,
         duration_ms: 1500,
         reason: reason.map(Into::into),
+        requirements: Default::default(),
     };
     let mut m = Matrix::default();
     m.push(cell("rust", "handshake", Verdict::Pass, None));
@@ -196,4 +197,20 @@ fn matrix_renders_markdown_and_json() {
     let mut ok = Matrix::default();
     ok.push(cell("rust", "ticket", Verdict::Unsupported, None));
     assert!(!ok.any_failed());
+    // A conformance cell lists its requirements, one row each.
+    let mut conf = cell("python", "conformance", Verdict::Fail, Some("R02"));
+    conf.requirements.insert("R01".into(), "pass".into());
+    conf.requirements
+        .insert("R02".into(), "fail: no close".into());
+    let mut m = Matrix::default();
+    m.push(conf);
+    let md = m.to_markdown();
+    assert!(
+        md.contains("| requirement | python × sibyl-gateway |"),
+        "{md}"
+    );
+    assert!(md.contains("| R01 | pass |"), "{md}");
+    assert!(md.contains("| R02 | fail: no close |"), "{md}");
+    let json: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
+    assert_eq!(json["cells"][0]["requirements"]["R02"], "fail: no close");
 }

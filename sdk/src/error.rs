@@ -30,7 +30,7 @@ pub enum ConnectError {
     /// how it refuses an `Attach`, e.g. [`ErrorCode::TokenInvalid`]).
     #[error("peer closed the connection: {code}: {reason}")]
     Closed {
-        /// The QUIC application error code, mapped with [`ErrorCode::from_u32`].
+        /// The QUIC application error code, mapped with [`ErrorCode::from_u64`].
         code: ErrorCode,
         /// The close reason the peer gave (lossily decoded as UTF-8).
         reason: String,
@@ -159,9 +159,10 @@ fn is_crypto(code: u64) -> bool {
     (0x100..=0x1ff).contains(&code)
 }
 
-/// A QUIC application error code as a Sibyl [`ErrorCode`]; values beyond `u32` are unknown.
+/// A QUIC application error code as a Sibyl [`ErrorCode`] (unlisted values, however large,
+/// are [`ErrorCode::Unknown`]).
 pub(crate) fn code_from_varint(v: quinn::VarInt) -> ErrorCode {
-    u32::try_from(v.into_inner()).map_or(ErrorCode::Unknown(u32::MAX), ErrorCode::from_u32)
+    ErrorCode::from_u64(v.into_inner())
 }
 
 /// TLS material or handshake problems.

@@ -315,11 +315,20 @@ pub struct Claims {
     /// The token is refused from this instant on (plus the allowed clock skew).
     #[serde(rename = "e")]
     pub expires_at: u64,
+    /// The wire protocol version the hub negotiated with the client (`Ticket.version`); the
+    /// shard refuses a version it does not speak. Absent in tokens sealed before the field
+    /// existed, which read as version 1.
+    #[serde(rename = "v", default = "first_protocol_version")]
+    pub protocol_version: u32,
+}
+
+fn first_protocol_version() -> u32 {
+    1
 }
 
 impl Claims {
     /// Fresh claims issued at `now`, valid from `now` for `ttl`, with a random token id and
-    /// session secret.
+    /// session secret, for protocol version 1.
     pub fn issue(
         client_id: impl Into<String>,
         shard_group: u32,
@@ -338,6 +347,7 @@ impl Claims {
             issued_at: now,
             not_before: now,
             expires_at: now.saturating_add(ttl.as_secs()),
+            protocol_version: first_protocol_version(),
         })
     }
 

@@ -55,6 +55,7 @@ pub fn sample_claims() -> Claims {
         issued_at: NOW - 10,
         not_before: NOW - 10,
         expires_at: NOW + 3600,
+        protocol_version: 1,
     }
 }
 

@@ -396,6 +396,7 @@ fn arb_claims() -> impl Strategy<Value = Claims> {
                 issued_at: i,
                 not_before: n,
                 expires_at: e,
+                protocol_version: 1,
             },
         )
 }

@@ -27,6 +27,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use quinn::Endpoint;
+use sibyl_proto::frame::inbound;
 use sibyl_proto::frame::{
     Action, Endpoint as TicketEndpoint, GroupHint, Hello, ProduceError, Refused, Ticket,
 };
@@ -295,6 +296,7 @@ impl Hub {
             issued_at: now,
             not_before: now,
             expires_at,
+            protocol_version: version,
         };
         let token = self
             .keyring
@@ -491,7 +493,14 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
             return;
         }
     };
-    let hello = match quic::read_first_frame(&mut recv, cs.limits, cs.first_frame_within).await {
+    let hello = match quic::read_first_frame(
+        &mut recv,
+        cs.limits,
+        inbound::HUB_STREAM,
+        cs.first_frame_within,
+    )
+    .await
+    {
         Ok(Frame::Hello(h)) => h,
         Ok(other) => return close_on(&conn, &StreamError::Unexpected(other.frame_type())),
         Err(e) => return close_on(&conn, &e),
@@ -554,7 +563,7 @@ async fn serve_after_ticket(
             },
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
-        let mut dec = FrameDecoder::new(cs.limits);
+        let mut dec = FrameDecoder::accepting(cs.limits, inbound::AFTER_TICKET);
         let first =
             tokio::time::timeout(cs.first_frame_within, quic::read_frame(&mut recv, &mut dec))
                 .await

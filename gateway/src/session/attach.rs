@@ -95,6 +95,16 @@ pub fn check_token(
             "token was issued to another client_id",
         ));
     }
+    if !sibyl_proto::SUPPORTED_VERSIONS.contains(&claims.protocol_version) {
+        return Err(AttachRefusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "token is for protocol version {}, this shard speaks {:?}",
+                claims.protocol_version,
+                sibyl_proto::SUPPORTED_VERSIONS
+            ),
+        ));
+    }
     Ok(claims)
 }
 
@@ -181,6 +191,15 @@ mod tests {
         assert_eq!(
             code(&attach(&ring, &claims(0), &ex), &ex, NOW),
             ErrorCode::WrongGroup
+        );
+        // A protocol version this shard does not speak.
+        let v2 = Claims {
+            protocol_version: 2,
+            ..claims(1)
+        };
+        assert_eq!(
+            code(&attach(&ring, &v2, &ex), &ex, NOW),
+            ErrorCode::UnsupportedVersion
         );
         // Proof computed for another connection's exporter.
         assert_eq!(code(&good, &[8; 32], NOW), ErrorCode::ProofFailed);

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::FutureExt;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use sibyl_proto::frame::{Attached, GoAway, SessionLimits, SubError};
+use sibyl_proto::frame::{Attached, GoAway, SessionLimits, SubError, inbound};
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL, EXPORTER_LEN};
 use sibyl_proto::{DecodeLimits, ErrorCode, Frame, FrameDecoder};
 use sibyl_tokens::{Keyring, OpenOptions};
@@ -135,9 +135,18 @@ impl Drop for LiveGuard {
 struct AttachedGuard(Arc<ShardStats>);
 
 impl AttachedGuard {
-    fn new(stats: &Arc<ShardStats>) -> Self {
-        stats.connections.fetch_add(1, Ordering::Relaxed);
-        Self(stats.clone())
+    /// Counts one more session, or refuses with `OVERLOADED` when `max` are attached.
+    fn admit(stats: &Arc<ShardStats>, max: u32) -> Result<Self, AttachRefusal> {
+        stats
+            .connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < u64::from(max)).then_some(n + 1)
+            })
+            .map_err(|n| AttachRefusal {
+                code: ErrorCode::Overloaded,
+                reason: format!("shard serves its maximum of {n} sessions"),
+            })?;
+        Ok(Self(stats.clone()))
     }
 }
 
@@ -341,7 +350,7 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
     if attach.as_ref().is_ok_and(Result::is_err) {
         handshake_done(handshake, within).await;
     }
-    let (claims, send, recv, dec) = match attach {
+    let (claims, send, recv, dec, _attached) = match attach {
         Ok(Ok(attached)) => attached,
         Ok(Err(AttachFailure::Refused(refusal))) => {
             info!(peer = %conn.remote_address(), code = %refusal.code, reason = %refusal.reason, "attach refused");
@@ -352,7 +361,6 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         Ok(Err(AttachFailure::Gone)) => return,
         Err(_) => return close_on(&conn, &StreamError::Timeout(within)),
     };
-    let _attached = AttachedGuard::new(&shared.stats);
     session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
 }
 
@@ -386,12 +394,21 @@ async fn attach(
     shared: &Shared,
     conn: &Connection,
     handshake: Option<Handshake>,
-) -> Result<(sibyl_tokens::Claims, SendStream, RecvStream, FrameDecoder), AttachFailure> {
+) -> Result<
+    (
+        sibyl_tokens::Claims,
+        SendStream,
+        RecvStream,
+        FrameDecoder,
+        AttachedGuard,
+    ),
+    AttachFailure,
+> {
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| {
         debug!("connection ended before Attach: {e}");
         AttachFailure::Gone
     })?;
-    let mut dec = FrameDecoder::new(shared.limits);
+    let mut dec = FrameDecoder::accepting(shared.limits, inbound::SESSION_STREAM);
     let first = quic::read_frame(&mut recv, &mut dec)
         .await?
         .ok_or(StreamError::Ended)?;
@@ -403,6 +420,10 @@ async fn attach(
         group: shared.group,
     };
     let (now_s, now_ms) = unix_now();
+    let admit = || {
+        AttachedGuard::admit(&shared.stats, shared.conn.max_sessions)
+            .map_err(AttachFailure::Refused)
+    };
     let attached = || -> Result<Attached, AttachFailure> {
         let mut session_id = [0u8; 8];
         getrandom::fill(&mut session_id).map_err(|_| {
@@ -427,16 +448,18 @@ async fn attach(
             let exporter = exporter(conn, handshake).await?;
             let claims =
                 check_attach(&ctx, &a, &exporter, now_s).map_err(AttachFailure::Refused)?;
+            let guard = admit()?;
             let attached = attached()?;
             debug!(client_id = %claims.client_id, session_id = attached.session_id, "attached");
             quic::write_frame(&mut send, &Frame::Attached(attached))
                 .await
                 .map_err(|_| AttachFailure::Gone)?;
-            claims
+            (claims, guard)
         }
         Frame::EarlyAttach(a) => {
             let claims = attach::check_token(&ctx, &a.token, &a.client_id, now_s)
                 .map_err(AttachFailure::Refused)?;
+            let guard = admit()?;
             let attached = attached()?;
             let session_id = attached.session_id;
             quic::write_frame(&mut send, &Frame::Attached(attached))
@@ -450,11 +473,12 @@ async fn attach(
             let exporter = exporter(conn, handshake).await?;
             attach::check_proof(&claims, &exporter, &proof).map_err(AttachFailure::Refused)?;
             debug!(client_id = %claims.client_id, session_id, "attached (0-RTT)");
-            claims
+            (claims, guard)
         }
         other => return Err(StreamError::Unexpected(other.frame_type()).into()),
     };
-    Ok((claims, send, recv, dec))
+    let (claims, guard) = claims;
+    Ok((claims, send, recv, dec, guard))
 }
 
 /// This connection's TLS exporter for the attach proof, once the handshake is complete.
@@ -495,6 +519,7 @@ async fn session(
     let mut drain_rx = shared.drain.subscribe();
     let mut session_open = true;
     let mut subs = JoinSet::new();
+    let sub_ids = Arc::new(SubIds::default());
     loop {
         tokio::select! {
             draining = async { drain_rx.wait_for(|d| *d).await.is_ok() } => {
@@ -517,6 +542,7 @@ async fn session(
                         shared.stats.clone(),
                         claims.clone(),
                         conn.clone(),
+                        sub_ids.clone(),
                         shared.limits,
                         shared.conn.attach_timeout,
                         s,
@@ -539,21 +565,70 @@ impl Drop for SubscriptionGuard {
     }
 }
 
-/// A control stream: its first frame must be `Subscribe` (within `within`); the
-/// subscription is then served by [`subscribe::serve_subscription`]. Without a data plane,
-/// `Subscribe` is answered with `SubError{NOT_FOUND}`.
+/// The `sub_id`s of a session's live subscriptions (PROTOCOL.md §6.2: unique in the
+/// session).
+#[derive(Default)]
+struct SubIds(std::sync::Mutex<std::collections::HashSet<u32>>);
+
+impl SubIds {
+    /// Claims `id` for a new subscription; `None` if a live one already uses it.
+    fn claim(self: &Arc<Self>, id: u32) -> Option<SubIdGuard> {
+        let fresh = self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        fresh.then(|| SubIdGuard(self.clone(), id))
+    }
+}
+
+/// Frees a `sub_id` when its subscription ends.
+struct SubIdGuard(Arc<SubIds>, u32);
+
+impl Drop for SubIdGuard {
+    fn drop(&mut self) {
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+/// The longest stream name a `Subscribe` may carry, bytes (as the hub's `Hello.wants`).
+pub const MAX_STREAM_NAME: usize = crate::hub::admission::MAX_STREAM_NAME;
+/// The longest consumer-group name a `Subscribe` may carry, bytes.
+pub const MAX_GROUP_NAME: usize = crate::storelink::codec::MAX_GROUP_NAME;
+
+/// `SubError{LIMIT_EXCEEDED}` for a `Subscribe` whose fields are over their bounds.
+fn subscribe_limits(sub: &sibyl_proto::frame::Subscribe) -> Option<SubError> {
+    let over = |what: &str, max: usize| SubError {
+        code: ErrorCode::LimitExceeded,
+        reason: format!("{what} longer than {max} bytes"),
+    };
+    if sub.stream.len() > MAX_STREAM_NAME {
+        return Some(over("stream name", MAX_STREAM_NAME));
+    }
+    match &sub.group {
+        Some(g) if g.len() > MAX_GROUP_NAME => Some(over("group name", MAX_GROUP_NAME)),
+        _ => None,
+    }
+}
+
+/// A control stream: its first frame must be `Subscribe` (within `within`) with a `sub_id`
+/// no live subscription of the session uses (else `PROTOCOL_VIOLATION`) and fields within
+/// their bounds (else `SubError{LIMIT_EXCEEDED}`); the subscription is then served by
+/// [`subscribe::serve_subscription`]. Without a data plane, `Subscribe` is answered with
+/// `SubError{NOT_FOUND}`.
 #[allow(clippy::too_many_arguments)]
 async fn control_stream(
     data: Option<Arc<DataPlane>>,
     stats: Arc<ShardStats>,
     claims: Arc<sibyl_tokens::Claims>,
     conn: Connection,
+    sub_ids: Arc<SubIds>,
     limits: DecodeLimits,
     within: Duration,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let mut dec = FrameDecoder::new(limits);
+    let mut dec = FrameDecoder::accepting(limits, inbound::CONTROL_STREAM);
     let first = tokio::time::timeout(within, quic::read_frame(&mut recv, &mut dec))
         .await
         .unwrap_or(Err(StreamError::Timeout(within)));
@@ -561,23 +636,33 @@ async fn control_stream(
         Ok(Some(Frame::Subscribe(sub))) => sub,
         Ok(Some(other)) => return close_on(&conn, &StreamError::Unexpected(other.frame_type())),
         Ok(None) => return close_on(&conn, &StreamError::Ended),
+        // Reset before its `Subscribe`: nothing to end.
+        Err(StreamError::Read(quinn::ReadError::Reset(_))) => return,
         Err(e) => return close_on(&conn, &e),
     };
-    let Some(data) = data else {
-        let err = SubError {
-            code: ErrorCode::NotFound,
-            reason: format!(
-                "stream {:?}: subscriptions are not served by this shard",
-                sub.stream
-            ),
-        };
-        if quic::write_frame(&mut send, &Frame::SubError(err))
-            .await
-            .is_ok()
-        {
-            let _ = send.finish();
+    let Some(_sub_id) = sub_ids.claim(sub.sub_id) else {
+        let reason = format!("sub_id {} is already in use in this session", sub.sub_id);
+        debug!(peer = %conn.remote_address(), "closing session: {reason}");
+        return quic::close(&conn, ErrorCode::ProtocolViolation, &reason);
+    };
+    let data = match (subscribe_limits(&sub), data) {
+        (None, Some(data)) => data,
+        (refusal, _) => {
+            let err = refusal.unwrap_or_else(|| SubError {
+                code: ErrorCode::NotFound,
+                reason: format!(
+                    "stream {:?}: subscriptions are not served by this shard",
+                    sub.stream
+                ),
+            });
+            if quic::write_frame(&mut send, &Frame::SubError(err))
+                .await
+                .is_ok()
+            {
+                let _ = send.finish();
+            }
+            return;
         }
-        return;
     };
     stats.subscriptions.fetch_add(1, Ordering::Relaxed);
     let _guard = SubscriptionGuard(stats);

@@ -211,6 +211,8 @@ struct Sub {
     dp: Arc<DataPlane>,
     conn: Connection,
     sub: Subscribe,
+    /// The stream's partition count: frames naming other partitions are ignored.
+    partitions: u32,
     bucket: Arc<Mutex<TokenBucket>>,
     epoch: u64,
     pumps: HashMap<u32, Arc<PumpCtl>>,
@@ -293,6 +295,7 @@ pub async fn serve_subscription(
         dp: dp.clone(),
         conn: conn.clone(),
         sub,
+        partitions,
         bucket: Arc::new(Mutex::new(bucket)),
         epoch: 0,
         pumps: HashMap::new(),
@@ -433,9 +436,12 @@ async fn control_loop(
         let renew_at = lock(&s.bucket).renew_at();
         let deviation_at = s.deviation.poll_timeout();
         tokio::select! {
-            f = quic::read_frame(recv, dec) => match f? {
-                None => return Ok(()),
-                Some(f) => on_frame(s, f, member)?,
+            f = quic::read_frame(recv, dec) => match f {
+                // Finished or reset by the client: this subscription ends, the session goes on
+                // (PROTOCOL.md §6.2).
+                Ok(None) | Err(StreamError::Read(quinn::ReadError::Reset(_))) => return Ok(()),
+                Ok(Some(f)) => on_frame(s, f, member)?,
+                Err(e) => return Err(e),
             },
             () = sleep_until(deviation_at), if deviation_at.is_some() => {
                 s.deviation.handle_timeout(Instant::now());
@@ -467,10 +473,14 @@ async fn control_loop(
     }
 }
 
-/// A client frame on the control stream after `Subscribe`.
+/// A client frame on the control stream after `Subscribe` (PROTOCOL.md §6.2): `Position`,
+/// `Fetch` and `Forecast` entries for partitions the stream does not have are ignored and
+/// leave no state; `Fetch` for a partition not assigned now is ignored (no credit kept);
+/// `Forecast` is ignored in reactive mode.
 fn on_frame(s: &mut Sub, frame: Frame, member: MemberId) -> Result<(), StreamError> {
     let predictive = s.sub.mode == Mode::Predictive;
     match frame {
+        Frame::Position(p) if p.partition >= s.partitions => {}
         Frame::Position(p) => {
             s.positions.insert(p.partition, p.next_offset);
             if predictive {
@@ -527,14 +537,12 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Most partitions a `Forecast` may name (more than any stream has): a bound on the work
-/// one frame causes.
-const MAX_FORECAST_PARTITIONS: usize = 65_536;
-
 /// A `Forecast` in predictive mode: the planner's rates, depth and lead time, the client's
-/// buffer, the deviation tracker's predictions; pumps re-plan.
+/// buffer, the deviation tracker's predictions; pumps re-plan. Entries for partitions the
+/// stream does not have are dropped first, so the work is bounded by the stream's size.
 fn on_forecast(s: &mut Sub, mut f: Forecast) {
-    f.partitions.truncate(MAX_FORECAST_PARTITIONS);
+    let partitions = s.partitions;
+    f.partitions.retain(|p| p.partition < partitions);
     let key = s.prefetch.key;
     let now = Instant::now();
     {

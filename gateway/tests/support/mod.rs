@@ -363,9 +363,7 @@ pub async fn close_code(conn: &Connection) -> ErrorCode {
         .await
         .expect("connection closed in time");
     match e {
-        ConnectionError::ApplicationClosed(c) => {
-            ErrorCode::from_u32(u32::try_from(c.error_code.into_inner()).unwrap())
-        }
+        ConnectionError::ApplicationClosed(c) => ErrorCode::from_u64(c.error_code.into_inner()),
         other => panic!("closed without an application code: {other}"),
     }
 }

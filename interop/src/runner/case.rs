@@ -38,11 +38,14 @@ pub enum Case {
     Rebind,
     /// The serving shard is SIGTERMed (drain) mid-stream: no gap, no duplicate.
     Drain,
+    /// The numbered requirements of PROTOCOL.md §10, each checked on the wire; the client
+    /// writes `requirements.json` and the matrix lists the verdict of each.
+    Conformance,
 }
 
 impl Case {
     /// Every case, in matrix order.
-    pub const ALL: [Case; 14] = [
+    pub const ALL: [Case; 15] = [
         Case::Handshake,
         Case::Ticket,
         Case::DirectConnect,
@@ -57,16 +60,18 @@ impl Case {
         Case::Blackhole,
         Case::Rebind,
         Case::Drain,
+        Case::Conformance,
     ];
 
     /// The fast CI subset (`--quick`).
-    pub const QUICK: [Case; 6] = [
+    pub const QUICK: [Case; 7] = [
         Case::Handshake,
         Case::Ticket,
         Case::DirectConnect,
         Case::RefuseBadKey,
         Case::TokenReplay,
         Case::Transfer,
+        Case::Conformance,
     ];
 
     /// The `TESTCASE` name.
@@ -86,6 +91,7 @@ impl Case {
             Case::Blackhole => "blackhole",
             Case::Rebind => "rebind",
             Case::Drain => "drain",
+            Case::Conformance => "conformance",
         }
     }
 
@@ -128,7 +134,9 @@ impl Case {
     pub fn timeout(self) -> Duration {
         match self {
             Case::Handshake | Case::Ticket | Case::RefuseBadKey => Duration::from_secs(30),
-            Case::Loss | Case::Blackhole | Case::Resume | Case::Drain => Duration::from_secs(120),
+            Case::Loss | Case::Blackhole | Case::Resume | Case::Drain | Case::Conformance => {
+                Duration::from_secs(120)
+            }
             _ => Duration::from_secs(60),
         }
     }

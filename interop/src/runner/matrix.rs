@@ -1,7 +1,7 @@
 //! The result matrix: client × server × case → pass / fail / unsupported, rendered as
 //! Markdown and JSON.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -44,6 +44,10 @@ pub struct Cell {
     /// Why, for `fail` and `unsupported`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The `conformance` case: requirement id (PROTOCOL.md §10) → `pass` / `fail: why`, as
+    /// the client wrote them to `requirements.json`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub requirements: BTreeMap<String, String>,
 }
 
 /// All results of a run.
@@ -120,6 +124,38 @@ impl Matrix {
             .iter()
             .filter(|c| c.verdict != Verdict::Pass)
             .collect();
+        let checked: Vec<&Cell> = self
+            .cells
+            .iter()
+            .filter(|c| !c.requirements.is_empty())
+            .collect();
+        if !checked.is_empty() {
+            out.push_str("## requirements (PROTOCOL.md §10)\n\n| requirement |");
+            for c in &checked {
+                let _ = write!(out, " {} × {} |", c.client, c.server);
+            }
+            out.push_str("\n|---|");
+            for _ in &checked {
+                out.push_str("---|");
+            }
+            out.push('\n');
+            let ids: BTreeSet<&str> = checked
+                .iter()
+                .flat_map(|c| c.requirements.keys().map(String::as_str))
+                .collect();
+            for id in ids {
+                let _ = write!(out, "| {id} |");
+                for c in &checked {
+                    let _ = write!(
+                        out,
+                        " {} |",
+                        c.requirements.get(id).map_or("", String::as_str)
+                    );
+                }
+                out.push('\n');
+            }
+            out.push('\n');
+        }
         if !notes.is_empty() {
             out.push_str("## reasons\n\n");
             for c in notes {

@@ -1,5 +1,6 @@
 //! Running cells: server start, client spawn under the contract, events, verdicts.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -181,6 +182,7 @@ impl Runner {
             verdict,
             duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             reason,
+            requirements: BTreeMap::new(),
         };
         if let Some(why) = server.unsupported(case) {
             return cell(Verdict::Unsupported, Some(format!("server: {why}")));
@@ -216,7 +218,10 @@ impl Runner {
             }
         }
         running.stop();
-        cell(verdict, reason)
+        Cell {
+            requirements: read_requirements(&client_dir),
+            ..cell(verdict, reason)
+        }
     }
 
     /// The cell's directory (persistent under the output dir, else a temp dir kept alive by
@@ -577,4 +582,13 @@ fn stop_child(child: &mut Child, grace: Duration) {
     }
     let _ = kill(pgid, Signal::SIGKILL);
     let _ = child.wait();
+}
+
+/// The requirement verdicts a `conformance` client wrote to `requirements.json`
+/// (`{"R01": "pass", "R02": "fail: why", …}`); empty when there is none or it does not parse.
+fn read_requirements(client_dir: &Path) -> BTreeMap<String, String> {
+    std::fs::read(client_dir.join("requirements.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }

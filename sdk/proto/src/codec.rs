@@ -101,6 +101,13 @@ pub enum FrameError {
         /// Frame type byte.
         ty: u8,
     },
+    /// A defined frame type that this stream does not carry (refused from its type byte,
+    /// before its length or body).
+    #[error("frame type 0x{ty:02x} is not allowed on this stream")]
+    NotAllowed {
+        /// Frame type byte.
+        ty: u8,
+    },
 }
 
 impl FrameError {
@@ -108,6 +115,7 @@ impl FrameError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            Self::NotAllowed { .. } => ErrorCode::ProtocolViolation,
             Self::Incomplete { .. }
             | Self::UnknownType(_)
             | Self::Malformed { .. }

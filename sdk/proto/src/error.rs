@@ -32,12 +32,14 @@ pub enum Retry {
     AfterHub,
 }
 
-/// A Sibyl application error code (u32 on the wire).
+/// A Sibyl application error code.
 ///
-/// Unknown values received from a peer are kept as [`ErrorCode::Unknown`] so they round-trip;
-/// they are treated as server faults retryable on another endpoint.
+/// The listed codes fit in a byte; on the wire a code is a QUIC varint (up to 2^62 − 1) or a
+/// CBOR unsigned integer (up to 2^64 − 1). Unknown values received from a peer, however
+/// large, are kept as [`ErrorCode::Unknown`] so they round-trip; they are treated as server
+/// faults retryable on another endpoint (PROTOCOL.md §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "u32", into = "u32")]
+#[serde(from = "u64", into = "u64")]
 #[non_exhaustive]
 pub enum ErrorCode {
     /// `0x00`: graceful close, no error.
@@ -80,12 +82,18 @@ pub enum ErrorCode {
     /// uni stream); not an error of the session.
     Revoked,
     /// Any value not listed above.
-    Unknown(u32),
+    Unknown(u64),
 }
 
 impl ErrorCode {
     /// Maps a wire value to a code; unlisted values become [`ErrorCode::Unknown`].
     pub fn from_u32(v: u32) -> Self {
+        Self::from_u64(u64::from(v))
+    }
+
+    /// Maps a wire value (QUIC varint or CBOR uint) to a code; unlisted values become
+    /// [`ErrorCode::Unknown`].
+    pub fn from_u64(v: u64) -> Self {
         match v {
             0x00 => Self::NoError,
             0x01 => Self::Internal,
@@ -110,8 +118,14 @@ impl ErrorCode {
         }
     }
 
-    /// The wire value.
+    /// The wire value as `u32`: exact for every listed code (all are below `0x100`); an
+    /// [`ErrorCode::Unknown`] value beyond `u32` saturates to `u32::MAX`.
     pub fn to_u32(self) -> u32 {
+        u32::try_from(self.to_u64()).unwrap_or(u32::MAX)
+    }
+
+    /// The wire value.
+    pub fn to_u64(self) -> u64 {
         match self {
             Self::NoError => 0x00,
             Self::Internal => 0x01,
@@ -203,21 +217,21 @@ impl ErrorCode {
     ];
 }
 
-impl From<u32> for ErrorCode {
-    fn from(v: u32) -> Self {
-        Self::from_u32(v)
+impl From<u64> for ErrorCode {
+    fn from(v: u64) -> Self {
+        Self::from_u64(v)
     }
 }
 
-impl From<ErrorCode> for u32 {
+impl From<ErrorCode> for u64 {
     fn from(c: ErrorCode) -> Self {
-        c.to_u32()
+        c.to_u64()
     }
 }
 
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?} (0x{:x})", self.to_u32())
+        write!(f, "{self:?} (0x{:x})", self.to_u64())
     }
 }
 
@@ -234,6 +248,12 @@ mod tests {
         }
         assert_eq!(ErrorCode::from_u32(0xdead), ErrorCode::Unknown(0xdead));
         assert_eq!(ErrorCode::Unknown(0xdead).to_u32(), 0xdead);
+        // Codes beyond u32 (QUIC varints reach 2^62, CBOR uints 2^64) are kept exactly.
+        let big = (1u64 << 62) - 1;
+        assert_eq!(ErrorCode::from_u64(big), ErrorCode::Unknown(big));
+        assert_eq!(ErrorCode::from_u64(big).to_u64(), big);
+        assert_eq!(ErrorCode::from_u64(big).to_u32(), u32::MAX);
+        assert_eq!(ErrorCode::from_u64(u64::MAX).retry(), Retry::OtherEndpoint);
     }
 
     #[test]

@@ -102,8 +102,13 @@ pub struct Refused {
     /// For `Overloaded`: wait at least this long before retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
-    /// For `UnsupportedVersion`: the versions the hub speaks. Omitted when empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// For `UnsupportedVersion`: the versions the hub speaks. Omitted when empty; `null`
+    /// reads as empty.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "super::rules::null_as_default"
+    )]
     pub versions: Vec<u32>,
 }
 

@@ -180,6 +180,32 @@ impl FrameType {
     }
 }
 
+/// What a receiver accepts on each kind of stream (PROTOCOL.md §4), for
+/// [`FrameDecoder::accepting`].
+pub mod inbound {
+    use super::FrameType;
+
+    /// Hub, on the hub stream: `Hello` only.
+    pub const HUB_STREAM: &[FrameType] = &[FrameType::Hello];
+    /// Hub, on a publish stream: `PublishOpen`, then `Produce`.
+    pub const PUBLISH_STREAM: &[FrameType] = &[FrameType::PublishOpen, FrameType::Produce];
+    /// Hub, on a bidi stream opened after the ticket (a publish stream is the only kind).
+    pub const AFTER_TICKET: &[FrameType] = PUBLISH_STREAM;
+    /// Shard, on the session stream: `Attach`, or `EarlyAttach` then `AttachProof`.
+    pub const SESSION_STREAM: &[FrameType] = &[
+        FrameType::Attach,
+        FrameType::EarlyAttach,
+        FrameType::AttachProof,
+    ];
+    /// Shard, on a control stream: `Subscribe`, then `Position`, `Fetch`, `Forecast`.
+    pub const CONTROL_STREAM: &[FrameType] = &[
+        FrameType::Subscribe,
+        FrameType::Position,
+        FrameType::Fetch,
+        FrameType::Forecast,
+    ];
+}
+
 /// Body decode with limits: batch frames check record counts and payload totals; CBOR bodies
 /// only need the frame-length check already done by the caller.
 pub(crate) trait DecodeLimited: Sized {
@@ -218,10 +244,23 @@ impl Frame {
 /// Checks the header at the start of `buf`: returns the type and body length, `Incomplete`
 /// when fewer than 5 bytes are there, or the invalid variant.
 fn peek_header(buf: &[u8], limits: &DecodeLimits) -> Result<(FrameType, u32), FrameError> {
+    peek_header_on(buf, limits, None)
+}
+
+/// [`peek_header`] on a stream that accepts only `allowed` (all types when `None`): a defined
+/// type outside the set is refused from its first byte, before its length is read.
+fn peek_header_on(
+    buf: &[u8],
+    limits: &DecodeLimits,
+    allowed: Option<&[FrameType]>,
+) -> Result<(FrameType, u32), FrameError> {
     let Some(&tb) = buf.first() else {
         return Err(FrameError::Incomplete { needed: HEADER_LEN });
     };
     let ty = FrameType::from_u8(tb).ok_or(FrameError::UnknownType(tb))?;
+    if allowed.is_some_and(|a| !a.contains(&ty)) {
+        return Err(FrameError::NotAllowed { ty: tb });
+    }
     if buf.len() < HEADER_LEN {
         return Err(FrameError::Incomplete {
             needed: HEADER_LEN - buf.len(),
@@ -269,19 +308,39 @@ impl Codec for Frame {
 /// batch is not moved while it arrives. Other frames grow the buffer as their bytes arrive (a
 /// peer cannot make a hub or shard reserve a frame's worth of memory with a 5-byte header;
 /// `Records` only flow shard → client).
+///
+/// A decoder made with [`accepting`](Self::accepting) refuses every other frame type from
+/// its type byte ([`FrameError::NotAllowed`], `PROTOCOL_VIOLATION`), before the length is
+/// read or any body buffered: a server never buffers a body its stream cannot carry.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: BytesMut,
     limits: DecodeLimits,
+    allowed: Option<&'static [FrameType]>,
 }
 
 impl FrameDecoder {
-    /// A decoder with the given limits.
+    /// A decoder with the given limits, accepting every frame type.
     pub fn new(limits: DecodeLimits) -> Self {
         Self {
             buf: BytesMut::new(),
             limits,
+            allowed: None,
         }
+    }
+
+    /// A decoder with the given limits for a stream that carries only `allowed` (one of the
+    /// [`inbound`] sets).
+    pub fn accepting(limits: DecodeLimits, allowed: &'static [FrameType]) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            limits,
+            allowed: Some(allowed),
+        }
+    }
+
+    fn header(&self, buf: &[u8]) -> Result<(FrameType, u32), FrameError> {
+        peek_header_on(buf, &self.limits, self.allowed)
     }
 
     /// The limits in force.
@@ -298,7 +357,7 @@ impl FrameDecoder {
             let mut h = [0u8; HEADER_LEN];
             h[..have].copy_from_slice(&self.buf);
             h[have..].copy_from_slice(&bytes[..HEADER_LEN - have]);
-            if let Ok((FrameType::Records, len)) = peek_header(&h, &self.limits) {
+            if let Ok((FrameType::Records, len)) = self.header(&h) {
                 let want = (HEADER_LEN + len as usize).max(have + bytes.len());
                 self.buf.reserve(want - have);
             }
@@ -313,7 +372,7 @@ impl FrameDecoder {
     /// arrives; otherwise at least `min` bytes of spare capacity. Only append to it
     /// (`BufMut`, `read_buf`); then call [`next_frame`](Self::next_frame) as after a push.
     pub fn read_buffer(&mut self, min: usize) -> &mut BytesMut {
-        let want = match peek_header(&self.buf, &self.limits) {
+        let want = match self.header(&self.buf) {
             Ok((FrameType::Records, len)) if HEADER_LEN + len as usize > self.buf.len() => {
                 HEADER_LEN + len as usize - self.buf.len()
             }
@@ -326,7 +385,7 @@ impl FrameDecoder {
     /// After a frame was taken: room for the whole next `Records` frame if its header is
     /// buffered.
     fn reserve_next(&mut self) {
-        if let Ok((FrameType::Records, len)) = peek_header(&self.buf, &self.limits) {
+        if let Ok((FrameType::Records, len)) = self.header(&self.buf) {
             let total = HEADER_LEN + len as usize;
             if total > self.buf.len() {
                 self.buf.reserve(total - self.buf.len());
@@ -341,7 +400,7 @@ impl FrameDecoder {
 
     /// The next whole frame, `Ok(None)` if more bytes are needed, or the fatal error.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        let (ty, len) = match peek_header(&self.buf, &self.limits) {
+        let (ty, len) = match self.header(&self.buf) {
             Ok(h) => h,
             Err(FrameError::Incomplete { .. }) => return Ok(None),
             Err(e) => return Err(e),
@@ -371,6 +430,7 @@ impl FrameDecoder {
         if rest.is_empty() {
             return Ok(());
         }
+        self.header(rest)?;
         match Frame::decode_with_limits(&mut Reader::new(rest), &self.limits) {
             Err(e) => Err(e),
             // A whole frame is still buffered: the caller did not drain; report it as
@@ -423,5 +483,61 @@ pub(crate) use cbor_frame;
 pub(crate) trait Validate {
     fn validate(&self) -> Result<(), &'static str> {
         Ok(())
+    }
+}
+
+/// Decoding rules of PROTOCOL.md §3.2 that serde's derive does not give on its own (a
+/// struct's duplicate field is already an error there; unknown keys are ignored).
+pub(crate) mod rules {
+    use std::collections::BTreeMap;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+
+    /// An optional field that is not an `Option`: absent and `null` both give the default.
+    pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Default,
+    {
+        Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+    }
+
+    /// A CBOR map whose keys must be distinct: a duplicate key is malformed.
+    pub(crate) fn unique_map<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + fmt::Debug,
+        V: Deserialize<'de>,
+    {
+        struct Unique<K, V>(PhantomData<(K, V)>);
+
+        impl<'de, K, V> Visitor<'de> for Unique<K, V>
+        where
+            K: Deserialize<'de> + Ord + fmt::Debug,
+            V: Deserialize<'de>,
+        {
+            type Value = BTreeMap<K, V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map with distinct keys")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<K, V>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate map key {k:?}"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(out)
+            }
+        }
+
+        d.deserialize_map(Unique(PhantomData))
     }
 }

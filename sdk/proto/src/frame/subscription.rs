@@ -18,8 +18,10 @@ pub enum Start {
     Earliest,
     /// Only records appended after the assignment. CBOR: text `"latest"`.
     Latest,
-    /// Explicit next offset per partition (others: `latest`).
-    /// CBOR: `{"offsets": {partition(uint): offset(uint)}}`.
+    /// Explicit next offset per partition (partitions not listed: `earliest`).
+    /// CBOR: `{"offsets": {partition(uint): offset(uint)}}`; a repeated partition is
+    /// malformed.
+    #[serde(deserialize_with = "super::rules::unique_map")]
     Offsets(BTreeMap<u32, u64>),
     /// The first record with timestamp ≥ this Unix time in ms. CBOR: `{"timestamp": uint}`.
     Timestamp(u64),
@@ -176,8 +178,10 @@ pub struct Flip {
     /// The stream being entered.
     pub to_stream: String,
     /// Per partition of `from_stream`: the first offset NOT to deliver.
+    #[serde(deserialize_with = "super::rules::unique_map")]
     pub from_positions: BTreeMap<u32, u64>,
     /// Per partition of `to_stream`: the first offset to deliver.
+    #[serde(deserialize_with = "super::rules::unique_map")]
     pub to_positions: BTreeMap<u32, u64>,
 }
 
