@@ -284,6 +284,35 @@ fn bad_frames_close_only_their_connection() {
 }
 
 #[test]
+fn a_shard_at_its_session_limit_refuses_with_overloaded() {
+    let config = format!("{TWO_GROUPS}[connection]\nmax_sessions = 1\n");
+    let gw = Gateway::start(&config, 2);
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = client(&gw.ca());
+        let t = ticket(&ep, &gw).await;
+        let addr = t.endpoints[0].addr.parse().unwrap();
+        let first = attach(&ep, addr, &t, None).await;
+        assert!(matches!(first.first, Some(Frame::Attached(_))));
+        // The shard serves its one session: the next attach is refused, and says so.
+        let second = attach(&ep, addr, &t, None).await;
+        assert!(second.first.is_none());
+        assert_eq!(close_code(&second.conn).await, ErrorCode::Overloaded);
+        // Once the first session is gone there is room again.
+        first.conn.close(0u32.into(), b"done");
+        let mut again = attach(&ep, addr, &t, None).await;
+        for _ in 0..50 {
+            if matches!(again.first, Some(Frame::Attached(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            again = attach(&ep, addr, &t, None).await;
+        }
+        assert!(matches!(again.first, Some(Frame::Attached(_))));
+    });
+}
+
+#[test]
 fn expired_token_is_refused() {
     let config = format!("{TWO_GROUPS}[tokens]\nlifetime = \"1s\"\nclock_skew = \"0s\"\n");
     let gw = Gateway::start(&config, 2);

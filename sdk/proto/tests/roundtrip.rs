@@ -535,3 +535,85 @@ proptest! {
         sibyl_proto::fuzzing::decode_frames(&data);
     }
 }
+
+/// PROTOCOL.md §7 (R28): an error code of any size a CBOR `code` can carry decodes, keeps its
+/// value and is treated as a server fault retryable on another endpoint.
+#[test]
+fn unknown_error_codes_of_any_size_decode() {
+    use sibyl_proto::Retry;
+    for code in [0xdead_u64, u64::from(u32::MAX) + 1, (1 << 62) - 1, u64::MAX] {
+        let mut body = vec![0xa2];
+        body.extend(sibyl_proto::cbor::to_vec(&"code").unwrap());
+        body.extend(sibyl_proto::cbor::to_vec(&code).unwrap());
+        body.extend(sibyl_proto::cbor::to_vec(&"reason").unwrap());
+        body.extend(sibyl_proto::cbor::to_vec(&"later").unwrap());
+        let mut frame = vec![0x33];
+        frame.extend((body.len() as u32).to_be_bytes());
+        frame.extend(&body);
+        let Frame::SubError(e) = Frame::decode(&mut Reader::new(&frame)).unwrap() else {
+            panic!("not a SubError");
+        };
+        assert_eq!(e.code, ErrorCode::Unknown(code));
+        assert_eq!(e.code.to_u64(), code);
+        assert_eq!(e.code.retry(), Retry::OtherEndpoint);
+    }
+}
+
+/// PROTOCOL.md §3.2 (R10, R11): a duplicate key in a nested map is malformed; `null` reads as
+/// absent for an optional field that is not an `Option`.
+#[test]
+fn duplicate_nested_keys_are_malformed_and_null_is_absent() {
+    use sibyl_proto::FrameError;
+    // {"sub_id": 1, "stream": "s", "start": {"offsets": {0: 5, 0: 6}}, "mode": "reactive"}
+    let mut body = vec![0xa4];
+    for (k, v) in [("sub_id", None), ("stream", Some("s"))] {
+        body.extend(sibyl_proto::cbor::to_vec(&k).unwrap());
+        match v {
+            Some(v) => body.extend(sibyl_proto::cbor::to_vec(&v).unwrap()),
+            None => body.push(0x01),
+        }
+    }
+    body.extend(sibyl_proto::cbor::to_vec(&"start").unwrap());
+    body.extend([0xa1]);
+    body.extend(sibyl_proto::cbor::to_vec(&"offsets").unwrap());
+    let dup = [0xa2, 0x00, 0x05, 0x00, 0x06];
+    let mut good = body.clone();
+    body.extend(dup);
+    good.extend([0xa2, 0x00, 0x05, 0x01, 0x06]);
+    for b in [&mut body, &mut good] {
+        b.extend(sibyl_proto::cbor::to_vec(&"mode").unwrap());
+        b.extend(sibyl_proto::cbor::to_vec(&"reactive").unwrap());
+    }
+    assert!(matches!(
+        Subscribe::decode(&mut Reader::new(&body)),
+        Err(FrameError::Malformed { .. })
+    ));
+    let s = Subscribe::decode(&mut Reader::new(&good)).unwrap();
+    assert_eq!(s.start, Start::Offsets([(0, 5), (1, 6)].into()));
+    // Refused with "versions": null.
+    let mut refused = vec![0xa3];
+    refused.extend(sibyl_proto::cbor::to_vec(&"code").unwrap());
+    refused.push(0x05);
+    refused.extend(sibyl_proto::cbor::to_vec(&"reason").unwrap());
+    refused.extend(sibyl_proto::cbor::to_vec(&"no").unwrap());
+    refused.extend(sibyl_proto::cbor::to_vec(&"versions").unwrap());
+    refused.push(0xf6);
+    let r = Refused::decode(&mut Reader::new(&refused)).unwrap();
+    assert!(r.versions.is_empty());
+}
+
+/// A decoder for a stream that does not carry a type refuses it from the type byte alone.
+#[test]
+fn a_stream_refuses_types_it_does_not_carry_from_the_type_byte() {
+    use sibyl_proto::FrameError;
+    let mut dec = FrameDecoder::accepting(DecodeLimits::default(), inbound::CONTROL_STREAM);
+    dec.push(&[0x41]);
+    let e = dec.next_frame().unwrap_err();
+    assert_eq!(e, FrameError::NotAllowed { ty: 0x41 });
+    assert_eq!(e.code(), ErrorCode::ProtocolViolation);
+    // Nothing was reserved for the announced body.
+    let mut dec = FrameDecoder::accepting(DecodeLimits::default(), inbound::SESSION_STREAM);
+    dec.push(&[0x41, 0x00, 0x18, 0x00, 0x10]);
+    assert!(dec.read_buffer(0).capacity() < 64 * 1024);
+    assert!(dec.next_frame().is_err());
+}
