@@ -7,7 +7,9 @@ goes to OUTPUT_DIR/reason.txt and stderr).
 
 Cases: handshake, ticket, direct-connect, refuse-bad-key, refuse-forged-token,
 refuse-expired, refuse-wrong-group, token-replay here; the data-plane cases (transfer,
-resume, loss, blackhole, rebind, drain) in dataplane.py. Wire helpers: sibyl_wire.py; QUIC
+resume, loss, blackhole, rebind, drain) in dataplane.py. Wire helpers: sibyl_wire.py
+(including the TLS exporter for the attach proof, PROTOCOL.md section 6.1: aioquic has no
+exporter API, sibyl_wire hooks its key schedule to capture the exporter master secret); QUIC
 connections: sibyl_quic.py.
 """
 
