@@ -240,6 +240,8 @@ class ShardSession:
 
     async def close(self, code: int = w.NO_ERROR) -> None:
         if self.conn:
+            if not self.conn.closed.is_set() and hasattr(self, "csid"):
+                self.conn.send(self.csid, b"", end=True)  # ends the subscription (section 6.2)
             await self.conn.shutdown(code)
         for t in self.tasks:
             t.cancel()
@@ -310,7 +312,14 @@ class Subscriber:
             failures += 1
 
     async def run(self) -> None:
-        """Until the receiver has every record (or failed)."""
+        """Until the receiver has every record (or failed); then closes the session."""
+        try:
+            await self.follow()
+        finally:
+            if self.session:
+                await self.session.close()
+
+    async def follow(self) -> None:
         self.session = await self.connect(None)
         while not self.rx.finished.is_set():
             s = self.session
@@ -331,8 +340,6 @@ class Subscriber:
                 break
             self.session = new.result()
             asyncio.ensure_future(s.close())
-        if self.session:
-            await self.session.close()
 
 
 async def first(*aws) -> None:  # type: ignore[no-untyped-def]
@@ -377,6 +384,7 @@ async def publish(env: Env, hub: Proto, psid: int, gate: Optional[asyncio.Event]
         if m.get("seq") != want or m.get("base_offset") != next_offset:
             raise w.Fail(f"ProduceAck {m} (expected seq {want}, base_offset {next_offset})")
         next_offset += m.get("count", 0)
+    hub.send(psid, b"", end=True)  # done publishing
     return sent.digest()
 
 
@@ -444,11 +452,12 @@ async def run_case(env: Env) -> str:
             if rx.error:
                 raise rx.error
             sent = await pub_task
+            await asyncio.wait_for(sub_task, STEP)  # ends the subscription, closes the session
         finally:
             for t in (sub_task, pub_task, finished):
                 if not t.done():
                     t.cancel()
-        await asyncio.gather(sub_task, return_exceptions=True)
+            await asyncio.gather(sub_task, pub_task, return_exceptions=True)
         if rx.hash.digest() != sent:
             raise w.Fail("hash mismatch")
         note = f"{sub.attaches} attach(es), {sub.tickets} ticket(s), {rx.repeats} repeat(s) dropped"

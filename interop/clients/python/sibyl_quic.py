@@ -177,15 +177,16 @@ class Proto(QuicConnectionProtocol):
         return before, self.local_addr()
 
     async def shutdown(self, code: int = w.NO_ERROR, reason: str = "") -> None:
-        """Closes the connection (if still open) and its socket."""
+        """Closes the connection (if still open) and its socket. The CONNECTION_CLOSE leaves
+        at once (transmit() hands it to the socket); the closing period is not waited out."""
         if not self.closed.is_set():
             self.closed_why = self.closed_why or f"closed locally with {w.error_name(code)}"
             self.close(error_code=code, reason_phrase=reason)
-            try:
-                await asyncio.wait_for(self.closed.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._transport.close()
+        await asyncio.sleep(0)
 
 
 def _udp_socket() -> socket.socket:
