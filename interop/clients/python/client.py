@@ -103,7 +103,9 @@ async def ask_ticket(env: Env, hub: Proto) -> dict:
     hub.send(sid, hello(env))
     f = await hub.read_frame(sid)
     if f is None:
-        raise Fail(f"hub ended the hub stream without an answer ({hub.closed_why or 'stream finished'})")
+        if hub.closed.is_set():  # a lost connection, worth another try
+            raise ConnectionError(f"hub connection ended before the answer: {hub.closed_why}")
+        raise Fail("hub finished the hub stream without an answer")
     ftype, body = f
     m = w.decode_cbor(body)
     if ftype == w.REFUSED:

@@ -254,11 +254,16 @@ class Subscriber:
         self.env, self.ticket, self.rx = env, ticket, rx
         self.session: Optional[ShardSession] = None
         self.sub_ids = itertools.count(1)
+        self.ticket_fresh = True  # not used for an attach yet
         self.attaches = 0
         self.tickets = 1
 
-    def ticket_usable(self) -> bool:
-        return self.ticket is not None and self.ticket["expires_at"] - time.time() > TICKET_MARGIN
+    def need_ticket(self) -> bool:
+        """A fresh ticket is used as it is; a cached one while it expires more than 30 s
+        from now (section 8)."""
+        if self.ticket is None:
+            return True
+        return not self.ticket_fresh and self.ticket["expires_at"] - time.time() <= TICKET_MARGIN
 
     async def connect(self, avoid: Optional[str]) -> ShardSession:
         """A session on the ticket's endpoints in order (`avoid`, the one just lost, last);
@@ -270,9 +275,10 @@ class Subscriber:
                 delay = backoff_delay(failures)
                 log(f"round {failures} failed; backing off {delay * 1000:.0f} ms")
                 await asyncio.sleep(delay)
-            if not self.ticket_usable() and not (self.attaches == 0 and self.ticket is not None):
+            if self.need_ticket():
                 try:
                     self.ticket = await asyncio.wait_for(get_ticket(self.env), ATTEMPT_TIMEOUT)
+                    self.ticket_fresh = True
                     self.tickets += 1
                     log(f"new ticket: group {self.ticket['shard_group']}, endpoints {[e['addr'] for e in self.ticket['endpoints']]}")
                 except HubRefused as e:
@@ -287,6 +293,7 @@ class Subscriber:
                     failures += 1
                     continue
             assert self.ticket is not None
+            self.ticket_fresh = False
             eps = [e for e in self.ticket["endpoints"] if e["addr"] != avoid]
             eps += [e for e in self.ticket["endpoints"] if e["addr"] == avoid]
             for ep in eps:
@@ -331,9 +338,11 @@ class Subscriber:
                 raise w.Fail(f"shard {s.addr} closed with {w.error_name(code)}")
             if code is not None and w.retry_class(code) == w.AFTER_HUB:
                 self.ticket = None
+            # "same endpoint" closes (NO_ERROR, IDLE) may go back to it; else it comes last.
+            avoid = None if code is not None and w.retry_class(code) == w.SAME_ENDPOINT else s.addr
             log(f"re-attaching after {s.addr}: {s.why or 'GoAway'}; next offsets {self.rx.next}")
             # Make before break: the old session keeps delivering while the new one attaches.
-            new = asyncio.ensure_future(self.connect(s.addr))
+            new = asyncio.ensure_future(self.connect(avoid))
             await first(self.rx.finished.wait(), new)
             if not new.done():
                 new.cancel()
