@@ -95,6 +95,10 @@ class Proto(QuicConnectionProtocol):
                 self.closed_why = f"closed by peer with {w.error_name(event.error_code)} {event.reason_phrase!r}"
             elif not self.closed_why:
                 self.closed_why = f"transport close: code {event.error_code:#x} {event.reason_phrase!r}"
+            self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        if not self.closed.is_set():
             self.closed.set()
             for s in self.streams.values():
                 s.event.set()
@@ -141,8 +145,8 @@ class Proto(QuicConnectionProtocol):
     def alpn(self) -> Optional[str]:
         return self._quic.tls.alpn_negotiated
 
-    def ping(self) -> None:  # type: ignore[override]
-        """Sends a PING (keep-alive) without waiting for its ack."""
+    def send_ping(self) -> None:
+        """Sends a PING (keep-alive) without waiting for its ack (unlike aioquic's ping())."""
         if not self.closed.is_set():
             self._quic.send_ping(0)
             self.transmit()
@@ -150,7 +154,7 @@ class Proto(QuicConnectionProtocol):
     async def keepalive(self, interval: float) -> None:
         while not self.closed.is_set():
             await asyncio.sleep(interval)
-            self.ping()
+            self.send_ping()
 
     def local_addr(self) -> tuple:
         return self._transport.get_extra_info("sockname")
@@ -173,7 +177,7 @@ class Proto(QuicConnectionProtocol):
         self._transport = transport
         old.close()
         self._quic.change_connection_id()
-        self.ping()
+        self.send_ping()
         return before, self.local_addr()
 
     async def shutdown(self, code: int = w.NO_ERROR, reason: str = "") -> None:
@@ -182,6 +186,7 @@ class Proto(QuicConnectionProtocol):
         if not self.closed.is_set():
             self.closed_why = self.closed_why or f"closed locally with {w.error_name(code)}"
             self.close(error_code=code, reason_phrase=reason)
+            self._mark_closed()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
