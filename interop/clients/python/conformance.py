@@ -14,51 +14,55 @@ listed in PROTOCOL.md section 10 with the test of the reference client that cove
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import struct
 import sys
 import traceback
-from typing import Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable
 
 import cbor2
-from aioquic.asyncio import connect
 
-from client import (
+import sibyl_wire as w
+from client import Env, ask_ticket, attach, hello, hub_config, shard_config
+from sibyl_quic import Proto, open_conn
+from sibyl_wire import (
+    ASSIGNMENT,
     ATTACH,
+    ATTACH_PROOF,
     ATTACHED,
+    EARLY_ATTACH,
+    FETCH,
+    FORECAST,
+    FRAME_TOO_LARGE,
     GRANT,
     HELLO,
+    IDLE,
+    LIMIT_EXCEEDED,
+    MALFORMED_FRAME,
+    POSITION,
     PRODUCE,
     PRODUCE_ACK,
+    PROOF_FAILED,
+    PROTOCOL_VIOLATION,
     PUBLISH_ACCEPTED,
     PUBLISH_OPEN,
+    RECORDS,
     REFUSED,
     SUB_ERROR,
     SUBSCRIBE,
     TICKET,
-    Env,
+    TOKEN_INVALID,
+    UNSUPPORTED_VERSION,
     Fail,
-    Proto,
-    ask_ticket,
-    attach,
     attach_proof,
     cbor_frame,
-    config,
     decode_cbor,
     frame,
-    hello,
-    split_addr,
 )
 
 STEP = 15.0
-
-# Error codes (section 7).
-PROTOCOL_VIOLATION, FRAME_TOO_LARGE, MALFORMED_FRAME = 0x02, 0x03, 0x04
-UNSUPPORTED_VERSION, IDLE, LIMIT_EXCEEDED = 0x05, 0x19, 0x18
-TOKEN_INVALID, PROOF_FAILED = 0x13, 0x15
-EARLY_ATTACH, ATTACH_PROOF = 0x23, 0x24
-RECORDS, FORECAST, POSITION, FETCH, ASSIGNMENT = 0x41, 0x36, 0x34, 0x35, 0x31
 UNDEFINED_TYPE = 0x7F
 # TLS alert no_application_protocol (120) as a QUIC CRYPTO_ERROR (RFC 9001 section 4.8).
 CRYPTO_NO_APPLICATION_PROTOCOL = 0x100 + 120
@@ -77,13 +81,22 @@ def check(req: str, what: str):  # type: ignore[no-untyped-def]
 # ---- helpers ---------------------------------------------------------------------------
 
 
-def hub_conn(env: Env):  # type: ignore[no-untyped-def]
-    return connect(*env.hub, configuration=config(env, env.server_name), create_protocol=Proto)
+@contextlib.asynccontextmanager
+async def hub_conn(env: Env) -> AsyncIterator[Proto]:
+    conn = await open_conn(env.hub, hub_config(env))
+    try:
+        yield conn
+    finally:
+        await conn.shutdown()
 
 
-def shard_conn(env: Env, ep: dict):  # type: ignore[no-untyped-def]
-    host, port = split_addr(ep["addr"])
-    return connect(host, port, configuration=config(env, ep["server_name"]), create_protocol=Proto)
+@contextlib.asynccontextmanager
+async def shard_conn(env: Env, ep: dict) -> AsyncIterator[Proto]:
+    conn = await open_conn(ep["addr"], shard_config(env, ep["server_name"]))
+    try:
+        yield conn
+    finally:
+        await conn.shutdown()
 
 
 async def closed_with(conn: Proto, code: int, what: str) -> str:
@@ -92,8 +105,8 @@ async def closed_with(conn: Proto, code: int, what: str) -> str:
         await asyncio.wait_for(conn.closed.wait(), STEP)
     except asyncio.TimeoutError:
         raise Fail(f"{what}: connection still open after {STEP} s (expected close {code:#x})")
-    if conn.closed_code != code:
-        raise Fail(f"{what}: closed with {conn.closed_code}, expected {code:#x}")
+    if conn.closed_app != code:
+        raise Fail(f"{what}: {conn.closed_why}, expected an application close with {code:#x}")
     return f"{what}: closed with {code:#x}"
 
 
@@ -128,7 +141,6 @@ async def attached_session(env: Env, shard: Proto, t: dict) -> dict:
 async def ticket(env: Env) -> tuple[dict, dict]:
     async with hub_conn(env) as hub:
         t = await ask_ticket(env, hub)
-        hub.close()
     return t, t["endpoints"][0]
 
 
@@ -149,7 +161,6 @@ async def publish(env: Env, n: int) -> None:
         ty, m = await answer(hub, sid)
         if ty != PRODUCE_ACK:
             raise Fail(f"Produce: {m}")
-        hub.close()
 
 
 def subscribe(sub_id: int, env: Env, **extra: object) -> bytes:
@@ -176,17 +187,19 @@ async def subscribed(shard: Proto, sid: int) -> str:
 
 @check("R01", "a server refuses an ALPN other than sibyl/1 at the TLS layer")
 async def alpn_refused(env: Env) -> str:
-    cfg = config(env, env.server_name)
+    cfg = hub_config(env)
     cfg.alpn_protocols = ["h3"]
     try:
-        async with connect(*env.hub, configuration=cfg, create_protocol=Proto) as hub:
-            await asyncio.wait_for(hub.closed.wait(), STEP)
-            code = hub.closed_code
-    except ConnectionError as e:
-        return f"handshake failed: {e}"
-    if code != CRYPTO_NO_APPLICATION_PROTOCOL:
-        raise Fail(f"connection closed with {code}, expected {CRYPTO_NO_APPLICATION_PROTOCOL:#x}")
-    return "TLS alert no_application_protocol"
+        conn = await open_conn(env.hub, cfg)
+    except (ConnectionError, asyncio.TimeoutError) as e:
+        return f"handshake failed: {type(e).__name__} {e}"
+    try:
+        await asyncio.wait_for(conn.closed.wait(), STEP)
+        if conn.closed_code != CRYPTO_NO_APPLICATION_PROTOCOL:
+            raise Fail(f"{conn.closed_why}, expected {CRYPTO_NO_APPLICATION_PROTOCOL:#x}")
+        return "TLS alert no_application_protocol"
+    finally:
+        await conn.shutdown()
 
 
 # ---- section 3 -------------------------------------------------------------------------
@@ -250,7 +263,6 @@ async def unknown_keys(env: Env) -> str:
         ty, m = await answer(hub, sid)
         if ty != TICKET:
             raise Fail(f"expected Ticket, got {ty:#x} {m}")
-        hub.close()
     return "Hello with an unknown key got a Ticket"
 
 
@@ -263,7 +275,6 @@ async def any_order(env: Env) -> str:
         ty, m = await answer(hub, sid)
         if ty != TICKET:
             raise Fail(f"expected Ticket, got {ty:#x} {m}")
-        hub.close()
     return "Hello with its keys reversed got a Ticket"
 
 
@@ -289,7 +300,6 @@ async def null_optional(env: Env) -> str:
         ty, m = await answer(shard, sid)
         if ty != ATTACHED:
             raise Fail(f"expected Attached, got {ty:#x} {m}")
-        shard.close()
     return "Attach with resume: null got Attached"
 
 
@@ -328,8 +338,8 @@ async def hello_deadline(env: Env) -> str:
             await asyncio.wait_for(hub.closed.wait(), 30)
         except asyncio.TimeoutError:
             raise Fail("hub connection without Hello still open after 30 s")
-        if hub.closed_code != IDLE:
-            raise Fail(f"closed with {hub.closed_code}, expected IDLE")
+        if hub.closed_app != IDLE:
+            raise Fail(f"{hub.closed_why}, expected IDLE")
     return "closed with IDLE"
 
 
@@ -371,7 +381,6 @@ async def long_varints(env: Env) -> str:
         ty, m = await answer(hub, sid)
         if ty != PRODUCE_ACK or m.get("count") != 1:
             raise Fail(f"expected ProduceAck for 1 record, got {ty:#x} {m}")
-        hub.close()
     return f"ProduceAck at offset {m.get('base_offset')}"
 
 
@@ -407,7 +416,6 @@ async def stream_before_attached(env: Env) -> str:
         if ty != ATTACHED:
             raise Fail(f"expected Attached, got {ty:#x} {m}")
         got = await subscribed(shard, control)
-        shard.close()
     return f"Subscribe sent before Attach answered: {got}"
 
 
@@ -424,7 +432,6 @@ async def early_attach_1rtt(env: Env) -> str:
         control = shard.open_bidi()
         shard.send(control, subscribe(1, env))
         got = await subscribed(shard, control)
-        shard.close()
     return f"EarlyAttach, AttachProof in 1-RTT: {got}"
 
 
@@ -467,7 +474,6 @@ async def long_group(env: Env) -> str:
         other = shard.open_bidi()
         shard.send(other, subscribe(2, env))
         await subscribed(shard, other)
-        shard.close()
     return "SubError{LIMIT_EXCEEDED}; the session goes on"
 
 
@@ -483,11 +489,10 @@ async def reset_control(env: Env) -> str:
         shard.transmit()
         await asyncio.sleep(0.2)
         if shard.closed.is_set():
-            raise Fail(f"connection closed ({shard.closed_code}) after a control stream reset")
+            raise Fail(f"{shard.closed_why} after a control stream reset")
         second = shard.open_bidi()
         shard.send(second, subscribe(1, env))
         got = await subscribed(shard, second)
-        shard.close()
     return f"after the reset a new subscription (same sub_id) got {got}"
 
 
@@ -509,7 +514,6 @@ async def invented_partitions(env: Env) -> str:
         f = await shard.read_frame(usid)
         if f is None or f[0] != RECORDS:
             raise Fail(f"no Records after the invented partitions (close code {shard.closed_code})")
-        shard.close()
     return "the subscription kept delivering"
 
 
