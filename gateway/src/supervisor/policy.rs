@@ -19,6 +19,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use sibyl_proto::Backoff;
+
 use crate::config::{ShardsConfig, SupervisionConfig};
 use crate::ipc::Load;
 
@@ -599,12 +601,10 @@ fn info(slot: &Slot) -> Option<ShardInfo> {
     }
 }
 
-/// Restart delay after `streak` consecutive short-lived deaths: base × 2^streak, capped.
+/// Restart delay after `streak` consecutive short-lived deaths: base × 2^streak, capped, no
+/// jitter (the supervisor restarts its own processes; nothing to spread).
 pub fn backoff(cfg: &SupervisionConfig, streak: u32) -> Duration {
-    let factor = 1u32.checked_shl(streak.min(31)).unwrap_or(u32::MAX);
-    cfg.restart_backoff_base
-        .saturating_mul(factor)
-        .min(cfg.restart_backoff_max)
+    Backoff::new(cfg.restart_backoff_base, cfg.restart_backoff_max).ceiling(streak)
 }
 
 #[cfg(test)]

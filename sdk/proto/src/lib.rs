@@ -29,6 +29,8 @@
 //! - [`error`]: [`ErrorCode`] with its [`Fault`] and [`Retry`] class.
 //! - [`proof`]: [`attach_proof`] / [`verify_attach_proof`].
 //! - [`version`]: ALPN and version negotiation.
+//! - [`backoff`]: [`Backoff`], the exponential backoff (with full jitter from a caller's
+//!   sample) behind every reconnect and restart delay, here and in the gateway.
 //! - [`client`]: the I/O-free connection machine (hub → ticket → shard failover, backoff).
 //! - [`forecast`]: predictive pre-fetch, client side: consumption windows, forecasters (SMA,
 //!   EWMA, Holt) with MASE-driven sensitivity, the assignment-request policy, pre-fetch metrics.
@@ -37,6 +39,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cbor;
 pub mod client;
 pub mod codec;
@@ -49,6 +52,7 @@ pub mod version;
 #[cfg(any(fuzzing, feature = "fuzzing"))]
 pub mod fuzzing;
 
+pub use backoff::Backoff;
 pub use client::{
     AttemptId, ClientAction, ClientConfig, ClientMachine, DEFAULT_RACE_DELAY, ShardAttempt, Timer,
 };
