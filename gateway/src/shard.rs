@@ -14,7 +14,7 @@
 //! up to date on `KeyringUpdate`); the drain hook is where GoAway to clients goes.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::ipc::{HubToShard, IpcError, Load, ShardInit, ShardIpc, ShardToHub};
 use crate::session::{DataPlane, SessionError, SessionServer};
+pub use crate::shard_stats::ShardStats;
 use crate::storelink::{CacheConfig, CachedReader, ReaderConfig, StoreLink};
 
 /// Why a shard stopped with an error.
@@ -64,22 +65,12 @@ pub enum ShardExit {
     HubGone,
 }
 
-/// Live counters the QUIC layer updates; reported in every heartbeat.
-#[derive(Debug, Default)]
-pub struct ShardStats {
-    /// Open client connections.
-    pub connections: AtomicU64,
-    /// Active subscriptions.
-    pub subscriptions: AtomicU64,
-}
-
-impl ShardStats {
-    fn load(&self) -> Load {
-        Load {
-            connections: self.connections.load(Ordering::Relaxed),
-            subscriptions: self.subscriptions.load(Ordering::Relaxed),
-            rss_bytes: crate::limits::rss_bytes(),
-        }
+/// The heartbeat's load figures: `stats` and this process's resident memory.
+fn load(stats: &ShardStats) -> Load {
+    Load {
+        connections: stats.connections.load(Ordering::Relaxed),
+        subscriptions: stats.subscriptions.load(Ordering::Relaxed),
+        rss_bytes: crate::limits::rss_bytes(),
     }
 }
 
@@ -144,7 +135,7 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
     beat.tick().await;
     loop {
         tokio::select! {
-            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(rt.stats.load())).await?,
+            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(load(&rt.stats))).await?,
             msg = ipc.recv() => match msg? {
                 Some(HubToShard::Drain { within }) => {
                     drain(&rt.init, server, &mut ipc, within).await?;

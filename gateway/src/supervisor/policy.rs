@@ -22,22 +22,8 @@ use std::time::{Duration, Instant};
 use sibyl_proto::Backoff;
 
 use crate::config::{ShardsConfig, SupervisionConfig};
+pub use crate::ids::ShardId;
 use crate::ipc::Load;
-
-/// A shard slot: its group and index within the group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ShardId {
-    /// Shard-group id.
-    pub group: u32,
-    /// Index within the group (0-based).
-    pub index: u32,
-}
-
-impl std::fmt::Display for ShardId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "group={} shard={}", self.group, self.index)
-    }
-}
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
