@@ -37,7 +37,8 @@
 //! Modules: [`config`] (the builder), [`client`] (the connected client and its state),
 //! [`publisher`] ([`Publisher`], [`SendFuture`]), [`subscription`] ([`Subscription`] and its
 //! builder), [`error`] (typed errors with `retryable()`: [`ConnectError`], [`PublishError`],
-//! [`SubscribeError`]). Internals: `driver` (the machine driver), `hub` and `shard` (one
+//! [`SubscribeError`]). Internals: `inner` (the state a client shares with its supervisor task,
+//! publishers and subscriptions), `driver` (the machine driver), `hub` and `shard` (one
 //! exchange each), `wire` (frames over quinn streams); the subscription's I/O-free machine is
 //! [`SubMachine`](sibyl_proto::SubMachine) in `sibyl-proto`.
 //!
@@ -68,6 +69,7 @@ pub mod config;
 mod driver;
 pub mod error;
 mod hub;
+mod inner;
 pub mod publisher;
 mod shard;
 pub mod subscription;

@@ -32,8 +32,8 @@ use sibyl_proto::{Backoff, Codec, Frame, Retry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::client::Inner;
 use crate::error::{ConfigError, ConnectError, ProtocolError, PublishError};
+use crate::inner::Inner;
 use crate::wire::{FrameReader, write_frame};
 
 /// How [`Publisher::send`] picks a partition (explicit partitions: [`Publisher::send_to`]).

@@ -33,8 +33,8 @@ use sibyl_proto::frame::{Grant, Mode, Records, Start, Subscribe};
 use sibyl_proto::{ErrorCode, Frame};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use crate::client::{ConnectionState, Inner, PartitionStream, SessionInfo};
 use crate::error::{ConfigError, ConnectError, ProtocolError, SubscribeError};
+use crate::inner::{ConnectionState, Inner, PartitionStream, SessionInfo};
 use crate::wire::{FrameReader, close_for, write_frame};
 use sibyl_proto::subscription::{Deliver, MachineConfig, Open, ReaderId, SubMachine, Transmit};
 
