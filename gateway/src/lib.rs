@@ -33,6 +33,8 @@
 //! - [`predict`]: I/O-free predictive pre-fetch cores (partition assignment, run by the hub's
 //!   group coordinator; pre-fetch sizing and deviation tracking, run by each shard).
 //! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
+//! - [`launch`]: starting the real `sibyl-gateway` binary from a harness (integration tests,
+//!   interop runner, benchmarks) and parsing its start-up banner.
 //!
 //! ```text
 //! client ──QUIC──▶ hub::HubServer ── hub::Hub::handle_hello (keys, keyring, Supervisor loads)
@@ -55,6 +57,7 @@ pub mod grants;
 pub mod hub;
 pub mod ids;
 pub mod ipc;
+pub mod launch;
 pub mod limits;
 pub mod predict;
 pub mod quic;
