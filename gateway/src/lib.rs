@@ -17,6 +17,9 @@
 //! - [`supervisor`]: the shard supervision policy and its tokio driver.
 //! - [`ipc`]: the hub ↔ shard control channel.
 //! - [`shard`]: the shard process runtime.
+//! - [`ids`], [`shard_stats`]: bottom modules that import nothing of the crate: [`ShardId`],
+//!   and the live [`ShardStats`](shard_stats::ShardStats) the session layer writes and the
+//!   heartbeats report.
 //! - [`limits`]: rlimits and cgroup v2 limits.
 //! - [`storelink`]: how shards read the hub's store (Unix socket, framed; per-partition caches)
 //!   and relay their consumer-group members to the hub.
@@ -30,6 +33,8 @@
 //! - [`predict`]: I/O-free predictive pre-fetch cores (partition assignment, run by the hub's
 //!   group coordinator; pre-fetch sizing and deviation tracking, run by each shard).
 //! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
+//! - [`launch`]: starting the real `sibyl-gateway` binary from a harness (integration tests,
+//!   interop runner, benchmarks) and parsing its start-up banner.
 //!
 //! ```text
 //! client ──QUIC──▶ hub::HubServer ── hub::Hub::handle_hello (keys, keyring, Supervisor loads)
@@ -50,12 +55,15 @@ pub mod datadir;
 pub mod fuzzing;
 pub mod grants;
 pub mod hub;
+pub mod ids;
 pub mod ipc;
+pub mod launch;
 pub mod limits;
 pub mod predict;
 pub mod quic;
 pub mod session;
 pub mod shard;
+pub mod shard_stats;
 pub mod storage;
 pub mod store;
 pub mod storelink;
@@ -63,4 +71,5 @@ pub mod supervisor;
 pub mod synthetic;
 
 pub use config::{Config, ConfigError};
-pub use supervisor::{ShardId, ShardInfo, Supervisor, SupervisorOptions, SupervisorPolicy};
+pub use ids::ShardId;
+pub use supervisor::{ShardInfo, Supervisor, SupervisorOptions, SupervisorPolicy};

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::config::ShardLimits;
-use crate::supervisor::ShardId;
+use crate::ids::ShardId;
 
 /// Which limits were applied and which were not (with the reason).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -14,16 +14,18 @@
 //! up to date on `KeyringUpdate`); the drain hook is where GoAway to clients goes.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use sibyl_proto::Backoff;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::ipc::{HubToShard, IpcError, Load, ShardInit, ShardIpc, ShardToHub};
 use crate::session::{DataPlane, SessionError, SessionServer};
-use crate::storelink::{Backoff, CacheConfig, CachedReader, ReaderConfig, StoreLink};
+pub use crate::shard_stats::ShardStats;
+use crate::storelink::{CacheConfig, CachedReader, ReaderConfig, StoreLink};
 
 /// Why a shard stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -63,22 +65,12 @@ pub enum ShardExit {
     HubGone,
 }
 
-/// Live counters the QUIC layer updates; reported in every heartbeat.
-#[derive(Debug, Default)]
-pub struct ShardStats {
-    /// Open client connections.
-    pub connections: AtomicU64,
-    /// Active subscriptions.
-    pub subscriptions: AtomicU64,
-}
-
-impl ShardStats {
-    fn load(&self) -> Load {
-        Load {
-            connections: self.connections.load(Ordering::Relaxed),
-            subscriptions: self.subscriptions.load(Ordering::Relaxed),
-            rss_bytes: crate::limits::rss_bytes(),
-        }
+/// The heartbeat's load figures: `stats` and this process's resident memory.
+fn load(stats: &ShardStats) -> Load {
+    Load {
+        connections: stats.connections.load(Ordering::Relaxed),
+        subscriptions: stats.subscriptions.load(Ordering::Relaxed),
+        rss_bytes: crate::limits::rss_bytes(),
     }
 }
 
@@ -143,7 +135,7 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
     beat.tick().await;
     loop {
         tokio::select! {
-            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(rt.stats.load())).await?,
+            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(load(&rt.stats))).await?,
             msg = ipc.recv() => match msg? {
                 Some(HubToShard::Drain { within }) => {
                     drain(&rt.init, server, &mut ipc, within).await?;
@@ -173,12 +165,19 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
     }
 }
 
+/// Attempts to connect the store link at start-up (about 3 s in all with
+/// [`STORE_LINK_CONNECT_BACKOFF`]).
+const STORE_LINK_CONNECT_ATTEMPTS: u32 = 10;
+/// Waits between start-up attempts to connect the store link: 20 ms doubling to 500 ms, no
+/// jitter (one link per shard process).
+const STORE_LINK_CONNECT_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+
 /// Connects the store link (a few attempts: the hub binds it before it spawns shards) and
 /// builds the data plane; `None` (subscriptions refused) without a socket or a link.
 async fn connect_data_plane(init: &ShardInit) -> Option<Arc<DataPlane>> {
     let path = init.store_socket.as_ref()?;
-    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
-    for _ in 0..10 {
+    for retry in 0..STORE_LINK_CONNECT_ATTEMPTS {
         match StoreLink::connect(path).await {
             Ok(link) => {
                 let sc = &init.subscribe;
@@ -198,7 +197,7 @@ async fn connect_data_plane(init: &ShardInit) -> Option<Arc<DataPlane>> {
             }
             Err(e) => {
                 warn!(group = init.group, shard = init.shard, error = %e, "store link not ready");
-                tokio::time::sleep(backoff.next_delay()).await;
+                tokio::time::sleep(STORE_LINK_CONNECT_BACKOFF.ceiling(retry)).await;
             }
         }
     }

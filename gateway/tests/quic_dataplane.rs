@@ -524,8 +524,8 @@ fn resume_on_another_shard_after_sigkill_has_no_gap_or_duplicate() {
         publish(&mut send, &mut recv, &mut seq, 0, 0, 3000, 100, |_| 0).await;
         // Partition 1: large records, which shards read raw (segment bytes over the link).
         publish_big(&mut send, &mut recv, &mut seq, 1, 600, 20).await;
-        let first = gw.ready[0].clone();
-        let other = gw.ready[1].clone();
+        let first = gw.ready[0];
+        let other = gw.ready[1];
         let shard = attach_shard(&ep, first.addr, &t).await;
         let (_ctl, _r, _) = subscribe(&shard, 1, Start::Earliest, None, Mode::Predictive).await;
         let (mut r, mut r1) = (None, None);
@@ -812,7 +812,7 @@ async fn streams_of(conn: &Connection, a: &Assignment) -> HashMap<u32, Reader> {
 #[test]
 fn consumer_group_members_on_different_shards_never_share_a_partition() {
     let mut gw = Gateway::start(GROUP_ON_TWO_SHARDS, 2);
-    let (sa, sb) = (gw.ready[0].clone(), gw.ready[1].clone());
+    let (sa, sb) = (gw.ready[0], gw.ready[1]);
     assert_ne!(sa.pid, sb.pid);
     let rt = runtime();
     rt.block_on(async {

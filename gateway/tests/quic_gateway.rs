@@ -371,7 +371,7 @@ fn sigterm_on_a_shard_sends_goaway_and_the_hub_replaces_it() {
         let replacement = tokio::task::block_in_place(|| {
             gw.until(|l| parse_ready(l).filter(|r| r.group == victim.group && r.pid != victim.pid))
         });
-        gw.ready.push(replacement.clone());
+        gw.ready.push(replacement);
         let deadline = Instant::now() + PATIENCE;
         let t2 = loop {
             let t2 = ticket(&ep, &gw).await;

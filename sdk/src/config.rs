@@ -10,7 +10,6 @@ use sibyl_certs::{ClientTlsBuilder, Trust};
 use sibyl_proto::frame::{Action, Hello, Profile, Want};
 use sibyl_proto::{ALPN, ALPN_GROUP_HINT, ClientConfig, SUPPORTED_VERSIONS};
 
-use crate::client::Client;
 use crate::error::{ConfigError, ConnectError, TlsError, TransportError};
 use crate::shard::ShardQuic;
 
@@ -112,7 +111,9 @@ enum TrustChoice {
     Custom(Arc<rustls::ClientConfig>),
 }
 
-/// Builds and connects a [`Client`]. Obtain one with [`Client::builder`].
+/// Builds and connects a [`Client`](crate::Client). Obtain one with
+/// [`Client::builder`](crate::Client::builder); `connect` is defined beside the client
+/// (`client.rs`), so this module does not depend on it.
 ///
 /// Required: [`hub`](Self::hub), [`api_key`](Self::api_key) and a trust decision
 /// ([`trust`](Self::trust); there is deliberately no default). Defaults: hub server name
@@ -337,15 +338,6 @@ impl ClientBuilder {
         self
     }
 
-    /// Checks the configuration and connects: hub → ticket → shard, retrying as the
-    /// connection machine decides until attached, given up, or `connect_timeout` (then
-    /// [`ConnectError::Timeout`], or [`ConnectError::GiveUp`] carrying the last error seen).
-    ///
-    /// The same as [`build`](Self::build) then [`Connector::connect`].
-    pub async fn connect(self) -> Result<Client, ConnectError> {
-        self.build()?.connect().await
-    }
-
     /// Everything [`connect`](Self::connect) does before its first packet: checks the
     /// configuration, loads the trust anchors, builds the TLS and QUIC configurations and,
     /// when the hub's address family is known (an IP address, or
@@ -523,9 +515,10 @@ impl Connector {
         self.endpoint.as_ref()?.local_addr().ok()
     }
 
-    /// Connects: hub → ticket → shard, as [`ClientBuilder::connect`] describes.
-    pub async fn connect(self) -> Result<Client, ConnectError> {
-        Client::connect_prepared(self.prepared, self.endpoint).await
+    /// The validated configuration and the endpoint bound at build time, if any (what
+    /// [`connect`](Self::connect), next to [`Client`](crate::Client), starts from).
+    pub(crate) fn into_parts(self) -> (Prepared, Option<quinn::Endpoint>) {
+        (self.prepared, self.endpoint)
     }
 }
 

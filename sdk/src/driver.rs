@@ -10,10 +10,10 @@ use sibyl_proto::{AttemptId, ClientAction, ClientConfig, ClientMachine, ErrorCod
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::client::TicketInfo;
 use crate::config::HubAddress;
 use crate::error::ConnectError;
 use crate::hub::{self, HubAnswer};
+use crate::inner::TicketInfo;
 use crate::shard::{self, AttachRequest, ShardQuic, ShardSession, peer_code};
 use sibyl_proto::frame::Hello;
 

@@ -31,14 +31,16 @@
 //!    (at-least-once: a lost ack duplicates its batch in the log)
 //!  Subscription (futures::Stream) ◀─ bounded queue ◀─ partition readers ◀─ uni streams
 //!    driver: control stream Subscribe / Position / Fetch ─▶ ◀─ Grant, Assignment, SubError
-//!    SubMachine (I/O-free): dedupe by offset, resume Offsets, epochs, fetch within grant
+//!    SubMachine (sibyl-proto, I/O-free): dedupe by offset, resume Offsets, epochs, fetch within grant
 //! ```
 //!
 //! Modules: [`config`] (the builder), [`client`] (the connected client and its state),
 //! [`publisher`] ([`Publisher`], [`SendFuture`]), [`subscription`] ([`Subscription`] and its
 //! builder), [`error`] (typed errors with `retryable()`: [`ConnectError`], [`PublishError`],
-//! [`SubscribeError`]). Internals: `driver` (the machine driver), `hub` and `shard` (one
-//! exchange each), `wire` (frames over quinn streams), `subscription::machine` (I/O-free).
+//! [`SubscribeError`]). Internals: `inner` (the state a client shares with its supervisor task,
+//! publishers and subscriptions), `driver` (the machine driver), `hub` and `shard` (one
+//! exchange each), `wire` (frames over quinn streams); the subscription's I/O-free machine is
+//! [`SubMachine`](sibyl_proto::SubMachine) in `sibyl-proto`.
 //!
 //! ```no_run
 //! use sibyl_sdk::{Client, Trust};
@@ -67,6 +69,7 @@ pub mod config;
 mod driver;
 pub mod error;
 mod hub;
+mod inner;
 pub mod publisher;
 mod shard;
 pub mod subscription;

@@ -28,12 +28,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sibyl_proto::frame::{NewRecordRef, Produce, ProduceAck, PublishAccepted, PublishOpen};
-use sibyl_proto::{Codec, Frame, Retry};
+use sibyl_proto::{Backoff, Codec, Frame, Retry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::client::Inner;
 use crate::error::{ConfigError, ConnectError, ProtocolError, PublishError};
+use crate::inner::Inner;
 use crate::wire::{FrameReader, write_frame};
 
 /// How [`Publisher::send`] picks a partition (explicit partitions: [`Publisher::send_to`]).
@@ -69,6 +69,10 @@ const MAX_WINDOW: usize = 1 << 30;
 const MAX_BATCH_BODY: usize = 1_572_880;
 /// Protocol v1 `max_batch_records`.
 const MAX_BATCH_RECORDS: u32 = 16_384;
+/// Waits between failed re-opens of the publish stream: full jitter up to 100 ms, doubling
+/// to 1.6 s.
+const REOPEN_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_millis(1600));
 
 /// Tunables of a [`Publisher`]. `Default`: linger 1 ms, max batch 256 KiB, max batch records
 /// 16 384, window 8 MiB, [`Partitioner::KeyHash`], reconnect timeout 30 s, open timeout 10 s.
@@ -1131,8 +1135,7 @@ impl Task {
                         return Err(PublishError::Connect(e));
                     }
                     attempt += 1;
-                    let cap = Duration::from_millis(50 << attempt.min(5));
-                    let wait = cap.mul_f64(rand::random::<f64>());
+                    let wait = REOPEN_BACKOFF.full_jitter(attempt - 1, rand::random());
                     tokio::time::sleep(wait.min(give_up - Instant::now())).await;
                     if Instant::now() >= give_up {
                         return Err(PublishError::Connect(e));

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  driver task ── control stream: Subscribe{start} ─▶ ◀─ Grant, Assignment, SubError
-//!     │   │        Position, Fetch ◀── SubMachine::poll_transmit (I/O-free, `machine`)
+//!     │   │        Position, Fetch ◀── SubMachine::poll_transmit (I/O-free, sibyl-proto)
 //!     │   └─ per PartitionOpen (routed by sub_id from the client's dispatcher):
 //!     │        reader task: Records ─▶ byte permits (bounded buffer) ─▶ queue (if current)
 //!     ▼
@@ -20,8 +20,6 @@
 //! next attached session with `start = Offsets{partition → next offset after the last record
 //! handed to the app}` for every partition seen; replayed records are dropped by offset.
 
-mod machine;
-
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,12 +33,12 @@ use sibyl_proto::frame::{Grant, Mode, Records, Start, Subscribe};
 use sibyl_proto::{ErrorCode, Frame};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use crate::client::{ConnectionState, Inner, PartitionStream, SessionInfo};
 use crate::error::{ConfigError, ConnectError, ProtocolError, SubscribeError};
+use crate::inner::{ConnectionState, Inner, PartitionStream, SessionInfo};
 use crate::wire::{FrameReader, close_for, write_frame};
-use machine::{Deliver, MachineConfig, Open, ReaderId, SubMachine, Transmit};
+use sibyl_proto::subscription::{Deliver, MachineConfig, Open, ReaderId, SubMachine, Transmit};
 
-pub use machine::SubscriptionMetrics;
+pub use sibyl_proto::subscription::SubscriptionMetrics;
 
 /// A record delivered to the application.
 #[derive(Debug, Clone, PartialEq, Eq)]

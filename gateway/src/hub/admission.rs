@@ -163,7 +163,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
-    use crate::supervisor::ShardId;
+    use crate::ids::ShardId;
 
     fn shard(group: u32, index: u32, connections: u64) -> ShardInfo {
         ShardInfo {

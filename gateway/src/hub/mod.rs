@@ -38,8 +38,9 @@ use tracing::{debug, info, warn};
 
 use crate::apikeys::ApiKeyStore;
 use crate::config::{AdvertiseConfig, Config};
+use crate::ids::ShardId;
 use crate::quic::{self, QuicSetupError, Role, StreamError};
-use crate::supervisor::{ShardId, ShardInfo, Supervisor};
+use crate::supervisor::{ShardInfo, Supervisor};
 
 pub use admission::GroupCandidate;
 pub use groups::{CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport};
@@ -665,7 +666,7 @@ mod tests {
     use sibyl_tokens::OpenOptions;
 
     use super::*;
-    use crate::supervisor::ShardId;
+    use crate::ids::ShardId;
 
     const NOW: u64 = 1_700_000_000;
 

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::config::ConnectionConfig;
 use crate::ipc::ShardInit;
 use crate::quic::{self, QuicSetupError, Role, StreamError};
-use crate::shard::ShardStats;
+use crate::shard_stats::ShardStats;
 
 pub use attach::{AttachContext, AttachRefusal, check_attach};
 pub use subscribe::DataPlane;

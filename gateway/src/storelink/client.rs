@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use sibyl_proto::Backoff;
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -63,7 +64,8 @@ impl LinkError {
 pub struct LinkConfig {
     /// How long a call waits for its answer. Default 30 s.
     pub request_timeout: Duration,
-    /// First reconnect delay after the link drops. Default 20 ms.
+    /// First reconnect delay after the link drops; later ones double, without jitter (one
+    /// link per shard process). Default 20 ms.
     pub backoff_initial: Duration,
     /// Largest reconnect delay. Default 2 s.
     pub backoff_max: Duration,
@@ -76,35 +78,6 @@ impl Default for LinkConfig {
             backoff_initial: Duration::from_millis(20),
             backoff_max: Duration::from_secs(2),
         }
-    }
-}
-
-/// Reconnect delays: doubling from `initial` up to `max`, reset on success (I/O-free).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    /// A backoff starting at `initial`, capped at `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            next: initial.min(max),
-        }
-    }
-    /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-    /// Back to `initial` (after a successful connect).
-    pub fn reset(&mut self) {
-        self.next = self.initial.min(self.max);
     }
 }
 
@@ -180,7 +153,7 @@ impl Inner {
 }
 
 /// A shard's handle on the hub's store: cheap to clone, multiplexed over one Unix socket
-/// (request ids, answers in any order), reconnecting with [`Backoff`] in a background task
+/// (request ids, answers in any order), reconnecting with a [`Backoff`] in a background task
 /// that ends when the last clone is dropped.
 ///
 /// While the link is down, calls fail fast with [`LinkError::Down`]; tail watches survive
@@ -720,7 +693,7 @@ fn dispatch(inner: &Inner, msg: ServerMsg) {
 
 /// Reconnects after each drop until the last handle is gone.
 async fn drive(inner: Arc<Inner>, mut shutdown: watch::Receiver<()>) {
-    let mut backoff = Backoff::new(inner.cfg.backoff_initial, inner.cfg.backoff_max);
+    let backoff = Backoff::new(inner.cfg.backoff_initial, inner.cfg.backoff_max);
     loop {
         // Wait for the current connection to drop (`notify_one` keeps the signal if it came
         // before we wait).
@@ -728,16 +701,18 @@ async fn drive(inner: Arc<Inner>, mut shutdown: watch::Receiver<()>) {
             _ = shutdown.changed() => { close(&inner); return; }
             _ = inner.dropped.notified() => {}
         }
+        let mut retry = 0u32;
         loop {
+            let delay = backoff.ceiling(retry);
+            retry = retry.saturating_add(1);
             tokio::select! {
                 _ = shutdown.changed() => { close(&inner); return; }
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = tokio::time::sleep(delay) => {}
             }
             match UnixStream::connect(&inner.path).await {
                 Ok(s) => {
                     tracing::info!(path = %inner.path.display(), "store link reconnected");
                     attach(&inner, s);
-                    backoff.reset();
                     break;
                 }
                 Err(e) => tracing::debug!(error = %e, "store link reconnect failed"),
@@ -758,15 +733,6 @@ fn close(inner: &Inner) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(20), Duration::from_millis(100));
-        let got: Vec<_> = (0..5).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, vec![20, 40, 80, 100, 100]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(20));
-    }
 
     #[test]
     fn retryability_follows_whose_fault() {

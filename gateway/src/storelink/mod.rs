@@ -14,7 +14,8 @@
 //! - [`StoreLinkServer`]: binds `<data>/run/store.sock` (mode 0600), serves each shard link on
 //!   its own task; reads and time lookups run on blocking threads, a bounded number per link;
 //!   tail watches push coalesced `Tail` notifications. A malformed frame closes that link only.
-//! - [`StoreLink`]: the shard's client: request ids, a pending map, reconnect with [`Backoff`],
+//! - [`StoreLink`]: the shard's client: request ids, a pending map, reconnect with a doubling
+//!   [`Backoff`](sibyl_proto::Backoff),
 //!   tail watches as `tokio::sync::watch` receivers; relays consumer-group join / leave /
 //!   positions / forecasts and delivers the hub's [`GroupAssignment`] pushes per member
 //!   (members re-joined on reconnect).
@@ -48,7 +49,7 @@ mod server;
 
 pub use batch::RecordBatch;
 pub use cache::{Ahead, CacheConfig, CacheStats, PartitionCache, ShardCache};
-pub use client::{Backoff, GroupAssignment, LinkConfig, LinkError, StoreLink};
+pub use client::{GroupAssignment, LinkConfig, LinkError, StoreLink};
 pub use codec::{CodecError, RemoteError, Request, Response, StreamInfo};
 pub use reader::{CachedReader, ReaderConfig};
 pub use server::{ServerConfig, StoreLinkServer};

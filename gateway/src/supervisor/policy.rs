@@ -19,23 +19,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use sibyl_proto::Backoff;
+
 use crate::config::{ShardsConfig, SupervisionConfig};
+pub use crate::ids::ShardId;
 use crate::ipc::Load;
-
-/// A shard slot: its group and index within the group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ShardId {
-    /// Shard-group id.
-    pub group: u32,
-    /// Index within the group (0-based).
-    pub index: u32,
-}
-
-impl std::fmt::Display for ShardId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "group={} shard={}", self.group, self.index)
-    }
-}
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -599,12 +587,10 @@ fn info(slot: &Slot) -> Option<ShardInfo> {
     }
 }
 
-/// Restart delay after `streak` consecutive short-lived deaths: base × 2^streak, capped.
+/// Restart delay after `streak` consecutive short-lived deaths: base × 2^streak, capped, no
+/// jitter (the supervisor restarts its own processes; nothing to spread).
 pub fn backoff(cfg: &SupervisionConfig, streak: u32) -> Duration {
-    let factor = 1u32.checked_shl(streak.min(31)).unwrap_or(u32::MAX);
-    cfg.restart_backoff_base
-        .saturating_mul(factor)
-        .min(cfg.restart_backoff_max)
+    Backoff::new(cfg.restart_backoff_base, cfg.restart_backoff_max).ceiling(streak)
 }
 
 #[cfg(test)]

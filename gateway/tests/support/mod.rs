@@ -1,23 +1,20 @@
 //! Shared helpers of the `quic_*` tests: start a real `sibyl-gateway` (hub + shard processes)
-//! on a temporary data dir, read its banner and log, and a raw quinn client trusting the
-//! gateway's dev CA that speaks sibyl-proto frames directly. Only processes started here are
-//! signalled, by pid.
+//! on a temporary data dir through `sibyl_gateway::launch`, read its banner and log, and a
+//! raw quinn client trusting the gateway's dev CA that speaks sibyl-proto frames directly.
+//! Only processes started here are signalled, by pid.
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream};
 use sibyl_certs::{ClientTlsBuilder, Trust};
+use sibyl_gateway::launch::{GatewayProcess, Launch};
 use sibyl_proto::frame::{Action, Attach, Hello, Profile, Refused, Ticket, Want};
 use sibyl_proto::proof::{EXPORTER_CONTEXT, EXPORTER_LABEL};
 use sibyl_proto::{Codec, ErrorCode, Frame, FrameDecoder};
@@ -31,126 +28,64 @@ pub const TWO_GROUPS: &str =
     "[[shards.groups]]\nid = 0\nshards = 1\n[[shards.groups]]\nid = 1\nshards = 1\n";
 
 /// A `shard ready` log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ready {
-    pub group: u32,
-    pub shard: u32,
-    pub pid: i32,
-    pub addr: SocketAddr,
-}
+pub use sibyl_gateway::launch::ShardReady as Ready;
+// Not every test binary waits for a restarted shard.
+#[allow(unused_imports)]
+pub use sibyl_gateway::launch::parse_ready;
 
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-}
-
-pub fn parse_ready(line: &str) -> Option<Ready> {
-    if !line.contains("shard ready") {
-        return None;
-    }
-    Some(Ready {
-        group: field(line, "group")?.parse().ok()?,
-        shard: field(line, "shard")?.parse().ok()?,
-        pid: field(line, "pid")?.parse().ok()?,
-        addr: field(line, "addr")?.parse().ok()?,
-    })
-}
-
-/// A running gateway: the hub process, its output lines and what the banner said.
+/// A running gateway (the shared launcher's process), what the banner said and the shards
+/// the test knows to be ready.
 pub struct Gateway {
-    pub child: Child,
-    lines: mpsc::Receiver<String>,
-    pub log: Vec<String>,
-    /// Holds the data dir (`None` only while being handed to a restart).
-    pub dir: Option<tempfile::TempDir>,
+    process: GatewayProcess,
     pub hub: SocketAddr,
+    /// Empty when the banner has none (not the first start of the data dir).
     pub dev_key: String,
-    /// Shards seen ready so far (latest per slot last).
+    /// Shards seen ready so far (latest per slot last); tests push restarts they wait for.
     pub ready: Vec<Ready>,
 }
 
 impl Gateway {
     /// Starts the hub with `config` (TOML) and waits for the banner and `shards` shards.
     pub fn start(config: &str, shards: usize) -> Self {
-        Self::start_in(tempfile::tempdir().unwrap(), config, shards)
+        Self::launch(Launch::new(BIN), config, shards)
     }
 
     /// Like [`start`](Self::start) on an existing directory (a restart keeps its data);
     /// `dev_key` is empty when the banner has none (not the first start).
     pub fn start_in(dir: tempfile::TempDir, config: &str, shards: usize) -> Self {
-        let cfg = dir.path().join("gateway.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
+        Self::launch(Launch::new(BIN).in_dir(dir), config, shards)
+    }
+
+    fn launch(launch: Launch, config: &str, shards: usize) -> Self {
+        let process = launch
+            .config(config)
             .args(["--heartbeat-interval", "100ms", "--drain-deadline", "5s"])
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx2.send(l);
-            }
-        });
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let mut gw = Self {
-            child,
-            lines,
-            log: Vec::new(),
-            dir: Some(dir),
-            hub: SocketAddr::from(([0, 0, 0, 0], 0)),
-            dev_key: String::new(),
-            ready: Vec::new(),
-        };
-        gw.hub = gw.until(|l| l.trim().strip_prefix("hub address:")?.trim().parse().ok());
-        gw.dev_key = gw.until(|l| {
-            let l = l.trim();
-            if l.starts_with("API keys:") {
-                return Some(String::new());
-            }
-            Some(l.strip_prefix("dev API key:")?.trim().to_owned())
-        });
-        // Shards log to stderr and the banner goes to stdout: a ready line may already have
-        // been read while waiting for the banner.
-        gw.ready = gw
-            .log
-            .iter()
-            .map(String::as_str)
-            .filter_map(parse_ready)
-            .collect();
-        while gw.ready.len() < shards {
-            let r = gw.until(parse_ready);
-            gw.ready.push(r);
+            .shards(shards)
+            .patience(PATIENCE)
+            // A test's gateway is SIGKILLed when it ends: nothing of it needs to drain.
+            .stop_grace(Duration::ZERO)
+            .start()
+            .unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            hub: process.hub(),
+            dev_key: process.dev_key().unwrap_or_default().to_owned(),
+            ready: process.ready(),
+            process,
         }
-        gw
     }
 
     pub fn data(&self) -> PathBuf {
-        self.dir.as_ref().expect("data dir").path().join("data")
+        self.process.data_dir().to_owned()
     }
 
     /// SIGKILLs the hub (its shards exit when they see it gone) and keeps the directory.
-    pub fn kill9(mut self) -> tempfile::TempDir {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
-        self.dir.take().expect("data dir")
+    pub fn kill9(self) -> tempfile::TempDir {
+        self.process.kill_keep_dir().expect("data dir")
     }
 
     pub fn ca(&self) -> PathBuf {
-        self.data().join("certs").join("ca.pem")
+        self.process.ca_file()
     }
 
     /// The latest ready shard of `group`.
@@ -159,30 +94,16 @@ impl Gateway {
             .iter()
             .rev()
             .find(|r| r.group == group)
-            .cloned()
+            .copied()
             .unwrap_or_else(|| panic!("no ready shard of group {group}"))
     }
 
     /// Reads lines until `f` returns Some, bounded by PATIENCE. Blocking: call it from a
     /// multi-threaded runtime through `block_in_place`, or outside any runtime.
-    pub fn until<T>(&mut self, mut f: impl FnMut(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let r = f(&l);
-                    self.log.push(l);
-                    if let Some(r) = r {
-                        return r;
-                    }
-                }
-                Err(_) => {
-                    let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-                    panic!("gave up waiting; output so far:\n{}", self.log.join("\n"));
-                }
-            }
-        }
+    pub fn until<T>(&mut self, f: impl FnMut(&str) -> Option<T>) -> T {
+        self.process
+            .until(Instant::now() + PATIENCE, "a line the test waits for", f)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `sibyl-gateway keys api-key new` on this data dir; returns the key.
@@ -195,15 +116,6 @@ impl Gateway {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

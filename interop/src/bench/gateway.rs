@@ -1,7 +1,7 @@
 //! The Sibyl half of `admission` and `attach` against a real `sibyl-gateway` process.
 //!
 //! ```text
-//!  GatewayProcess::start ── spawn sibyl-gateway --listen 127.0.0.1:0 --data-dir <tmp>/data
+//!  GatewayProcess::start ── sibyl_gateway::launch: sibyl-gateway --listen 127.0.0.1:0 --data-dir <tmp>/data
 //!     │   (<tmp>/data/certs pre-filled with the BenchTls files: same CA + leaf as the baseline)
 //!     ├─ stdout banner: "hub address: …", "dev API key: …"
 //!     ├─ stderr log:    "shard ready group=… shard=… pid=… addr=…" × every shard
@@ -17,22 +17,17 @@
 //! executable (or its parent, for test binaries in `deps/`); build it first with
 //! `cargo build --release -p sibyl-gateway`.
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use quinn::VarInt;
+use sibyl_gateway::launch::{self, Launch, LaunchError, ShardReady};
 use sibyl_proto::frame::{Action, Hello, Profile, Want};
 use sibyl_proto::{Codec, Frame, FrameDecoder, SUPPORTED_VERSIONS};
 
 use super::quic::{BenchTls, Resumption, SERVER_NAME, Transport};
 use super::{BenchError, ColdSample, SibylHalf};
-use crate::runner::{ShardReady, StartupLine, parse_startup};
 
 /// Environment variable naming the `sibyl-gateway` binary to benchmark.
 pub const GATEWAY_BIN_ENV: &str = "SIBYL_GATEWAY_BIN";
@@ -109,20 +104,14 @@ pub fn gateway_binary() -> Result<PathBuf, GatewayError> {
         .ok_or(GatewayError::BinaryNotFound { searched })
 }
 
-/// A running `sibyl-gateway` (hub and its shard processes) on a temporary data dir, stopped
-/// by pid when dropped.
+/// A running `sibyl-gateway` (hub and its shard processes) on a temporary data dir, started
+/// through the shared launcher and stopped by pid when dropped (SIGTERM, SIGKILL after 15 s).
 #[derive(Debug)]
 pub struct GatewayProcess {
-    child: Child,
-    /// Output lines (stdout and stderr) not yet consumed.
-    lines: mpsc::Receiver<String>,
-    /// Every line consumed so far.
-    log: Vec<String>,
-    hub: SocketAddr,
+    process: launch::GatewayProcess,
     dev_key: String,
     ca: PathBuf,
     shards: Vec<ShardReady>,
-    dir: tempfile::TempDir,
 }
 
 impl GatewayProcess {
@@ -136,116 +125,42 @@ impl GatewayProcess {
         shards: usize,
         certs: Option<&sibyl_certs::CertPaths>,
     ) -> Result<Self, GatewayError> {
-        let bin = gateway_binary()?;
-        let dir = tempfile::Builder::new()
-            .prefix("sibyl-bench-gateway")
-            .tempdir()
-            .map_err(GatewayError::Spawn)?;
-        let data = dir.path().join("data");
+        let mut launch = Launch::new(gateway_binary()?)
+            .temp_prefix("sibyl-bench-gateway")
+            .config(config_toml)
+            .args(["--log", "info"])
+            .shards(shards)
+            .patience(STARTUP_PATIENCE)
+            .stop_grace(STOP_PATIENCE);
         if let Some(c) = certs {
-            let to = data.join("certs");
-            std::fs::create_dir_all(&to).map_err(GatewayError::Spawn)?;
-            for (from, name) in [
-                (&c.ca_cert, "ca.pem"),
-                (&c.ca_key, "ca.key"),
-                (&c.server_cert, "server.pem"),
-                (&c.server_key, "server.key"),
-            ] {
-                std::fs::copy(from, to.join(name)).map_err(GatewayError::Spawn)?;
-            }
+            launch = launch.certs(c.clone());
         }
-        let cfg = dir.path().join("gateway.toml");
-        std::fs::write(&cfg, config_toml).map_err(GatewayError::Spawn)?;
-        let mut child = Command::new(&bin)
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--log", "info", "--data-dir"])
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(GatewayError::Spawn)?;
-        let (tx, lines) = mpsc::channel();
-        // Both pipes are drained for the process's whole life (lines are dropped once the
-        // receiver is gone), so the gateway never blocks on a full pipe.
-        if let Some(out) = child.stdout.take() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for l in BufReader::new(out).lines().map_while(Result::ok) {
-                    let _ = tx.send(l);
-                }
-            });
-        }
-        if let Some(err) = child.stderr.take() {
-            std::thread::spawn(move || {
-                for l in BufReader::new(err).lines().map_while(Result::ok) {
-                    let _ = tx.send(l);
-                }
-            });
-        }
-        let mut gw = Self {
-            child,
-            lines,
-            log: Vec::new(),
-            hub: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            dev_key: String::new(),
-            ca: data.join("certs").join("ca.pem"),
-            shards: Vec::new(),
-            dir,
-        };
-        let deadline = Instant::now() + STARTUP_PATIENCE;
-        // One pass over the output, each line tried against every piece: the banner is on
-        // stdout and `shard ready` on stderr, read by two threads, so a shard's line can come
-        // between two banner lines (waiting for the pieces one after the other lost it).
-        let (mut hub, mut dev_key) = (None, None);
-        while hub.is_none() || dev_key.is_none() || gw.shards.len() < shards {
-            let what = match (&hub, &dev_key) {
-                (None, _) => "the hub address",
-                (_, None) => "the dev API key",
-                _ => "every shard ready",
-            };
-            match gw.until(deadline, what, parse_startup)? {
-                StartupLine::Hub(a) => hub = Some(a),
-                StartupLine::DevKey(k) => dev_key = Some(k),
-                StartupLine::Ready(r) => gw.shards.push(r),
-            }
-        }
-        gw.hub = hub.unwrap_or(gw.hub);
-        gw.dev_key = dev_key.unwrap_or_default();
-        Ok(gw)
-    }
-
-    /// Reads output lines until `f` returns `Some`, the deadline passes or the process exits.
-    pub fn until<T>(
-        &mut self,
-        deadline: Instant,
-        what: &'static str,
-        mut f: impl FnMut(&str) -> Option<T>,
-    ) -> Result<T, GatewayError> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    let r = f(&l);
-                    self.log.push(l);
-                    if let Some(r) = r {
-                        return Ok(r);
-                    }
-                }
-                Err(_) => {
-                    return Err(GatewayError::Startup {
-                        what,
-                        log: self.log.join("\n"),
-                    });
-                }
-            }
-        }
+        let process = launch.start().map_err(|e| match e {
+            LaunchError::Io { source, .. } => GatewayError::Spawn(source),
+            LaunchError::Startup { what, tail } => GatewayError::Startup {
+                what,
+                log: tail.join("\n"),
+            },
+            other => GatewayError::Spawn(std::io::Error::other(other)),
+        })?;
+        let dev_key = process
+            .dev_key()
+            .ok_or_else(|| GatewayError::Startup {
+                what: "the dev API key",
+                log: process.log_tail(launch::LOG_TAIL).join("\n"),
+            })?
+            .to_owned();
+        Ok(Self {
+            shards: process.ready(),
+            dev_key,
+            ca: process.ca_file(),
+            process,
+        })
     }
 
     /// The hub's QUIC address.
     pub fn hub(&self) -> SocketAddr {
-        self.hub
+        self.process.hub()
     }
 
     /// The development API key the gateway printed (scope `*:subscribe,publish`).
@@ -265,35 +180,12 @@ impl GatewayProcess {
 
     /// The temporary directory holding the data dir and the config file.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.process.dir()
     }
 
     /// The hub's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        let Ok(raw) = i32::try_from(self.child.id()) else {
-            return;
-        };
-        let pid = Pid::from_raw(raw);
-        // SIGTERM drains the shards and makes the hub exit; SIGKILL only if it does not.
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_PATIENCE;
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = self.child.wait();
+        self.process.pid()
     }
 }
 

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::error::{ErrorCode, Retry};
 use crate::frame::{Endpoint, Refused, Ticket};
 
@@ -561,19 +562,9 @@ impl ClientMachine {
 
     /// Full jitter: uniform in `[0, min(max, initial·2^(failures−1))]`.
     fn backoff_delay(&mut self) -> Duration {
-        let exp = self.failures.saturating_sub(1).min(32);
-        let cap = self
-            .config
-            .backoff_initial
-            .saturating_mul(1u32 << exp.min(31))
-            .min(self.config.backoff_max);
-        let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-        let r = self.next_random();
-        Duration::from_nanos(if cap_ns == u64::MAX {
-            r
-        } else {
-            r % (cap_ns + 1)
-        })
+        let backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        let sample = self.next_random();
+        backoff.full_jitter(self.failures.saturating_sub(1), sample)
     }
 
     /// SplitMix64: a small deterministic generator for jitter (not for secrets).

@@ -29,7 +29,12 @@
 //! - [`error`]: [`ErrorCode`] with its [`Fault`] and [`Retry`] class.
 //! - [`proof`]: [`attach_proof`] / [`verify_attach_proof`].
 //! - [`version`]: ALPN and version negotiation.
+//! - [`backoff`]: [`Backoff`], the exponential backoff (with full jitter from a caller's
+//!   sample) behind every reconnect and restart delay, here and in the gateway.
 //! - [`client`]: the I/O-free connection machine (hub → ticket → shard failover, backoff).
+//! - [`subscription`]: [`SubMachine`], the I/O-free state of one subscription (dedupe by
+//!   offset, resume offsets, assignment epochs, `Position` / `Fetch` / `Forecast` timing,
+//!   the grant bucket).
 //! - [`forecast`]: predictive pre-fetch, client side: consumption windows, forecasters (SMA,
 //!   EWMA, Holt) with MASE-driven sensitivity, the assignment-request policy, pre-fetch metrics.
 //! - `fuzzing` (feature `fuzzing` or `cfg(fuzzing)`): oracles for fuzz targets.
@@ -37,6 +42,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod cbor;
 pub mod client;
 pub mod codec;
@@ -44,11 +50,13 @@ pub mod error;
 pub mod forecast;
 pub mod frame;
 pub mod proof;
+pub mod subscription;
 pub mod version;
 
 #[cfg(any(fuzzing, feature = "fuzzing"))]
 pub mod fuzzing;
 
+pub use backoff::Backoff;
 pub use client::{
     AttemptId, ClientAction, ClientConfig, ClientMachine, DEFAULT_RACE_DELAY, ShardAttempt, Timer,
 };
@@ -60,4 +68,5 @@ pub use forecast::{
 pub use frame::data::BatchError;
 pub use frame::{Frame, FrameBody, FrameDecoder, FrameType};
 pub use proof::{attach_proof, verify_attach_proof};
+pub use subscription::{SubMachine, SubscriptionMetrics};
 pub use version::{ALPN, ALPN_GROUP_HINT, PROTOCOL_VERSION, SUPPORTED_VERSIONS, negotiate};

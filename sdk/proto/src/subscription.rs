@@ -1,5 +1,6 @@
-//! The I/O-free state of one subscription: what the app has consumed, which partition stream is
-//! current, what to resume from, when to send `Position` and `Fetch`, and the grant bucket.
+//! The I/O-free state of one subscription, client side: what the app has consumed, which
+//! partition stream is current, what to resume from, when to send `Position` and `Fetch`, and
+//! the grant bucket. The SDK's `Subscription` drives [`SubMachine`] (PROTOCOL.md §6.2, §6.3).
 //!
 //! Call order (one driver, `now` only moves forward):
 //!
@@ -31,45 +32,53 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use sibyl_proto::forecast::{
+use crate::forecast::{
     ForecastConfig, ForecastEngine, PartitionMetrics, PrefetchMetrics, PrefetchStats,
 };
-use sibyl_proto::frame::{
+use crate::frame::{
     Assignment, Fetch, Forecast, Grant, Mode, PartitionForecast, PartitionOpen, Position, Start,
 };
 
-/// Identifies one partition-stream reader.
-pub(crate) type ReaderId = u64;
+/// Identifies one partition-stream reader (unique per machine).
+pub type ReaderId = u64;
 
-/// The machine's tunables (see [`SubscriptionConfig`](crate::SubscriptionConfig)).
+/// The machine's tunables (the SDK fills them from its `SubscriptionConfig`).
 #[derive(Debug, Clone)]
-pub(crate) struct MachineConfig {
-    pub(crate) mode: Mode,
-    pub(crate) position_interval: Duration,
+pub struct MachineConfig {
+    /// Push (`Predictive`) or pull (`Reactive`).
+    pub mode: Mode,
+    /// Least time between two `Position` rounds.
+    pub position_interval: Duration,
     /// Reactive mode: records to keep buffered-or-requested per partition.
-    pub(crate) fetch_records: u32,
+    pub fetch_records: u32,
     /// Reactive mode: fetch only when the whole buffer is empty (no pipelining).
-    pub(crate) fetch_on_empty: bool,
-    /// Predictive mode: the forecaster's configuration (validated by the caller).
-    pub(crate) forecast: ForecastConfig,
+    pub fetch_on_empty: bool,
+    /// Predictive mode: the forecaster's configuration (validated by the caller; an invalid
+    /// one falls back to the default).
+    pub forecast: ForecastConfig,
     /// Predictive mode: the buffer capacity advertised in every `Forecast`.
-    pub(crate) buffer_bytes: u64,
+    pub buffer_bytes: u64,
 }
 
 /// What the driver must send on the control stream.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Transmit {
+pub enum Transmit {
+    /// The next offset to hand to the app, of one partition.
     Position(Position),
+    /// Reactive mode: records asked for, within the grant.
     Fetch(Fetch),
+    /// Predictive mode: the buffer capacity and the current predictions.
     Forecast(Forecast),
 }
 
 /// Verdict on a partition stream's `PartitionOpen`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Open {
+pub enum Open {
     /// Read it as reader `id`; stop the reader `replaces` (an older stream of the partition).
     Accept {
+        /// The new reader.
         id: ReaderId,
+        /// The partition's previous reader, to stop.
         replaces: Option<ReaderId>,
     },
     /// Older than the latest assignment (or than the partition's current stream): stop it with
@@ -79,7 +88,7 @@ pub(crate) enum Open {
 
 /// Verdict on a record the app is about to receive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Deliver {
+pub enum Deliver {
     /// Hand it to the app.
     Deliver,
     /// Its offset was already handed to the app: drop it.
@@ -88,9 +97,16 @@ pub(crate) enum Deliver {
 
 /// Peer misbehaviour the machine detects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum MachineError {
+#[non_exhaustive]
+pub enum MachineError {
+    /// An `Assignment` did not raise the epoch of the current control stream.
     #[error("Assignment epoch {got} does not increase (latest {latest})")]
-    EpochNotIncreasing { latest: u64, got: u64 },
+    EpochNotIncreasing {
+        /// The latest epoch seen.
+        latest: u64,
+        /// The epoch received.
+        got: u64,
+    },
 }
 
 /// Counters of one subscription.
@@ -184,7 +200,7 @@ impl Lease {
 
 /// The subscription state machine. See the module docs for the call order.
 #[derive(Debug)]
-pub(crate) struct SubMachine {
+pub struct SubMachine {
     cfg: MachineConfig,
     start: Start,
     generation: u64,
@@ -206,7 +222,9 @@ pub(crate) struct SubMachine {
 }
 
 impl SubMachine {
-    pub(crate) fn new(cfg: MachineConfig, start: Start) -> Self {
+    /// A machine before its first control stream; `start` is where the first `Subscribe`
+    /// starts.
+    pub fn new(cfg: MachineConfig, start: Start) -> Self {
         let engine = (cfg.mode == Mode::Predictive).then(|| {
             // The builder validated the config; fall back to the defaults if it did not.
             let mut e = ForecastEngine::new(cfg.forecast.clone())
@@ -238,7 +256,7 @@ impl SubMachine {
     /// generation stops being current. Returns the `start` to put in `Subscribe`: the original
     /// start until any partition's next offset is known, then `Offsets` of every partition
     /// seen.
-    pub(crate) fn begin_generation(&mut self) -> Start {
+    pub fn begin_generation(&mut self) -> Start {
         self.generation += 1;
         if self.generation > 1 {
             self.metrics.reconnects += 1;
@@ -277,7 +295,7 @@ impl SubMachine {
     }
 
     /// The start a (re-)subscribe uses now.
-    pub(crate) fn resume_start(&self) -> Start {
+    pub fn resume_start(&self) -> Start {
         let offsets: BTreeMap<u32, u64> = self
             .parts
             .iter()
@@ -293,7 +311,7 @@ impl SubMachine {
     /// A new `Assignment`: replaces the assigned set, learns start offsets of partitions never
     /// seen, queues a final `Position` for revoked partitions. Returns the readers to stop
     /// (streams of older epochs).
-    pub(crate) fn handle_assignment(
+    pub fn handle_assignment(
         &mut self,
         a: &Assignment,
         now: Instant,
@@ -349,7 +367,7 @@ impl SubMachine {
     }
 
     /// A partition stream opened with `open` (its `sub_id` already matched).
-    pub(crate) fn open_partition(&mut self, open: &PartitionOpen) -> Open {
+    pub fn open_partition(&mut self, open: &PartitionOpen) -> Open {
         if self.epoch.is_some_and(|e| open.epoch < e) {
             self.metrics.streams_stopped += 1;
             return Open::Stale;
@@ -372,7 +390,7 @@ impl SubMachine {
     }
 
     /// True while `id` is the current reader of `partition`.
-    pub(crate) fn is_current(&self, id: ReaderId, partition: u32) -> bool {
+    pub fn is_current(&self, id: ReaderId, partition: u32) -> bool {
         self.parts
             .get(&partition)
             .and_then(|p| p.reader)
@@ -381,7 +399,7 @@ impl SubMachine {
 
     /// Reader `id` is about to push `n` records of `partition`: true if it may (it is
     /// current). Call under the lock that also covers the push.
-    pub(crate) fn on_received(&mut self, id: ReaderId, partition: u32, n: u64) -> bool {
+    pub fn on_received(&mut self, id: ReaderId, partition: u32, n: u64) -> bool {
         self.prefetch.received(n);
         if !self.is_current(id, partition) {
             self.prefetch.discarded(n);
@@ -395,7 +413,7 @@ impl SubMachine {
     }
 
     /// Reader `id` ended (stream finished, reset, or stopped).
-    pub(crate) fn reader_ended(&mut self, id: ReaderId, partition: u32) {
+    pub fn reader_ended(&mut self, id: ReaderId, partition: u32) {
         if let Some(p) = self.parts.get_mut(&partition)
             && p.reader.is_some_and(|(r, _)| r == id)
         {
@@ -405,7 +423,7 @@ impl SubMachine {
     }
 
     /// The app is about to receive `offset` of `partition`.
-    pub(crate) fn on_deliver(&mut self, partition: u32, offset: u64, now: Instant) -> Deliver {
+    pub fn on_deliver(&mut self, partition: u32, offset: u64, now: Instant) -> Deliver {
         let low = self.low_water();
         let p = self.parts.entry(partition).or_default();
         p.buffered = p.buffered.saturating_sub(1);
@@ -440,13 +458,7 @@ impl SubMachine {
 
     /// The app took a delivered record of `partition` (`bytes` of key and payload); it had
     /// waited `waited` for it (`None`: it was already buffered).
-    pub(crate) fn took(
-        &mut self,
-        partition: u32,
-        bytes: u64,
-        waited: Option<Duration>,
-        now: Instant,
-    ) {
+    pub fn took(&mut self, partition: u32, bytes: u64, waited: Option<Duration>, now: Instant) {
         match waited {
             Some(w) => self.prefetch.miss(w),
             None => self.prefetch.hit(1),
@@ -474,7 +486,7 @@ impl SubMachine {
 
     /// The app asked for a record and nothing was buffered. Predictive mode: positions go
     /// out at once so the shard sees the drained buffer.
-    pub(crate) fn on_starved(&mut self, now: Instant) {
+    pub fn on_starved(&mut self, now: Instant) {
         if self.engine.is_some() && self.generation > 0 {
             self.position_due = Some(now);
             self.poke = true;
@@ -482,18 +494,18 @@ impl SubMachine {
     }
 
     /// Forecast quality per partition (predictive mode; empty in reactive mode).
-    pub(crate) fn forecast_metrics(&self) -> Vec<PartitionMetrics> {
+    pub fn forecast_metrics(&self) -> Vec<PartitionMetrics> {
         self.engine.as_ref().map_or_else(Vec::new, |e| e.metrics())
     }
 
     /// True (once) when the driver should run `poll_transmit` / re-arm its timer because of
     /// an [`on_deliver`](Self::on_deliver).
-    pub(crate) fn take_poke(&mut self) -> bool {
+    pub fn take_poke(&mut self) -> bool {
         std::mem::take(&mut self.poke)
     }
 
     /// A `Grant` arrived at `now`; `server_now_ms` is the shard clock estimated at `now`.
-    pub(crate) fn handle_grant(&mut self, g: Grant, now: Instant, server_now_ms: u64) {
+    pub fn handle_grant(&mut self, g: Grant, now: Instant, server_now_ms: u64) {
         let ttl = Duration::from_millis(g.lease_expires_ms.saturating_sub(server_now_ms));
         let expires = now + ttl;
         let lease = match self.lease.take() {
@@ -515,12 +527,12 @@ impl SubMachine {
     }
 
     /// The current grant, if one is held and unexpired at `now`.
-    pub(crate) fn grant(&self, now: Instant) -> Option<Grant> {
+    pub fn grant(&self, now: Instant) -> Option<Grant> {
         self.lease.filter(|l| now < l.expires).map(|l| l.grant)
     }
 
     /// The next frame to send on the control stream, if any.
-    pub(crate) fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if self.out.is_empty() {
             self.fill(now);
         }
@@ -614,7 +626,7 @@ impl SubMachine {
 
     /// When [`poll_transmit`](Self::poll_transmit) may next have something without any other
     /// input (the position timer, or grant tokens for a blocked fetch).
-    pub(crate) fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let mut t = self.position_due;
         if let Some(at) = self.engine.as_ref().and_then(ForecastEngine::poll_timeout) {
             t = Some(t.map_or(at, |x| x.min(at)));
@@ -640,7 +652,7 @@ impl SubMachine {
     }
 
     /// The next offset to hand to the app, per partition seen.
-    pub(crate) fn positions(&self) -> BTreeMap<u32, u64> {
+    pub fn positions(&self) -> BTreeMap<u32, u64> {
         self.parts
             .iter()
             .filter_map(|(&p, s)| s.next.map(|n| (p, n)))
@@ -648,7 +660,7 @@ impl SubMachine {
     }
 
     /// The partitions of the latest assignment (current generation).
-    pub(crate) fn assigned(&self) -> Vec<u32> {
+    pub fn assigned(&self) -> Vec<u32> {
         self.parts
             .iter()
             .filter(|(_, p)| p.assigned)
@@ -657,11 +669,12 @@ impl SubMachine {
     }
 
     /// The latest assignment epoch of the current generation.
-    pub(crate) fn epoch(&self) -> Option<u64> {
+    pub fn epoch(&self) -> Option<u64> {
         self.epoch
     }
 
-    pub(crate) fn metrics(&self) -> SubscriptionMetrics {
+    /// The subscription's counters, with the current pre-fetch figures.
+    pub fn metrics(&self) -> SubscriptionMetrics {
         let mases: Vec<f64> = self
             .forecast_metrics()
             .iter()
@@ -679,7 +692,7 @@ impl SubMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sibyl_proto::frame::AssignedPartition;
+    use crate::frame::AssignedPartition;
 
     fn cfg(mode: Mode) -> MachineConfig {
         MachineConfig {
