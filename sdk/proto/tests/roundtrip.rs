@@ -617,3 +617,32 @@ fn a_stream_refuses_types_it_does_not_carry_from_the_type_byte() {
     assert!(dec.read_buffer(0).capacity() < 64 * 1024);
     assert!(dec.next_frame().is_err());
 }
+
+/// `Debug` of the frames that carry credentials prints none of them.
+#[test]
+fn debug_output_holds_no_api_key_or_session_secret() {
+    let hello = Hello {
+        client_id: "app".into(),
+        api_key: "sk_live_secret-key-material".into(),
+        profile: Profile::default(),
+        wants: vec![],
+        versions: vec![1],
+    };
+    let d = format!("{hello:?} {:?}", Frame::Hello(hello.clone()));
+    assert!(!d.contains("secret-key-material"), "{d}");
+    assert!(d.contains("app"), "{d}");
+    let ticket = Ticket {
+        version: 1,
+        token: vec![0xee; 40],
+        session_secret: [0xab; 32],
+        shard_group: 3,
+        expires_at: 9,
+        endpoints: vec![],
+    };
+    let d = format!("{ticket:?} {:?}", Frame::Ticket(ticket.clone()));
+    assert!(!d.contains("171") && !d.contains("238"), "{d}");
+    assert!(
+        d.contains("shard_group: 3") && d.contains("<40 bytes>"),
+        "{d}"
+    );
+}

@@ -35,8 +35,8 @@ pub struct Profile {
     pub sdk_version: String,
 }
 
-/// `Hello` (`0x01`): the first frame on the hub stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Hello` (`0x01`): the first frame on the hub stream. `Debug` does not print the API key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Client identifier chosen by the application (stable across reconnects).
     pub client_id: String,
@@ -59,8 +59,9 @@ pub struct Endpoint {
     pub server_name: String,
 }
 
-/// `Ticket` (`0x02`): permission to attach to a shard of one group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Ticket` (`0x02`): permission to attach to a shard of one group. `Debug` prints neither
+/// the session secret nor the token's bytes.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
     /// The negotiated protocol version.
     pub version: u32,
@@ -110,6 +111,31 @@ pub struct Refused {
         deserialize_with = "super::rules::null_as_default"
     )]
     pub versions: Vec<u32>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("client_id", &self.client_id)
+            .field("api_key", &"<redacted>")
+            .field("profile", &self.profile)
+            .field("wants", &self.wants)
+            .field("versions", &self.versions)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("version", &self.version)
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("session_secret", &"<redacted>")
+            .field("shard_group", &self.shard_group)
+            .field("expires_at", &self.expires_at)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
 }
 
 impl Validate for Hello {

@@ -18,8 +18,8 @@ pub struct Attach {
     pub proof: [u8; 32],
     /// The client id sent in `Hello` (the shard checks it against the token).
     pub client_id: String,
-    /// A previous `session_id` from `Attached` to resume (subscriptions' server-side state
-    /// such as grant history); the client re-sends `Subscribe`/`Position` regardless.
+    /// A previous `session_id` from `Attached`. Advisory: shards keep no per-session state to
+    /// restore (PROTOCOL.md §6.1); the client re-sends `Subscribe` regardless.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<u64>,
 }
@@ -31,7 +31,8 @@ pub struct SessionLimits {
     pub max_streams: u32,
     /// Maximum body length of any frame the client sends.
     pub max_frame: u32,
-    /// The shard closes the connection with `IDLE` after this long without activity.
+    /// The shard's QUIC idle timeout: a connection without any packet for this long ends
+    /// silently (no close frame).
     pub idle_timeout_ms: u64,
 }
 
