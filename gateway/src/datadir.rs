@@ -10,6 +10,10 @@
 //! On first start (no `api-keys.toml`) one development API key with scope
 //! `*:subscribe,publish` is created and returned once in [`Bootstrap::dev_api_key`]; it is
 //! never stored in clear.
+//!
+//! At every start, not only the first, the directory and its secret files (private keys,
+//! keyring, API-key hashes) must be inaccessible to group and others: otherwise the start
+//! is refused with [`DataDirError::Exposed`], naming the path (as OpenSSH refuses a key file).
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +57,38 @@ pub enum DataDirError {
     /// The CA file holds no certificate.
     #[error("{0}: no certificate in file")]
     NoCaCert(PathBuf),
+    /// The directory or one of its secret files is accessible to group or others.
+    #[error(
+        "{path} is accessible to group or others (mode {mode:04o}); refusing to start. \
+         Fix: chmod {fix:o} {path}",
+        path = path.display()
+    )]
+    Exposed {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// The mode to set (0700 for the directory, 0600 for files).
+        fix: u32,
+    },
+}
+
+/// Refuses `path` if group or others have any permission on it.
+fn check_private(path: &Path, fix: u32) -> Result<(), DataDirError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(DataDirError::Exposed {
+            path: path.to_owned(),
+            mode,
+            fix,
+        });
+    }
+    Ok(())
 }
 
 /// Paths inside a data directory.
@@ -116,6 +152,7 @@ pub fn bootstrap(
             })?;
         created.push(root.to_owned());
     }
+    check_private(root, 0o700)?;
     let c = &dir.certs;
     if !(c.ca_cert.exists() && c.ca_key.exists() && c.server_cert.exists() && c.server_key.exists())
     {
@@ -145,6 +182,9 @@ pub fn bootstrap(
         created.push(dir.api_keys.clone());
         Some(k.key)
     };
+    for secret in [&c.ca_key, &c.server_key, &dir.keyring, &dir.api_keys] {
+        check_private(secret, 0o600)?;
+    }
     let ca = sibyl_certs::load_certs(&c.ca_cert)?;
     let first = ca
         .first()
@@ -212,5 +252,39 @@ mod tests {
             bootstrap(&root, &[], 2),
             Err(DataDirError::ApiKeys(_))
         ));
+    }
+
+    #[test]
+    fn an_exposed_dir_or_secret_file_fails_every_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("d");
+        let b = bootstrap(&root, &[], 1).unwrap();
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        chmod(&root, 0o755);
+        match bootstrap(&root, &[], 2) {
+            Err(e @ DataDirError::Exposed { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&root.display().to_string()), "{msg}");
+                assert!(msg.contains("0755") && msg.contains("chmod 700"), "{msg}");
+            }
+            other => panic!("expected Exposed, got {other:?}"),
+        }
+        chmod(&root, 0o700);
+        for secret in [
+            &b.dir.api_keys,
+            &b.dir.certs.ca_key,
+            &b.dir.certs.server_key,
+        ] {
+            chmod(secret, 0o640);
+            assert!(
+                matches!(bootstrap(&root, &[], 3), Err(DataDirError::Exposed { ref path, .. }) if path == secret),
+                "{}",
+                secret.display()
+            );
+            chmod(secret, 0o600);
+        }
+        bootstrap(&root, &[], 4).unwrap();
     }
 }

@@ -117,6 +117,8 @@ pub(crate) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         None => Some(
             tempfile::Builder::new()
                 .prefix("sibyl-demo-")
+                // A data dir must be private (the gateway refuses one others can read).
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .tempdir()
                 .context("creating a temporary data dir")?,
         ),

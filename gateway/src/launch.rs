@@ -253,7 +253,13 @@ impl Launch {
         let data = dir.path().join("data");
         if let Some(c) = &self.certs {
             let to = data.join("certs");
-            std::fs::create_dir_all(&to).map_err(io(format!("creating {}", to.display())))?;
+            // Private, as the gateway requires of its data dir.
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(&to)
+            .map_err(io(format!("creating {}", to.display())))?;
             for (from, name) in [
                 (&c.ca_cert, "ca.pem"),
                 (&c.ca_key, "ca.key"),
