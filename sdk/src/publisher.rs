@@ -666,13 +666,7 @@ impl Link {
                 .open_bi()
                 .await
                 .map_err(ConnectError::from_connection)?;
-            write_frame(
-                &mut send,
-                PublishOpen {
-                    stream: stream.to_owned(),
-                },
-            )
-            .await?;
+            write_frame(&mut send, PublishOpen::new(stream)).await?;
             let mut reader = FrameReader::new(recv);
             let first = reader.next().await?;
             Ok::<_, ConnectError>((send, reader, first))

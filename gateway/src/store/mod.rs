@@ -773,6 +773,24 @@ pub fn fuzz_encode_record(out: &mut Vec<u8>, offset: u64, ts_ms: u64, key: &[u8]
     codec::encode_frame(out, offset, ts_ms, key, payload);
 }
 
+/// Fuzzing and tests: appends one record carrying a producer mark (the first record of an
+/// idempotent batch of `count` records) as in a segment file.
+#[cfg(any(test, fuzzing, feature = "fuzzing"))]
+pub fn fuzz_encode_marked_record(
+    out: &mut Vec<u8>,
+    offset: u64,
+    (producer, seq, count): (u64, u64, u32),
+    payload: &[u8],
+) {
+    let mark = codec::ProducerMark {
+        producer,
+        seq,
+        count,
+        written_ms: 1_700_000_000_000,
+    };
+    codec::encode_marked(out, offset, 1_700_000_000_000, b"k", payload, Some(&mark));
+}
+
 /// Fuzzing entry (feature `fuzzing` or `cfg(fuzzing)`): runs the recovery scan over arbitrary
 /// segment bytes and checks that what it reports stays within them. The first byte picks the
 /// segment's base offset (0, or near `u64::MAX` to probe overflow); the rest is the segment.
@@ -797,6 +815,13 @@ pub fn fuzz_scan_segment(data: &[u8]) {
             "hole outside the segment"
         );
         assert!(h.first_offset <= h.next_offset, "hole offsets reversed");
+    }
+    for (m, at) in &scan.marks {
+        assert!(m.count >= 1, "a mark of no record");
+        assert!(
+            *at >= base && at.saturating_add(u64::from(m.count)) <= scan.next_offset,
+            "a marked batch outside the valid records"
+        );
     }
 }
 

@@ -142,6 +142,9 @@ pub async fn serve_publish(conn: quinn::Connection, log: FakeLog, side: PublishS
                 PublishAccepted {
                     partitions,
                     max_frame: 1_572_880,
+                    producer_id: None,
+                    producer_token: None,
+                    max_in_flight: None,
                 },
             )
             .await;
