@@ -212,3 +212,195 @@ fn resend_after_lost_ack_gets_original_offsets_also_after_sigkill() {
     assert_eq!(read(0), want(&[(1, 2), (3, 1), (5, 1), (7, 1)]));
     assert_eq!(read(1), want(&[(2, 1), (6, 2)]));
 }
+
+/// Cycles of the SIGKILL test: `SIBYL_EO_CYCLES` (default 5; run 20+ for the long form).
+fn kill_cycles() -> usize {
+    std::env::var("SIBYL_EO_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+/// Stream `t` for the SIGKILL test: two partitions, no fsync (a SIGKILL loses nothing the
+/// page cache has, so every ack is durable here and the appends are fast).
+const KILL_CONFIG: &str = "[[shards.groups]]\nid = 0\nshards = 1\n\
+    [[streams]]\nname = \"t\"\npartitions = 2\ndurability = \"never\"\nmax_payload = 1024\n";
+
+/// Record `i`'s payload: unique, of varying length.
+fn kill_payload(i: u64) -> Vec<u8> {
+    let mut p = format!("record-{i:010}-").into_bytes();
+    p.extend((0..(i % 97)).map(|j| (i + j) as u8));
+    p
+}
+
+/// The whole gateway (hub and shards) is SIGKILLed again and again while an SDK publisher
+/// publishes, and restarted on the same data dir and port each time. Afterwards the log holds
+/// every acknowledged record exactly once, byte for byte, at the offset it was acknowledged
+/// with, and nothing else: no duplicate, no record the publisher was told failed.
+#[test]
+fn sigkill_the_whole_gateway_while_publishing_every_ack_exactly_once() {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use sibyl_sdk::{Client, PublishError, PublisherConfig, RecordAck, Trust};
+
+    let cycles = kill_cycles();
+    let mut gw = Gateway::start(KILL_CONFIG, 1);
+    let listen = gw.hub.to_string();
+    let key = gw.dev_key.clone();
+    let rt = runtime();
+    type Outcomes = BTreeMap<u64, Result<RecordAck, PublishError>>;
+    let outcomes: Arc<Mutex<Outcomes>> = Arc::default();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = rt.block_on(async {
+        Client::builder()
+            .hub(gw.hub)
+            .trust(Trust::CaFile(gw.ca()))
+            .api_key(&key)
+            .want_publish("t")
+            // A killed hub sends no close: notice it within seconds.
+            .idle_timeout(Duration::from_secs(2))
+            .unwrap()
+            .keep_alive_interval(Some(Duration::from_millis(300)))
+            .unwrap()
+            .connect_timeout(Some(PATIENCE))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    });
+    let cfg = PublisherConfig::default()
+        .max_batch_records(16)
+        .unwrap()
+        .reconnect_timeout(PATIENCE * 2)
+        .unwrap();
+    let publisher = Arc::new(
+        rt.block_on(client.publisher_with("t", cfg))
+            .expect("publisher"),
+    );
+    let producing = {
+        let (publisher, outcomes, acked, stop) = (
+            publisher.clone(),
+            outcomes.clone(),
+            acked.clone(),
+            stop.clone(),
+        );
+        rt.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let fut = publisher.send_to((i % 2) as u32, Vec::new(), kill_payload(i));
+                let fut = match fut.admitted().await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        outcomes.lock().unwrap().insert(i, Err(e));
+                        break;
+                    }
+                };
+                let (outcomes, acked) = (outcomes.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let r = fut.await;
+                    if r.is_ok() {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcomes.lock().unwrap().insert(i, r);
+                });
+                i += 1;
+                if i.is_multiple_of(64) {
+                    // Let the acks' tasks run between bursts.
+                    tokio::task::yield_now().await;
+                }
+            }
+            i
+        })
+    };
+    // Wait for progress (more acks), bounded; never a timing assertion.
+    let progress = |from: u64| {
+        let deadline = std::time::Instant::now() + PATIENCE * 2;
+        while acked.load(Ordering::Relaxed) < from + 500 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no progress after {from} acks"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for cycle in 0..cycles {
+        progress(acked.load(Ordering::Relaxed));
+        let dir = gw.kill9_all();
+        eprintln!(
+            "cycle {cycle}: killed with {} acks",
+            acked.load(Ordering::Relaxed)
+        );
+        gw = Gateway::start_listening(dir, KILL_CONFIG, 1, &listen);
+    }
+    progress(acked.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    let sent = rt.block_on(producing).unwrap();
+    rt.block_on(async { tokio::time::timeout(PATIENCE * 2, publisher.flush()).await })
+        .expect("flush in time")
+        .expect("flush");
+    // Every record's task has run once flush returned and the runtime got to them.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while (outcomes.lock().unwrap().len() as u64) < sent {
+        assert!(std::time::Instant::now() < deadline, "outcomes missing");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let m = publisher.metrics();
+    eprintln!(
+        "{cycles} cycles: {sent} records sent, {} acked, {} failed; {} batches sent, {} re-sent, {} reconnects",
+        m.records_acked, m.records_failed, m.batches_sent, m.batches_resent, m.reconnects
+    );
+    drop(publisher);
+    rt.block_on(client.close());
+    let dir = gw.kill9_all();
+
+    let store = Store::open(sibyl_gateway::store::StoreConfig::new(
+        dir.path().join("data").join("store"),
+    ))
+    .unwrap();
+    let mut log: BTreeMap<(u32, u64), Vec<u8>> = BTreeMap::new();
+    for p in 0..2 {
+        let (_, next) = store.bounds("t", p).unwrap();
+        let mut from = 0;
+        while from < next {
+            let recs = store.read("t", p, from, 10_000, 8 << 20).unwrap();
+            from = recs.last().unwrap().offset + 1;
+            log.extend(recs.into_iter().map(|r| ((p, r.offset), r.payload)));
+        }
+    }
+    let outcomes = outcomes.lock().unwrap();
+    let mut in_log: BTreeMap<&[u8], (u32, u64)> = BTreeMap::new();
+    for (at, payload) in &log {
+        assert!(
+            in_log.insert(payload, *at).is_none(),
+            "payload at {at:?} is in the log twice"
+        );
+    }
+    let mut ok = 0;
+    for (i, r) in outcomes.iter() {
+        let want = kill_payload(*i);
+        match r {
+            Ok(a) => {
+                ok += 1;
+                assert_eq!(
+                    log.get(&(a.partition, a.offset)),
+                    Some(&want),
+                    "record {i} acked at {a:?}"
+                );
+            }
+            Err(e) => assert!(
+                !in_log.contains_key(want.as_slice()),
+                "record {i} failed ({e}) but is in the log"
+            ),
+        }
+    }
+    assert_eq!(
+        ok,
+        log.len(),
+        "the log holds exactly the acknowledged records"
+    );
+    assert!(ok > 0);
+}

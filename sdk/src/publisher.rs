@@ -8,13 +8,20 @@
 //!        └──────────── RecordAck{partition, offset = base_offset + i} ◀──┘   (permits released)
 //! ```
 //!
-//! **Delivery guarantee: at-least-once.** When the hub connection or the publish stream is lost,
-//! the publisher opens a new stream (on a fresh hub connection if needed) and re-sends every
-//! batch that was not acknowledged, in the same order. A batch whose `ProduceAck` was lost in
-//! transit was already appended, so re-sending it **duplicates its records in the log** (at new
+//! **Delivery guarantee: exactly-once** (idempotent publishing, the default; PROTOCOL.md §5.2).
+//! The first publish stream asks the hub for a producer id; every batch gets the next `seq` of
+//! one counter, once. When the hub connection or the publish stream is lost, the publisher
+//! opens a new stream (on a fresh hub connection if needed) presenting the same producer id
+//! and token, and re-sends every batch that was not acknowledged, in the same order, **with
+//! its original `seq`**: a batch whose `ProduceAck` was lost in transit was already appended,
+//! and the hub acknowledges it with its original offsets instead of appending it again (also
+//! across hub restarts). At most `PublishAccepted.max_in_flight` batches are unacknowledged at
+//! once, so the hub still remembers every batch a re-send can name.
+//!
+//! With [`PublisherConfig::idempotent`]`(false)`, or against a hub that issues no producer id,
+//! delivery is **at-least-once**: a re-sent batch whose ack was lost is appended again (at new
 //! offsets; the record's future resolves with the offsets of the copy that was acknowledged).
-//! Exactly-once would need an idempotent producer id/sequence on the hub, which protocol v1
-//! does not have. Without a loss, each record is appended exactly once, in `send` order per
+//! Either way, without a loss each record is appended exactly once, in `send` order per
 //! partition.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -27,7 +34,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sibyl_proto::frame::{NewRecordRef, Produce, ProduceAck, PublishAccepted, PublishOpen};
+use sibyl_proto::frame::{
+    NewRecordRef, PRODUCER_TOKEN_LEN, Produce, ProduceAck, PublishAccepted, PublishOpen,
+};
 use sibyl_proto::{Codec, Frame, Retry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
@@ -71,9 +80,11 @@ const MAX_BATCH_BODY: usize = 1_572_880;
 const MAX_BATCH_RECORDS: u32 = 16_384;
 
 /// Tunables of a [`Publisher`]. `Default`: linger 1 ms, max batch 256 KiB, max batch records
-/// 16 384, window 8 MiB, [`Partitioner::KeyHash`], reconnect timeout 30 s, open timeout 10 s.
+/// 16 384, window 8 MiB, [`Partitioner::KeyHash`], reconnect timeout 30 s, open timeout 10 s,
+/// idempotent.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
+    idempotent: bool,
     linger: Duration,
     max_batch_bytes: usize,
     max_batch_records: u32,
@@ -86,6 +97,7 @@ pub struct PublisherConfig {
 impl Default for PublisherConfig {
     fn default() -> Self {
         Self {
+            idempotent: true,
             linger: Duration::from_millis(1),
             max_batch_bytes: 256 * 1024,
             max_batch_records: MAX_BATCH_RECORDS,
@@ -98,6 +110,13 @@ impl Default for PublisherConfig {
 }
 
 impl PublisherConfig {
+    /// Idempotent publishing (exactly-once across reconnects; see the [module
+    /// documentation](self)). Default: `true`. `false` opens at-least-once streams.
+    pub fn idempotent(mut self, on: bool) -> Self {
+        self.idempotent = on;
+        self
+    }
+
     /// How long a partition's batch may wait for more records before it is sent (0: send as
     /// soon as the publisher task runs; records arriving together still share a batch).
     /// At most 10 s.
@@ -277,7 +296,9 @@ impl Publisher {
         stream: String,
         config: PublisherConfig,
     ) -> Result<Self, PublishError> {
-        let link = Link::open(&inner, &stream, None, config.open_timeout).await?;
+        let producer = config.idempotent.then_some(None);
+        let link = Link::open(&inner, &stream, producer, None, config.open_timeout).await?;
+        let producer = link.producer();
         let window_size = config.max_inflight_bytes;
         let max_body = config
             .max_batch_bytes
@@ -303,6 +324,7 @@ impl Publisher {
             batches: BTreeMap::new(),
             inflight: VecDeque::new(),
             next_seq: 1,
+            producer,
             admitted: 0,
             resolved: 0,
             flushers: Vec::new(),
@@ -625,6 +647,24 @@ struct Link {
     accepted: PublishAccepted,
 }
 
+/// A producer id and its token.
+type ProducerId = (u64, [u8; PRODUCER_TOKEN_LEN]);
+
+impl Link {
+    /// The producer id and token the hub issued, if it made the stream idempotent.
+    fn producer(&self) -> Option<ProducerId> {
+        self.accepted.producer_id.zip(self.accepted.producer_token)
+    }
+
+    /// Most batches that may be unacknowledged at once (unbounded on at-least-once streams).
+    fn max_in_flight(&self) -> usize {
+        match (self.producer(), self.accepted.max_in_flight) {
+            (Some(_), Some(n)) => (n as usize).max(1),
+            _ => usize::MAX,
+        }
+    }
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
         self.reader.abort();
@@ -648,9 +688,12 @@ impl From<OpenError> for PublishError {
 
 impl Link {
     /// Opens a publish stream on the latest hub connection (a fresh one if `stale` is it).
+    /// `producer`: `None` for an at-least-once stream, `Some(None)` to ask for a new producer
+    /// id, `Some(Some(id))` to continue one.
     async fn open(
         inner: &Inner,
         stream: &str,
+        producer: Option<Option<ProducerId>>,
         stale: Option<usize>,
         timeout: Duration,
     ) -> Result<Self, OpenError> {
@@ -666,7 +709,11 @@ impl Link {
                 .open_bi()
                 .await
                 .map_err(ConnectError::from_connection)?;
-            write_frame(&mut send, PublishOpen::new(stream)).await?;
+            let open = match producer {
+                None => PublishOpen::new(stream),
+                Some(p) => PublishOpen::idempotent(stream, p),
+            };
+            write_frame(&mut send, open).await?;
             let mut reader = FrameReader::new(recv);
             let first = reader.next().await?;
             Ok::<_, ConnectError>((send, reader, first))
@@ -761,7 +808,10 @@ struct Task {
     stale: Option<usize>,
     batches: BTreeMap<u32, Batch>,
     inflight: VecDeque<Sealed>,
+    /// The next batch's seq: one counter for the producer's life, never renumbered.
     next_seq: u64,
+    /// The producer id of an idempotent publisher, presented again on every new stream.
+    producer: Option<ProducerId>,
     /// Records admitted / resolved so far (flush waits for `resolved` to reach a mark).
     admitted: u64,
     resolved: u64,
@@ -941,14 +991,17 @@ impl Task {
             .min()
     }
 
-    /// Writes every sealed batch not yet written, as one write.
+    /// Writes the sealed batches not yet written, as one write, keeping at most the link's
+    /// `max_in_flight` batches unacknowledged (the written ones are a prefix of `inflight`).
     async fn write_sealed(&mut self) -> Result<(), ConnectError> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
         let mut buf = Vec::new();
         let mut n = 0u64;
-        for s in self.inflight.iter_mut().filter(|s| !s.written) {
+        let written = self.inflight.iter().take_while(|s| s.written).count();
+        let room = link.max_in_flight().saturating_sub(written);
+        for s in self.inflight.iter_mut().skip(written).take(room) {
             let records = s.items.iter().map(|i| NewRecordRef {
                 timestamp: 0,
                 key: &i.key,
@@ -1084,31 +1137,40 @@ impl Task {
         self.stale = self.link.take().map(|l| l.conn_id).or(self.stale);
     }
 
-    /// Re-opens the stream with backoff until `reconnect_timeout`; renumbers and marks every
-    /// unacknowledged batch for re-sending.
+    /// Re-opens the stream with backoff until `reconnect_timeout` (continuing the producer);
+    /// marks every unacknowledged batch for re-sending with its original seq.
     async fn reconnect(&mut self) -> Result<(), PublishError> {
         let give_up = Instant::now() + self.config.reconnect_timeout;
         let mut attempt = 0u32;
         loop {
+            let producer = self.config.idempotent.then_some(self.producer);
             let open = Link::open(
                 &self.inner,
                 &self.stream,
+                producer,
                 self.stale,
                 self.config.open_timeout,
             );
             let r = tokio::time::timeout_at(give_up, open).await;
             match r {
                 Ok(Ok(link)) => {
+                    if self.producer.is_some() && link.producer() != self.producer {
+                        // The hub continues a presented producer or refuses it.
+                        return Err(ProtocolError::Violation(
+                            "PublishAccepted for another producer id".into(),
+                        )
+                        .into());
+                    }
+                    self.producer = self.producer.or(link.producer());
                     self.partitions
                         .store(link.accepted.partitions, Ordering::Relaxed);
                     self.link = Some(link);
                     self.stale = None;
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    self.next_seq = 1;
+                    // Seqs stay as they are: a re-sent batch must be recognisable. They still
+                    // increase on the new stream, as every stream requires.
                     let mut resent = 0;
                     for s in &mut self.inflight {
-                        s.seq = self.next_seq;
-                        self.next_seq += 1;
                         if s.written {
                             resent += 1;
                         }

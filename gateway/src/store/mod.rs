@@ -165,6 +165,8 @@ pub struct StoreMetrics {
     pub segments_rolled: AtomicU64,
     /// Segments deleted by retention.
     pub segments_deleted: AtomicU64,
+    /// Idempotent batches found already appended (answered with their original offsets).
+    pub duplicate_batches: AtomicU64,
 }
 
 struct Partition {
@@ -431,6 +433,22 @@ impl Store {
         let next = log.bounds().1;
         let armed = !was_armed && log.flush_deadline().is_some();
         drop(log);
+        let dups = outcomes
+            .iter()
+            .filter(|o| matches!(o, BatchOutcome::Duplicate { .. }))
+            .count();
+        if dups > 0 {
+            self.metrics
+                .duplicate_batches
+                .fetch_add(dups as u64, Relaxed);
+            tracing::debug!(
+                stream,
+                partition,
+                producer,
+                dups,
+                "re-sent batches not appended again"
+            );
+        }
         if outcomes
             .iter()
             .any(|o| matches!(o, BatchOutcome::Appended { .. }))
@@ -899,6 +917,7 @@ mod tests {
             .append_idempotent("s", 0, 7, &[batch(3, &b), batch(4, &c)], now + 12)
             .unwrap();
         assert_eq!(out, vec![dup(2, 1), dup(4, 3)]);
+        assert_eq!(store.metrics().duplicate_batches.load(Relaxed), 2);
         drop(store);
 
         // A crash in the middle of writing batch 4: its last record is cut. Recovery drops the

@@ -78,12 +78,23 @@ impl Gateway {
     /// Like [`start`](Self::start) on an existing directory (a restart keeps its data);
     /// `dev_key` is empty when the banner has none (not the first start).
     pub fn start_in(dir: tempfile::TempDir, config: &str, shards: usize) -> Self {
+        Self::start_listening(dir, config, shards, "127.0.0.1:0")
+    }
+
+    /// Like [`start_in`](Self::start_in) with the hub on `listen` (a restart on the port the
+    /// previous run got, so that a client configured with it finds the hub again).
+    pub fn start_listening(
+        dir: tempfile::TempDir,
+        config: &str,
+        shards: usize,
+        listen: &str,
+    ) -> Self {
         let cfg = dir.path().join("gateway.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", listen, "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--heartbeat-interval", "100ms", "--drain-deadline", "5s"])
             .env("RUST_LOG", "info")
@@ -145,6 +156,21 @@ impl Gateway {
     /// SIGKILLs the hub (its shards exit when they see it gone) and keeps the directory.
     pub fn kill9(mut self) -> tempfile::TempDir {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        let _ = self.child.wait();
+        self.dir.take().expect("data dir")
+    }
+
+    /// SIGKILLs the hub and every shard process it reported ready (the whole gateway, no
+    /// process left to notice anything), and keeps the directory.
+    pub fn kill9_all(mut self) -> tempfile::TempDir {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        // The latest process of each shard slot (an earlier one of a slot is gone).
+        let mut slots = std::collections::HashSet::new();
+        for r in self.ready.iter().rev() {
+            if slots.insert((r.group, r.shard)) {
+                let _ = kill(Pid::from_raw(r.pid), Signal::SIGKILL);
+            }
+        }
         let _ = self.child.wait();
         self.dir.take().expect("data dir")
     }
