@@ -23,6 +23,10 @@
 //! offsets; the record's future resolves with the offsets of the copy that was acknowledged).
 //! Either way, without a loss each record is appended exactly once, in `send` order per
 //! partition.
+//!
+//! A record failed with [`PublishError::Connect`] (the stream could not be re-opened within
+//! `reconnect_timeout`) or with `INTERNAL` may nevertheless have been appended: its outcome is
+//! unknown. Every other failure means it was not appended.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;

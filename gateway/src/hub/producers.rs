@@ -156,7 +156,7 @@ impl ProducerIds {
     }
 
     /// A new producer id (never 0, never handed out before) and its token for `owner` on
-    /// `stream`. Blocks on an fsync once per [`BLOCK`] ids.
+    /// `stream`. Blocks on an fsync once per block of ids.
     pub fn allocate(
         &self,
         owner: &ProducerOwner,
