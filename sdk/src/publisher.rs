@@ -8,6 +8,10 @@
 //!        └──────────── RecordAck{partition, offset = base_offset + i} ◀──┘   (permits released)
 //! ```
 //!
+//! The task is a driver: batching, linger, seq numbering, the producer id, ack matching and
+//! re-sending live in the I/O-free [`PublishMachine`](sibyl_proto::PublishMachine); the task
+//! moves records and frames in and out of it and owns the window and the futures.
+//!
 //! **Delivery guarantee: exactly-once** (idempotent publishing, the default; PROTOCOL.md §5.2).
 //! The first publish stream asks the hub for a producer id; every batch gets the next `seq` of
 //! one counter, once. When the hub connection or the publish stream is lost, the publisher
@@ -28,7 +32,6 @@
 //! `reconnect_timeout`) or with `INTERNAL` may nevertheless have been appended: its outcome is
 //! unknown. Every other failure means it was not appended.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -38,10 +41,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sibyl_proto::frame::{
-    NewRecordRef, PRODUCER_TOKEN_LEN, Produce, ProduceAck, PublishAccepted, PublishOpen,
-};
+use sibyl_proto::frame::{NewRecordRef, Produce, ProduceAck, PublishAccepted, PublishOpen};
+use sibyl_proto::publish::PRODUCE_HEADER;
 use sibyl_proto::{Codec, Frame, Retry};
+use sibyl_proto::{PublishConfig, PublishMachine, PublishViolation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -300,14 +303,26 @@ impl Publisher {
         stream: String,
         config: PublisherConfig,
     ) -> Result<Self, PublishError> {
-        let producer = config.idempotent.then_some(None);
-        let link = Link::open(&inner, &stream, producer, None, config.open_timeout).await?;
-        let producer = link.producer();
+        let first = if config.idempotent {
+            PublishOpen::idempotent(&stream, None)
+        } else {
+            PublishOpen::new(&stream)
+        };
+        let link = Link::open(&inner, first, None, config.open_timeout).await?;
         let window_size = config.max_inflight_bytes;
         let max_body = config
             .max_batch_bytes
             .min(link.accepted.max_frame as usize)
-            .max(17);
+            .max(PRODUCE_HEADER + 1);
+        let mut machine = PublishMachine::new(PublishConfig {
+            linger: config.linger,
+            max_body,
+            max_records: config.max_batch_records as usize,
+            idempotent: config.idempotent,
+        });
+        machine
+            .handle_accepted(&link.accepted)
+            .map_err(|v| PublishError::from(ProtocolError::Violation(v.to_string())))?;
         let partitions = Arc::new(AtomicU32::new(link.accepted.partitions));
         let window = Arc::new(Semaphore::new(window_size));
         let fatal = Arc::new(Mutex::new(None));
@@ -317,7 +332,6 @@ impl Publisher {
             inner,
             stream: stream.clone(),
             config: config.clone(),
-            max_body,
             rx,
             window: window.clone(),
             partitions: partitions.clone(),
@@ -325,10 +339,7 @@ impl Publisher {
             stats: stats.clone(),
             link: Some(link),
             stale: None,
-            batches: BTreeMap::new(),
-            inflight: VecDeque::new(),
-            next_seq: 1,
-            producer,
+            machine,
             admitted: 0,
             resolved: 0,
             flushers: Vec::new(),
@@ -340,7 +351,7 @@ impl Publisher {
                 window,
                 window_size,
                 partitions,
-                max_record: max_body - 16,
+                max_record: max_body - PRODUCE_HEADER,
                 partitioner: config.partitioner,
                 round_robin: AtomicU32::new(0),
                 fatal,
@@ -651,24 +662,6 @@ struct Link {
     accepted: PublishAccepted,
 }
 
-/// A producer id and its token.
-type ProducerId = (u64, [u8; PRODUCER_TOKEN_LEN]);
-
-impl Link {
-    /// The producer id and token the hub issued, if it made the stream idempotent.
-    fn producer(&self) -> Option<ProducerId> {
-        self.accepted.producer_id.zip(self.accepted.producer_token)
-    }
-
-    /// Most batches that may be unacknowledged at once (unbounded on at-least-once streams).
-    fn max_in_flight(&self) -> usize {
-        match (self.producer(), self.accepted.max_in_flight) {
-            (Some(_), Some(n)) => (n as usize).max(1),
-            _ => usize::MAX,
-        }
-    }
-}
-
 impl Drop for Link {
     fn drop(&mut self) {
         self.reader.abort();
@@ -691,13 +684,11 @@ impl From<OpenError> for PublishError {
 }
 
 impl Link {
-    /// Opens a publish stream on the latest hub connection (a fresh one if `stale` is it).
-    /// `producer`: `None` for an at-least-once stream, `Some(None)` to ask for a new producer
-    /// id, `Some(Some(id))` to continue one.
+    /// Opens a publish stream with `open` on the latest hub connection (a fresh one if
+    /// `stale` is it).
     async fn open(
         inner: &Inner,
-        stream: &str,
-        producer: Option<Option<ProducerId>>,
+        open: PublishOpen,
         stale: Option<usize>,
         timeout: Duration,
     ) -> Result<Self, OpenError> {
@@ -713,10 +704,6 @@ impl Link {
                 .open_bi()
                 .await
                 .map_err(ConnectError::from_connection)?;
-            let open = match producer {
-                None => PublishOpen::new(stream),
-                Some(p) => PublishOpen::idempotent(stream, p),
-            };
             write_frame(&mut send, open).await?;
             let mut reader = FrameReader::new(recv);
             let first = reader.next().await?;
@@ -781,27 +768,10 @@ impl Link {
     }
 }
 
-/// A partition's batch being filled.
-struct Batch {
-    items: Vec<Item>,
-    bytes: usize,
-    since: Instant,
-}
-
-/// A sealed batch, sent or waiting to be (re-)sent, in `seq` order.
-struct Sealed {
-    seq: u64,
-    partition: u32,
-    items: Vec<Item>,
-    written: bool,
-}
-
 struct Task {
     inner: Arc<Inner>,
     stream: String,
     config: PublisherConfig,
-    /// Largest `Produce` body.
-    max_body: usize,
     rx: mpsc::UnboundedReceiver<Cmd>,
     window: Arc<Semaphore>,
     partitions: Arc<AtomicU32>,
@@ -810,12 +780,8 @@ struct Task {
     link: Option<Link>,
     /// `stable_id` of the hub connection of the lost link (ask for a fresh one instead).
     stale: Option<usize>,
-    batches: BTreeMap<u32, Batch>,
-    inflight: VecDeque<Sealed>,
-    /// The next batch's seq: one counter for the producer's life, never renumbered.
-    next_seq: u64,
-    /// The producer id of an idempotent publisher, presented again on every new stream.
-    producer: Option<ProducerId>,
+    /// Batching, seqs, the producer id, ack matching and re-sends (I/O-free).
+    machine: PublishMachine<Item>,
     /// Records admitted / resolved so far (flush waits for `resolved` to reach a mark).
     admitted: u64,
     resolved: u64,
@@ -848,7 +814,7 @@ impl Task {
             if (closing.is_some() || !input_open) && self.idle() {
                 break;
             }
-            let deadline = self.linger_deadline();
+            let deadline = self.machine.poll_timeout().map(Instant::from_std);
             let Some(link) = self.link.as_mut() else {
                 continue;
             };
@@ -860,7 +826,7 @@ impl Task {
             match wake {
                 Wake::Cmd(None) => {
                     input_open = false;
-                    self.seal_all();
+                    self.machine.seal_all();
                 }
                 Wake::Cmd(Some(cmd)) => {
                     self.on_cmd(cmd, &mut closing);
@@ -872,7 +838,7 @@ impl Task {
                         }
                     }
                     if self.config.linger.is_zero() {
-                        self.seal_all();
+                        self.machine.seal_all();
                     }
                 }
                 Wake::Frame(Some(Ok(Some(frame)))) => {
@@ -896,18 +862,7 @@ impl Task {
                     }
                     self.lost(e);
                 }
-                Wake::Linger => {
-                    let now = Instant::now();
-                    let due: Vec<u32> = self
-                        .batches
-                        .iter()
-                        .filter(|(_, b)| b.since + self.config.linger <= now)
-                        .map(|(&p, _)| p)
-                        .collect();
-                    for p in due {
-                        self.seal(p);
-                    }
-                }
+                Wake::Linger => self.machine.handle_timeout(Instant::now().into_std()),
             }
         }
         if let Some(mut link) = self.link.take() {
@@ -924,7 +879,7 @@ impl Task {
     }
 
     fn idle(&self) -> bool {
-        self.batches.is_empty() && self.inflight.is_empty()
+        self.machine.is_idle()
     }
 
     fn on_cmd(
@@ -936,90 +891,39 @@ impl Task {
             Cmd::Record(item) => {
                 self.admitted += 1;
                 self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-                let p = item.partition;
-                let full = self.batches.get(&p).is_some_and(|b| {
-                    16 + b.bytes + item.size > self.max_body
-                        || b.items.len() >= self.config.max_batch_records as usize
-                });
-                if full {
-                    self.seal(p);
-                }
-                let b = self.batches.entry(p).or_insert_with(|| Batch {
-                    items: Vec::new(),
-                    bytes: 0,
-                    since: Instant::now(),
-                });
-                b.bytes += item.size;
-                b.items.push(item);
-                if 16 + b.bytes >= self.max_body
-                    || b.items.len() >= self.config.max_batch_records as usize
-                {
-                    self.seal(p);
-                }
+                let (p, size) = (item.partition, item.size);
+                self.machine.push(p, size, item, Instant::now().into_std());
             }
             Cmd::Flush(tx) => {
-                self.seal_all();
+                self.machine.seal_all();
                 self.flushers.push((self.admitted, tx));
             }
             Cmd::Close(tx) => {
-                self.seal_all();
+                self.machine.seal_all();
                 *closing = Some(tx);
             }
         }
     }
 
-    fn seal(&mut self, partition: u32) {
-        if let Some(b) = self.batches.remove(&partition) {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.inflight.push_back(Sealed {
-                seq,
-                partition,
-                items: b.items,
-                written: false,
-            });
-        }
-    }
-
-    fn seal_all(&mut self) {
-        let parts: Vec<u32> = self.batches.keys().copied().collect();
-        for p in parts {
-            self.seal(p);
-        }
-    }
-
-    fn linger_deadline(&self) -> Option<Instant> {
-        self.batches
-            .values()
-            .map(|b| b.since + self.config.linger)
-            .min()
-    }
-
-    /// Writes the sealed batches not yet written, as one write, keeping at most the link's
-    /// `max_in_flight` batches unacknowledged (the written ones are a prefix of `inflight`).
+    /// Writes the sealed batches the machine releases (at most `max_in_flight`
+    /// unacknowledged), as one write.
     async fn write_sealed(&mut self) -> Result<(), ConnectError> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
         let mut buf = Vec::new();
         let mut n = 0u64;
-        let written = self.inflight.iter().take_while(|s| s.written).count();
-        let room = link.max_in_flight().saturating_sub(written);
-        for s in self.inflight.iter_mut().skip(written).take(room) {
-            let records = s.items.iter().map(|i| NewRecordRef {
+        while let Some(t) = self.machine.poll_transmit() {
+            let records = t.items.iter().map(|i| NewRecordRef {
                 timestamp: 0,
                 key: &i.key,
                 payload: &i.payload,
             });
             // Invariant: batches hold ≥ 1 record and sizes were bounded at admission.
-            match Produce::new(s.seq, s.partition, records) {
+            match Produce::new(t.seq, t.partition, records) {
                 Ok(p) => Frame::Produce(p).encode(&mut buf),
-                Err(e) => {
-                    tracing::error!(error = %e, "unbuildable batch");
-                    continue;
-                }
+                Err(e) => tracing::error!(error = %e, "unbuildable batch"),
             }
-            s.written = true;
             n += 1;
         }
         if buf.is_empty() {
@@ -1034,29 +938,20 @@ impl Task {
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        let violation = |v: PublishViolation| ProtocolError::Violation(v.to_string());
         match frame {
-            Frame::ProduceAck(ack) => self.on_ack(ack),
+            Frame::ProduceAck(ack) => {
+                let items = self.machine.handle_ack(&ack).map_err(violation)?;
+                self.on_acked(&ack, items);
+                Ok(())
+            }
             Frame::ProduceError(e) => {
-                let Some(front) = self.inflight.front() else {
-                    return Err(ProtocolError::Violation(format!(
-                        "ProduceError for seq {} with nothing in flight",
-                        e.seq
-                    )));
-                };
-                if !front.written || front.seq != e.seq {
-                    return Err(ProtocolError::Violation(format!(
-                        "ProduceError for seq {}, expected {}",
-                        e.seq, front.seq
-                    )));
-                }
-                let Some(s) = self.inflight.pop_front() else {
-                    return Ok(());
-                };
+                let items = self.machine.handle_error(&e).map_err(violation)?;
                 let err = PublishError::Rejected {
                     code: e.code,
                     reason: e.reason,
                 };
-                for item in s.items {
+                for item in items {
                     self.resolve(item, Err(err.clone()));
                 }
                 Ok(())
@@ -1068,37 +963,21 @@ impl Task {
         }
     }
 
-    fn on_ack(&mut self, ack: ProduceAck) -> Result<(), ProtocolError> {
-        let ok = self.inflight.front().is_some_and(|s| {
-            s.written
-                && s.seq == ack.seq
-                && s.partition == ack.partition
-                && s.items.len() == ack.count as usize
-        });
-        if !ok {
-            return Err(ProtocolError::Violation(format!(
-                "ProduceAck seq {} partition {} count {} does not match the oldest batch in flight",
-                ack.seq, ack.partition, ack.count
-            )));
-        }
-        let Some(s) = self.inflight.pop_front() else {
-            return Ok(());
-        };
+    fn on_acked(&mut self, ack: &ProduceAck, items: Vec<Item>) {
         // One window release and one counter update per batch, not per record, both before
         // any future resolves (as `resolve` does).
-        let permits: usize = s.items.iter().map(|i| i.permits as usize).sum();
-        let n = s.items.len() as u64;
+        let permits: usize = items.iter().map(|i| i.permits as usize).sum();
+        let n = items.len() as u64;
         self.stats.acked.fetch_add(n, Ordering::Relaxed);
         self.resolved += n;
         self.window.add_permits(permits);
-        for (i, item) in s.items.into_iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let offset = ack.base_offset.saturating_add(i as u64);
             let _ = item.ack.send(Ok(RecordAck {
                 partition: ack.partition,
                 offset,
             }));
         }
-        Ok(())
     }
 
     fn resolve(&mut self, item: Item, r: Result<RecordAck, PublishError>) {
@@ -1135,10 +1014,13 @@ impl Task {
         self.flushers = keep;
     }
 
-    /// The stream was lost: every written batch goes out again on the next stream.
+    /// The stream was lost: every written batch goes out again on the next stream, with its
+    /// seq.
     fn lost(&mut self, e: ConnectError) {
         tracing::info!(stream = %self.stream, error = %e, "publish stream lost; re-opening");
         self.stale = self.link.take().map(|l| l.conn_id).or(self.stale);
+        let resent = self.machine.handle_stream_lost();
+        self.stats.resent.fetch_add(resent, Ordering::Relaxed);
     }
 
     /// Re-opens the stream with backoff until `reconnect_timeout` (continuing the producer);
@@ -1147,40 +1029,23 @@ impl Task {
         let give_up = Instant::now() + self.config.reconnect_timeout;
         let mut attempt = 0u32;
         loop {
-            let producer = self.config.idempotent.then_some(self.producer);
             let open = Link::open(
                 &self.inner,
-                &self.stream,
-                producer,
+                self.machine.open_frame(&self.stream),
                 self.stale,
                 self.config.open_timeout,
             );
             let r = tokio::time::timeout_at(give_up, open).await;
             match r {
                 Ok(Ok(link)) => {
-                    if self.producer.is_some() && link.producer() != self.producer {
-                        // The hub continues a presented producer or refuses it.
-                        return Err(ProtocolError::Violation(
-                            "PublishAccepted for another producer id".into(),
-                        )
-                        .into());
-                    }
-                    self.producer = self.producer.or(link.producer());
+                    self.machine
+                        .handle_accepted(&link.accepted)
+                        .map_err(|v| ProtocolError::Violation(v.to_string()))?;
                     self.partitions
                         .store(link.accepted.partitions, Ordering::Relaxed);
                     self.link = Some(link);
                     self.stale = None;
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    // Seqs stay as they are: a re-sent batch must be recognisable. They still
-                    // increase on the new stream, as every stream requires.
-                    let mut resent = 0;
-                    for s in &mut self.inflight {
-                        if s.written {
-                            resent += 1;
-                        }
-                        s.written = false;
-                    }
-                    self.stats.resent.fetch_add(resent, Ordering::Relaxed);
                     return Ok(());
                 }
                 Ok(Err(OpenError::Fatal(e))) => return Err(e),
@@ -1208,11 +1073,8 @@ impl Task {
         tracing::warn!(stream = %self.stream, error = %e, "publisher failed");
         *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
         self.window.close();
-        self.seal_all();
-        while let Some(s) = self.inflight.pop_front() {
-            for item in s.items {
-                self.resolve(item, Err(e.clone()));
-            }
+        for item in self.machine.drain() {
+            self.resolve(item, Err(e.clone()));
         }
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {

@@ -30,6 +30,8 @@
 //! - [`proof`]: [`attach_proof`] / [`verify_attach_proof`].
 //! - [`version`]: ALPN and version negotiation.
 //! - [`client`]: the I/O-free connection machine (hub → ticket → shard failover, backoff).
+//! - [`publish`]: the I/O-free publish machine (batching, linger, seq numbering, the
+//!   idempotent producer, ack matching, re-sending after a lost stream).
 //! - [`forecast`]: predictive pre-fetch, client side: consumption windows, forecasters (SMA,
 //!   EWMA, Holt) with MASE-driven sensitivity, the assignment-request policy, pre-fetch metrics.
 //! - `fuzzing` (feature `fuzzing` or `cfg(fuzzing)`): oracles for fuzz targets.
@@ -44,6 +46,7 @@ pub mod error;
 pub mod forecast;
 pub mod frame;
 pub mod proof;
+pub mod publish;
 pub mod version;
 
 #[cfg(any(fuzzing, feature = "fuzzing"))]
@@ -60,4 +63,5 @@ pub use forecast::{
 pub use frame::data::BatchError;
 pub use frame::{Frame, FrameBody, FrameDecoder, FrameType};
 pub use proof::{attach_proof, verify_attach_proof};
+pub use publish::{PublishConfig, PublishMachine, PublishViolation};
 pub use version::{ALPN, ALPN_GROUP_HINT, PROTOCOL_VERSION, SUPPORTED_VERSIONS, negotiate};
