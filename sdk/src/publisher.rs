@@ -9,8 +9,8 @@
 //! ```
 //!
 //! The task is a driver: batching, linger, seq numbering, the producer id, ack matching and
-//! re-sending live in the I/O-free [`PublishMachine`](sibyl_proto::PublishMachine); the task
-//! moves records and frames in and out of it and owns the window and the futures.
+//! re-sending live in the I/O-free [`sibyl_proto::PublishMachine`]; the task moves records
+//! and frames in and out of it and owns the window and the futures.
 //!
 //! **Delivery guarantee: exactly-once** (idempotent publishing, the default; PROTOCOL.md §5.2).
 //! The first publish stream asks the hub for a producer id; every batch gets the next `seq` of
