@@ -251,5 +251,30 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x40;
     out.push(("store_scan", "corrupt-middle".into(), flipped));
+    // Two idempotent batches (producer marks on their first records), the second cut short.
+    let mut marked = vec![0u8];
+    crate::store::fuzz_encode_marked_record(&mut marked, 0, (7, 1, 2), b"first");
+    crate::store::fuzz_encode_record(&mut marked, 1, 1_700_000_000_000, b"k", b"second");
+    crate::store::fuzz_encode_marked_record(&mut marked, 2, (7, 2, 3), b"third");
+    crate::store::fuzz_encode_record(&mut marked, 3, 1_700_000_000_000, b"k", b"fourth");
+    out.push(("store_scan", "marked-batch-cut".into(), marked.clone()));
+    crate::store::fuzz_encode_record(&mut marked, 4, 1_700_000_000_000, b"k", b"fifth");
+    out.push(("store_scan", "marked-batches".into(), marked));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every seed passes its target's oracle (`cargo test --features fuzzing`).
+    #[test]
+    fn seeds_pass_their_oracles() {
+        for (target, name, bytes) in super::seeds() {
+            match target {
+                "store_scan" => super::store_scan(&bytes),
+                "ipc_decode" => super::ipc_decode(&bytes),
+                "storelink_decode" => super::storelink_decode(&bytes),
+                other => panic!("seed {name} of unknown target {other}"),
+            }
+        }
+    }
 }

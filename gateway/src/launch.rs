@@ -154,6 +154,7 @@ pub struct Launch {
     certs: Option<CertPaths>,
     dir: Option<tempfile::TempDir>,
     temp_prefix: String,
+    listen: String,
     shards: usize,
     patience: Duration,
     stop_grace: Duration,
@@ -171,10 +172,18 @@ impl Launch {
             certs: None,
             dir: None,
             temp_prefix: "sibyl-gateway".into(),
+            listen: "127.0.0.1:0".into(),
             shards: 0,
             patience: DEFAULT_PATIENCE,
             stop_grace: DEFAULT_STOP_GRACE,
         }
+    }
+
+    /// The hub's listen address (default `127.0.0.1:0`): a restart on the port an earlier
+    /// run got, so that a client configured with it finds the hub again.
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.listen = addr.into();
+        self
     }
 
     /// The TOML config file's contents.
@@ -275,7 +284,9 @@ impl Launch {
         let mut child = Command::new(&self.bin)
             .arg("--config")
             .arg(&cfg)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg("--listen")
+            .arg(&self.listen)
+            .arg("--data-dir")
             .arg(&data)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
@@ -511,6 +522,20 @@ impl GatewayProcess {
     /// SIGKILLs the hub and returns its directory instead of removing it (to start a gateway
     /// on the same data again with [`Launch::in_dir`]).
     pub fn kill_keep_dir(mut self) -> Option<tempfile::TempDir> {
+        self.halt(Duration::ZERO);
+        self.dir.take()
+    }
+
+    /// SIGKILLs the hub and every shard process it reported (the whole gateway: no process
+    /// is left to notice anything) and returns its directory, as
+    /// [`kill_keep_dir`](Self::kill_keep_dir).
+    pub fn kill_all_keep_dir(mut self) -> Option<tempfile::TempDir> {
+        if let Ok(raw) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+        for shard in self.current_shards() {
+            let _ = kill(Pid::from_raw(shard.pid), Signal::SIGKILL);
+        }
         self.halt(Duration::ZERO);
         self.dir.take()
     }

@@ -366,11 +366,14 @@ impl Node {
             .iter()
             .map(|s| (s.name.clone(), s.max_payload))
             .collect();
-        let publish = Arc::new(PublishService::new(
-            store.clone(),
-            max_payload,
-            sibyl_gateway::quic::decode_limits(&config.connection),
-        ));
+        let publish = Arc::new(
+            PublishService::new(
+                store.clone(),
+                max_payload,
+                sibyl_gateway::quic::decode_limits(&config.connection),
+            )
+            .context("opening the producer ids")?,
+        );
         let mut synthetic = Vec::new();
         for spec in &config.synthetic {
             info!(stream = %spec.name, rate = spec.rate, size = spec.size, "synthetic publisher");

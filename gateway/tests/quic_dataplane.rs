@@ -70,13 +70,7 @@ fn payload(p: u32, i: u64) -> Vec<u8> {
 /// Opens a publish stream on a hub connection: the answer to `PublishOpen`.
 async fn publish_open(conn: &Connection, stream: &str) -> (SendStream, RecvStream, Frame) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send_frame(
-        &mut send,
-        Frame::PublishOpen(PublishOpen {
-            stream: stream.into(),
-        }),
-    )
-    .await;
+    send_frame(&mut send, Frame::PublishOpen(PublishOpen::new(stream))).await;
     let f = recv_frame(&mut recv).await.expect("answer to PublishOpen");
     (send, recv, f)
 }

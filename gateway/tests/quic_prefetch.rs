@@ -65,11 +65,7 @@ impl Reader {
 
 async fn publish(conn: &Connection, p: u32, n: u64) {
     let (mut send, recv) = conn.open_bi().await.unwrap();
-    send_frame(
-        &mut send,
-        Frame::PublishOpen(PublishOpen { stream: "t".into() }),
-    )
-    .await;
+    send_frame(&mut send, Frame::PublishOpen(PublishOpen::new("t"))).await;
     let mut r = Reader {
         recv,
         dec: FrameDecoder::default(),

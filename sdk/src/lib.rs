@@ -27,8 +27,9 @@
 //! ```text
 //!  Publisher ── send() ─▶ window (max_inflight_bytes) ─▶ task: per-partition batches
 //!    (hub connection, publish stream)  Produce{seq} ─▶ ◀─ ProduceAck{seq, base_offset}
-//!    re-opens on a fresh hub connection after a loss and re-sends unacked batches
-//!    (at-least-once: a lost ack duplicates its batch in the log)
+//!    re-opens on a fresh hub connection after a loss and re-sends unacked batches with
+//!    their original seq under the same producer id (exactly-once: the hub acks a batch it
+//!    already appended with its original offsets; at-least-once with `idempotent(false)`)
 //!  Subscription (futures::Stream) ◀─ bounded queue ◀─ partition readers ◀─ uni streams
 //!    driver: control stream Subscribe / Position / Fetch ─▶ ◀─ Grant, Assignment, SubError
 //!    SubMachine (sibyl-proto, I/O-free): dedupe by offset, resume Offsets, epochs, fetch within grant

@@ -8,16 +8,30 @@
 //!        └──────────── RecordAck{partition, offset = base_offset + i} ◀──┘   (permits released)
 //! ```
 //!
-//! **Delivery guarantee: at-least-once.** When the hub connection or the publish stream is lost,
-//! the publisher opens a new stream (on a fresh hub connection if needed) and re-sends every
-//! batch that was not acknowledged, in the same order. A batch whose `ProduceAck` was lost in
-//! transit was already appended, so re-sending it **duplicates its records in the log** (at new
+//! The task is a driver: batching, linger, seq numbering, the producer id, ack matching and
+//! re-sending live in the I/O-free [`sibyl_proto::PublishMachine`]; the task moves records
+//! and frames in and out of it and owns the window and the futures.
+//!
+//! **Delivery guarantee: exactly-once** (idempotent publishing, the default; PROTOCOL.md §5.2).
+//! The first publish stream asks the hub for a producer id; every batch gets the next `seq` of
+//! one counter, once. When the hub connection or the publish stream is lost, the publisher
+//! opens a new stream (on a fresh hub connection if needed) presenting the same producer id
+//! and token, and re-sends every batch that was not acknowledged, in the same order, **with
+//! its original `seq`**: a batch whose `ProduceAck` was lost in transit was already appended,
+//! and the hub acknowledges it with its original offsets instead of appending it again (also
+//! across hub restarts). At most `PublishAccepted.max_in_flight` batches are unacknowledged at
+//! once, so the hub still remembers every batch a re-send can name.
+//!
+//! With [`PublisherConfig::idempotent`]`(false)`, or against a hub that issues no producer id,
+//! delivery is **at-least-once**: a re-sent batch whose ack was lost is appended again (at new
 //! offsets; the record's future resolves with the offsets of the copy that was acknowledged).
-//! Exactly-once would need an idempotent producer id/sequence on the hub, which protocol v1
-//! does not have. Without a loss, each record is appended exactly once, in `send` order per
+//! Either way, without a loss each record is appended exactly once, in `send` order per
 //! partition.
+//!
+//! A record failed with [`PublishError::Connect`] (the stream could not be re-opened within
+//! `reconnect_timeout`) or with `INTERNAL` may nevertheless have been appended: its outcome is
+//! unknown. Every other failure means it was not appended.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -28,7 +42,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sibyl_proto::frame::{NewRecordRef, Produce, ProduceAck, PublishAccepted, PublishOpen};
+use sibyl_proto::publish::PRODUCE_HEADER;
 use sibyl_proto::{Backoff, Codec, Frame, Retry};
+use sibyl_proto::{PublishConfig, PublishMachine, PublishViolation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -75,9 +91,11 @@ const REOPEN_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(100), Duration::from_millis(1600));
 
 /// Tunables of a [`Publisher`]. `Default`: linger 1 ms, max batch 256 KiB, max batch records
-/// 16 384, window 8 MiB, [`Partitioner::KeyHash`], reconnect timeout 30 s, open timeout 10 s.
+/// 16 384, window 8 MiB, [`Partitioner::KeyHash`], reconnect timeout 30 s, open timeout 10 s,
+/// idempotent.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
+    idempotent: bool,
     linger: Duration,
     max_batch_bytes: usize,
     max_batch_records: u32,
@@ -90,6 +108,7 @@ pub struct PublisherConfig {
 impl Default for PublisherConfig {
     fn default() -> Self {
         Self {
+            idempotent: true,
             linger: Duration::from_millis(1),
             max_batch_bytes: 256 * 1024,
             max_batch_records: MAX_BATCH_RECORDS,
@@ -102,6 +121,13 @@ impl Default for PublisherConfig {
 }
 
 impl PublisherConfig {
+    /// Idempotent publishing (exactly-once across reconnects; see the [module
+    /// documentation](self)). Default: `true`. `false` opens at-least-once streams.
+    pub fn idempotent(mut self, on: bool) -> Self {
+        self.idempotent = on;
+        self
+    }
+
     /// How long a partition's batch may wait for more records before it is sent (0: send as
     /// soon as the publisher task runs; records arriving together still share a batch).
     /// At most 10 s.
@@ -281,12 +307,26 @@ impl Publisher {
         stream: String,
         config: PublisherConfig,
     ) -> Result<Self, PublishError> {
-        let link = Link::open(&inner, &stream, None, config.open_timeout).await?;
+        let first = if config.idempotent {
+            PublishOpen::idempotent(&stream, None)
+        } else {
+            PublishOpen::new(&stream)
+        };
+        let link = Link::open(&inner, first, None, config.open_timeout).await?;
         let window_size = config.max_inflight_bytes;
         let max_body = config
             .max_batch_bytes
             .min(link.accepted.max_frame as usize)
-            .max(17);
+            .max(PRODUCE_HEADER + 1);
+        let mut machine = PublishMachine::new(PublishConfig {
+            linger: config.linger,
+            max_body,
+            max_records: config.max_batch_records as usize,
+            idempotent: config.idempotent,
+        });
+        machine
+            .handle_accepted(&link.accepted)
+            .map_err(|v| PublishError::from(ProtocolError::Violation(v.to_string())))?;
         let partitions = Arc::new(AtomicU32::new(link.accepted.partitions));
         let window = Arc::new(Semaphore::new(window_size));
         let fatal = Arc::new(Mutex::new(None));
@@ -296,7 +336,6 @@ impl Publisher {
             inner,
             stream: stream.clone(),
             config: config.clone(),
-            max_body,
             rx,
             window: window.clone(),
             partitions: partitions.clone(),
@@ -304,9 +343,7 @@ impl Publisher {
             stats: stats.clone(),
             link: Some(link),
             stale: None,
-            batches: BTreeMap::new(),
-            inflight: VecDeque::new(),
-            next_seq: 1,
+            machine,
             admitted: 0,
             resolved: 0,
             flushers: Vec::new(),
@@ -318,7 +355,7 @@ impl Publisher {
                 window,
                 window_size,
                 partitions,
-                max_record: max_body - 16,
+                max_record: max_body - PRODUCE_HEADER,
                 partitioner: config.partitioner,
                 round_robin: AtomicU32::new(0),
                 fatal,
@@ -651,10 +688,11 @@ impl From<OpenError> for PublishError {
 }
 
 impl Link {
-    /// Opens a publish stream on the latest hub connection (a fresh one if `stale` is it).
+    /// Opens a publish stream with `open` on the latest hub connection (a fresh one if
+    /// `stale` is it).
     async fn open(
         inner: &Inner,
-        stream: &str,
+        open: PublishOpen,
         stale: Option<usize>,
         timeout: Duration,
     ) -> Result<Self, OpenError> {
@@ -670,13 +708,7 @@ impl Link {
                 .open_bi()
                 .await
                 .map_err(ConnectError::from_connection)?;
-            write_frame(
-                &mut send,
-                PublishOpen {
-                    stream: stream.to_owned(),
-                },
-            )
-            .await?;
+            write_frame(&mut send, open).await?;
             let mut reader = FrameReader::new(recv);
             let first = reader.next().await?;
             Ok::<_, ConnectError>((send, reader, first))
@@ -740,27 +772,10 @@ impl Link {
     }
 }
 
-/// A partition's batch being filled.
-struct Batch {
-    items: Vec<Item>,
-    bytes: usize,
-    since: Instant,
-}
-
-/// A sealed batch, sent or waiting to be (re-)sent, in `seq` order.
-struct Sealed {
-    seq: u64,
-    partition: u32,
-    items: Vec<Item>,
-    written: bool,
-}
-
 struct Task {
     inner: Arc<Inner>,
     stream: String,
     config: PublisherConfig,
-    /// Largest `Produce` body.
-    max_body: usize,
     rx: mpsc::UnboundedReceiver<Cmd>,
     window: Arc<Semaphore>,
     partitions: Arc<AtomicU32>,
@@ -769,9 +784,8 @@ struct Task {
     link: Option<Link>,
     /// `stable_id` of the hub connection of the lost link (ask for a fresh one instead).
     stale: Option<usize>,
-    batches: BTreeMap<u32, Batch>,
-    inflight: VecDeque<Sealed>,
-    next_seq: u64,
+    /// Batching, seqs, the producer id, ack matching and re-sends (I/O-free).
+    machine: PublishMachine<Item>,
     /// Records admitted / resolved so far (flush waits for `resolved` to reach a mark).
     admitted: u64,
     resolved: u64,
@@ -804,7 +818,7 @@ impl Task {
             if (closing.is_some() || !input_open) && self.idle() {
                 break;
             }
-            let deadline = self.linger_deadline();
+            let deadline = self.machine.poll_timeout().map(Instant::from_std);
             let Some(link) = self.link.as_mut() else {
                 continue;
             };
@@ -816,7 +830,7 @@ impl Task {
             match wake {
                 Wake::Cmd(None) => {
                     input_open = false;
-                    self.seal_all();
+                    self.machine.seal_all();
                 }
                 Wake::Cmd(Some(cmd)) => {
                     self.on_cmd(cmd, &mut closing);
@@ -828,7 +842,7 @@ impl Task {
                         }
                     }
                     if self.config.linger.is_zero() {
-                        self.seal_all();
+                        self.machine.seal_all();
                     }
                 }
                 Wake::Frame(Some(Ok(Some(frame)))) => {
@@ -852,18 +866,7 @@ impl Task {
                     }
                     self.lost(e);
                 }
-                Wake::Linger => {
-                    let now = Instant::now();
-                    let due: Vec<u32> = self
-                        .batches
-                        .iter()
-                        .filter(|(_, b)| b.since + self.config.linger <= now)
-                        .map(|(&p, _)| p)
-                        .collect();
-                    for p in due {
-                        self.seal(p);
-                    }
-                }
+                Wake::Linger => self.machine.handle_timeout(Instant::now().into_std()),
             }
         }
         if let Some(mut link) = self.link.take() {
@@ -880,7 +883,7 @@ impl Task {
     }
 
     fn idle(&self) -> bool {
-        self.batches.is_empty() && self.inflight.is_empty()
+        self.machine.is_idle()
     }
 
     fn on_cmd(
@@ -892,87 +895,39 @@ impl Task {
             Cmd::Record(item) => {
                 self.admitted += 1;
                 self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-                let p = item.partition;
-                let full = self.batches.get(&p).is_some_and(|b| {
-                    16 + b.bytes + item.size > self.max_body
-                        || b.items.len() >= self.config.max_batch_records as usize
-                });
-                if full {
-                    self.seal(p);
-                }
-                let b = self.batches.entry(p).or_insert_with(|| Batch {
-                    items: Vec::new(),
-                    bytes: 0,
-                    since: Instant::now(),
-                });
-                b.bytes += item.size;
-                b.items.push(item);
-                if 16 + b.bytes >= self.max_body
-                    || b.items.len() >= self.config.max_batch_records as usize
-                {
-                    self.seal(p);
-                }
+                let (p, size) = (item.partition, item.size);
+                self.machine.push(p, size, item, Instant::now().into_std());
             }
             Cmd::Flush(tx) => {
-                self.seal_all();
+                self.machine.seal_all();
                 self.flushers.push((self.admitted, tx));
             }
             Cmd::Close(tx) => {
-                self.seal_all();
+                self.machine.seal_all();
                 *closing = Some(tx);
             }
         }
     }
 
-    fn seal(&mut self, partition: u32) {
-        if let Some(b) = self.batches.remove(&partition) {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.inflight.push_back(Sealed {
-                seq,
-                partition,
-                items: b.items,
-                written: false,
-            });
-        }
-    }
-
-    fn seal_all(&mut self) {
-        let parts: Vec<u32> = self.batches.keys().copied().collect();
-        for p in parts {
-            self.seal(p);
-        }
-    }
-
-    fn linger_deadline(&self) -> Option<Instant> {
-        self.batches
-            .values()
-            .map(|b| b.since + self.config.linger)
-            .min()
-    }
-
-    /// Writes every sealed batch not yet written, as one write.
+    /// Writes the sealed batches the machine releases (at most `max_in_flight`
+    /// unacknowledged), as one write.
     async fn write_sealed(&mut self) -> Result<(), ConnectError> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
         let mut buf = Vec::new();
         let mut n = 0u64;
-        for s in self.inflight.iter_mut().filter(|s| !s.written) {
-            let records = s.items.iter().map(|i| NewRecordRef {
+        while let Some(t) = self.machine.poll_transmit() {
+            let records = t.items.iter().map(|i| NewRecordRef {
                 timestamp: 0,
                 key: &i.key,
                 payload: &i.payload,
             });
             // Invariant: batches hold ≥ 1 record and sizes were bounded at admission.
-            match Produce::new(s.seq, s.partition, records) {
+            match Produce::new(t.seq, t.partition, records) {
                 Ok(p) => Frame::Produce(p).encode(&mut buf),
-                Err(e) => {
-                    tracing::error!(error = %e, "unbuildable batch");
-                    continue;
-                }
+                Err(e) => tracing::error!(error = %e, "unbuildable batch"),
             }
-            s.written = true;
             n += 1;
         }
         if buf.is_empty() {
@@ -987,29 +942,20 @@ impl Task {
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        let violation = |v: PublishViolation| ProtocolError::Violation(v.to_string());
         match frame {
-            Frame::ProduceAck(ack) => self.on_ack(ack),
+            Frame::ProduceAck(ack) => {
+                let items = self.machine.handle_ack(&ack).map_err(violation)?;
+                self.on_acked(&ack, items);
+                Ok(())
+            }
             Frame::ProduceError(e) => {
-                let Some(front) = self.inflight.front() else {
-                    return Err(ProtocolError::Violation(format!(
-                        "ProduceError for seq {} with nothing in flight",
-                        e.seq
-                    )));
-                };
-                if !front.written || front.seq != e.seq {
-                    return Err(ProtocolError::Violation(format!(
-                        "ProduceError for seq {}, expected {}",
-                        e.seq, front.seq
-                    )));
-                }
-                let Some(s) = self.inflight.pop_front() else {
-                    return Ok(());
-                };
+                let items = self.machine.handle_error(&e).map_err(violation)?;
                 let err = PublishError::Rejected {
                     code: e.code,
                     reason: e.reason,
                 };
-                for item in s.items {
+                for item in items {
                     self.resolve(item, Err(err.clone()));
                 }
                 Ok(())
@@ -1021,37 +967,21 @@ impl Task {
         }
     }
 
-    fn on_ack(&mut self, ack: ProduceAck) -> Result<(), ProtocolError> {
-        let ok = self.inflight.front().is_some_and(|s| {
-            s.written
-                && s.seq == ack.seq
-                && s.partition == ack.partition
-                && s.items.len() == ack.count as usize
-        });
-        if !ok {
-            return Err(ProtocolError::Violation(format!(
-                "ProduceAck seq {} partition {} count {} does not match the oldest batch in flight",
-                ack.seq, ack.partition, ack.count
-            )));
-        }
-        let Some(s) = self.inflight.pop_front() else {
-            return Ok(());
-        };
+    fn on_acked(&mut self, ack: &ProduceAck, items: Vec<Item>) {
         // One window release and one counter update per batch, not per record, both before
         // any future resolves (as `resolve` does).
-        let permits: usize = s.items.iter().map(|i| i.permits as usize).sum();
-        let n = s.items.len() as u64;
+        let permits: usize = items.iter().map(|i| i.permits as usize).sum();
+        let n = items.len() as u64;
         self.stats.acked.fetch_add(n, Ordering::Relaxed);
         self.resolved += n;
         self.window.add_permits(permits);
-        for (i, item) in s.items.into_iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let offset = ack.base_offset.saturating_add(i as u64);
             let _ = item.ack.send(Ok(RecordAck {
                 partition: ack.partition,
                 offset,
             }));
         }
-        Ok(())
     }
 
     fn resolve(&mut self, item: Item, r: Result<RecordAck, PublishError>) {
@@ -1088,43 +1018,38 @@ impl Task {
         self.flushers = keep;
     }
 
-    /// The stream was lost: every written batch goes out again on the next stream.
+    /// The stream was lost: every written batch goes out again on the next stream, with its
+    /// seq.
     fn lost(&mut self, e: ConnectError) {
         tracing::info!(stream = %self.stream, error = %e, "publish stream lost; re-opening");
         self.stale = self.link.take().map(|l| l.conn_id).or(self.stale);
+        let resent = self.machine.handle_stream_lost();
+        self.stats.resent.fetch_add(resent, Ordering::Relaxed);
     }
 
-    /// Re-opens the stream with backoff until `reconnect_timeout`; renumbers and marks every
-    /// unacknowledged batch for re-sending.
+    /// Re-opens the stream with backoff until `reconnect_timeout` (continuing the producer);
+    /// marks every unacknowledged batch for re-sending with its original seq.
     async fn reconnect(&mut self) -> Result<(), PublishError> {
         let give_up = Instant::now() + self.config.reconnect_timeout;
         let mut attempt = 0u32;
         loop {
             let open = Link::open(
                 &self.inner,
-                &self.stream,
+                self.machine.open_frame(&self.stream),
                 self.stale,
                 self.config.open_timeout,
             );
             let r = tokio::time::timeout_at(give_up, open).await;
             match r {
                 Ok(Ok(link)) => {
+                    self.machine
+                        .handle_accepted(&link.accepted)
+                        .map_err(|v| ProtocolError::Violation(v.to_string()))?;
                     self.partitions
                         .store(link.accepted.partitions, Ordering::Relaxed);
                     self.link = Some(link);
                     self.stale = None;
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    self.next_seq = 1;
-                    let mut resent = 0;
-                    for s in &mut self.inflight {
-                        s.seq = self.next_seq;
-                        self.next_seq += 1;
-                        if s.written {
-                            resent += 1;
-                        }
-                        s.written = false;
-                    }
-                    self.stats.resent.fetch_add(resent, Ordering::Relaxed);
                     return Ok(());
                 }
                 Ok(Err(OpenError::Fatal(e))) => return Err(e),
@@ -1151,11 +1076,8 @@ impl Task {
         tracing::warn!(stream = %self.stream, error = %e, "publisher failed");
         *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
         self.window.close();
-        self.seal_all();
-        while let Some(s) = self.inflight.pop_front() {
-            for item in s.items {
-                self.resolve(item, Err(e.clone()));
-            }
+        for item in self.machine.drain() {
+            self.resolve(item, Err(e.clone()));
         }
         self.rx.close();
         while let Ok(cmd) = self.rx.try_recv() {

@@ -12,6 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use sibyl_sdk::{
     Client, ErrorCode, PublishError, PublisherConfig, Start, SubscribeError, Subscription, Trust,
 };
+use support::data::FAKE_PRODUCER;
 use support::*;
 
 const STREAM: &str = "orders";
@@ -256,6 +257,91 @@ async fn admitted_returns_before_the_ack_and_keeps_call_order() {
     // Errors known at the call come out of `admitted` too.
     let err = guard(p.send_to(9, "", body).admitted()).await.unwrap_err();
     assert!(matches!(err, PublishError::BadPartition { .. }), "{err:?}");
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_lost_ack_is_resent_with_its_original_seq_and_appended_once() {
+    let e = env(1, 1, ShardData::default());
+    *e.hub.publish.idempotent.lock().unwrap() = Some(64);
+    let c = client(&e).await;
+    *e.hub.publish.reset_after.lock().unwrap() = Some(2);
+    let p = guard(c.publisher(STREAM)).await.unwrap();
+    let mut acks = Vec::new();
+    for i in 0..5u64 {
+        acks.push(guard(p.send_to(0, "", payload(0, i))).await.unwrap());
+    }
+    assert_eq!(p.metrics().reconnects, 1);
+    // Batch 2 was appended and its ack lost: re-sent with seq 2 under the same producer id,
+    // the hub acknowledged the original offsets. Nothing is in the log twice.
+    let seqs: Vec<u64> = e
+        .hub
+        .publish
+        .produces
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 2, 3, 4, 5]);
+    let opens = e.hub.publish.opens.lock().unwrap().clone();
+    assert_eq!(opens.len(), 2);
+    assert_eq!(
+        (opens[0].producer_id, opens[0].producer_token),
+        (Some(0), None)
+    );
+    assert_eq!(
+        (opens[1].producer_id, opens[1].producer_token),
+        (Some(FAKE_PRODUCER.0), Some(FAKE_PRODUCER.1))
+    );
+    let log = e.hub.log.records(STREAM, 0);
+    let payloads: Vec<Vec<u8>> = log.into_iter().map(|r| r.payload).collect();
+    assert_eq!(payloads, (0..5).map(|i| payload(0, i)).collect::<Vec<_>>());
+    let offsets: Vec<u64> = acks.iter().map(|a| a.offset).collect();
+    assert_eq!(offsets, vec![0, 1, 2, 3, 4]);
+    guard(p.close()).await.unwrap();
+    c.close().await;
+}
+
+#[tokio::test]
+async fn at_most_max_in_flight_batches_are_unacknowledged() {
+    let e = env(1, 1, ShardData::default());
+    *e.hub.publish.idempotent.lock().unwrap() = Some(2);
+    e.hub.publish.hold_acks();
+    let c = client(&e).await;
+    let cfg = PublisherConfig::default()
+        .linger(Duration::ZERO)
+        .unwrap()
+        .max_batch_records(1)
+        .unwrap();
+    let p = guard(c.publisher_with(STREAM, cfg)).await.unwrap();
+    let mut futs = Vec::new();
+    for i in 0..6u64 {
+        futs.push(
+            guard(p.send_to(0, "", payload(0, i)).admitted())
+                .await
+                .unwrap(),
+        );
+    }
+    until(|| p.metrics().records_admitted == 6).await;
+    // One more command through the task: it wrote what it could after sealing the six.
+    futs.push(
+        guard(p.send_to(0, "", payload(0, 6)).admitted())
+            .await
+            .unwrap(),
+    );
+    until(|| p.metrics().records_admitted == 7).await;
+    assert_eq!(
+        p.metrics().batches_sent,
+        2,
+        "two batches unacknowledged at most"
+    );
+    e.hub.publish.release(usize::MAX >> 4);
+    for (i, f) in futs.into_iter().enumerate() {
+        assert_eq!(guard(f).await.unwrap().offset, i as u64);
+    }
+    assert_eq!(p.metrics().batches_sent, 7);
+    guard(p.close()).await.unwrap();
     c.close().await;
 }
 

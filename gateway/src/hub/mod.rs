@@ -19,6 +19,7 @@
 
 pub mod admission;
 pub mod groups;
+pub mod producers;
 pub mod publish;
 
 use std::net::UdpSocket;
@@ -44,7 +45,7 @@ use crate::supervisor::{ShardInfo, Supervisor};
 
 pub use admission::GroupCandidate;
 pub use groups::{CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport};
-pub use publish::PublishService;
+pub use publish::{PublishRights, PublishService};
 
 /// Where the hub learns which shards are ready and how loaded they are.
 pub trait ShardDirectory: Send + Sync {
@@ -517,13 +518,16 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
                 return;
             }
             let _ = send.finish();
-            let publishable: Vec<String> = hello
-                .wants
-                .iter()
-                .filter(|w| w.action == Action::Publish)
-                .map(|w| w.stream.clone())
-                .collect();
-            serve_after_ticket(&hub, &conn, cs, Arc::new(publishable)).await;
+            let rights = PublishRights {
+                streams: hello
+                    .wants
+                    .iter()
+                    .filter(|w| w.action == Action::Publish)
+                    .map(|w| w.stream.clone())
+                    .collect(),
+                owner: producers::ProducerOwner::new(&hello.api_key, &hello.client_id),
+            };
+            serve_after_ticket(&hub, &conn, cs, Arc::new(rights)).await;
         }
         Err(refused) => {
             info!(%peer, client_id = %hello.client_id, code = %refused.code, reason = %refused.reason, "hello refused");
@@ -553,7 +557,7 @@ async fn serve_after_ticket(
     hub: &Arc<Hub>,
     conn: &quinn::Connection,
     cs: ConnSettings,
-    publishable: Arc<Vec<String>>,
+    rights: Arc<PublishRights>,
 ) {
     let mut tasks = JoinSet::new();
     loop {
@@ -572,11 +576,9 @@ async fn serve_after_ticket(
         match first {
             Ok(Some(Frame::PublishOpen(open))) => match hub.publish_service() {
                 Some(svc) => {
-                    let allowed = publishable.clone();
-                    let may = move |s: &str| allowed.iter().any(|w| w == s);
                     tasks.spawn(publish::serve_publish(
                         svc,
-                        may,
+                        rights.clone(),
                         conn.clone(),
                         send,
                         recv,

@@ -10,6 +10,12 @@
 //! QUIC send ◀──writer (async)── ProduceAck | ProduceError, in seq order ◀── answers
 //! ```
 //!
+//! **Idempotent streams** (`PublishOpen.producer_id`): the stream gets a producer id
+//! ([`ProducerIds`]: allocated durably, the token binds it to the API key, client id and
+//! stream), and its runs go through [`Store::append_idempotent`], which skips batches already
+//! appended and answers them with their original offsets (exactly once across reconnects and
+//! hub restarts; PROTOCOL.md §5.2).
+//!
 //! The reader never waits for a batch's fsync before reading the next one: the queue
 //! pipelines, and whatever queued up during an fsync is committed by the next one. The bounded
 //! queue (and QUIC flow control behind it) is the back-pressure. Acks are sent once
@@ -21,13 +27,16 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use quinn::{Connection, RecvStream, SendStream};
-use sibyl_proto::frame::{Produce, ProduceAck, ProduceError, PublishAccepted, PublishOpen};
+use sibyl_proto::frame::{
+    PRODUCER_TOKEN_LEN, Produce, ProduceAck, ProduceError, PublishAccepted, PublishOpen,
+};
 use sibyl_proto::{Codec, DecodeLimits, ErrorCode, Frame, FrameDecoder};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::producers::{ProducerIdError, ProducerIds, ProducerOwner};
 use crate::quic::{self, StreamError};
-use crate::store::{NewRecord, Store, StoreError};
+use crate::store::{BatchOutcome, NewRecord, PRODUCER_WINDOW, ProducerBatch, Store, StoreError};
 
 /// Jobs queued between the reader and the worker of one publish stream.
 const JOB_QUEUE: usize = 64;
@@ -36,27 +45,45 @@ const GROUP_RECORDS: usize = 64 * 1024;
 /// Most bytes (keys + payloads) one group commit appends.
 const GROUP_BYTES: usize = 8 << 20;
 
-/// What the hub needs to serve publish streams: the store and per-stream limits.
+/// What the hub needs to serve publish streams: the store, per-stream limits and the
+/// producer ids.
 #[derive(Debug)]
 pub struct PublishService {
     store: Arc<Store>,
     max_payload: HashMap<String, u32>,
     default_max_payload: u32,
     limits: DecodeLimits,
+    producers: ProducerIds,
+}
+
+/// Who may publish on a hub connection: what its `Hello` asked and was granted.
+#[derive(Debug, Clone)]
+pub struct PublishRights {
+    /// Streams in `Hello.wants` with action `publish` (the API key allowed them then).
+    pub streams: Vec<String>,
+    /// The owner of the producer ids this connection asks for or presents.
+    pub owner: ProducerOwner,
 }
 
 impl PublishService {
     /// Publishing into `store`; `max_payload` holds per-stream payload limits (streams not
     /// listed get the store's limit); `limits` are the hub's frame limits (`Produce` bodies
     /// are bounded by `limits.max_batch_body()`, announced as `PublishAccepted.max_frame`).
-    pub fn new(store: Arc<Store>, max_payload: HashMap<String, u32>, limits: DecodeLimits) -> Self {
+    /// Opens the producer-id file in the store directory.
+    pub fn new(
+        store: Arc<Store>,
+        max_payload: HashMap<String, u32>,
+        limits: DecodeLimits,
+    ) -> Result<Self, ProducerIdError> {
         let default_max_payload = u32::try_from(store.config().max_payload).unwrap_or(u32::MAX);
-        Self {
+        let producers = ProducerIds::open(&store.config().dir)?;
+        Ok(Self {
             store,
             max_payload,
             default_max_payload,
             limits,
-        }
+            producers,
+        })
     }
 
     /// The store.
@@ -113,11 +140,11 @@ pub fn store_error_code(e: &StoreError) -> ErrorCode {
 }
 
 /// Serves one publish stream whose first frame `open` was already read (with `dec`).
-/// `may_publish(stream)` says whether this connection's `Hello` wanted `stream` with action
-/// `publish` (its API key allowed it then). Frame errors close `conn` with their code.
+/// `rights` say which streams this connection may publish to and who owns its producer ids.
+/// Frame errors close `conn` with their code.
 pub async fn serve_publish(
     svc: Arc<PublishService>,
-    may_publish: impl Fn(&str) -> bool,
+    rights: Arc<PublishRights>,
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -134,16 +161,18 @@ pub async fn serve_publish(
             ErrorCode::NotFound,
             format!("no stream {:?}", open.stream),
         )),
-        Some(_) if !may_publish(&open.stream) => Err(refuse(
+        Some(_) if !rights.streams.contains(&open.stream) => Err(refuse(
             ErrorCode::Forbidden,
             format!(
                 "stream {:?} was not in Hello.wants with action publish",
                 open.stream
             ),
         )),
-        Some(p) => Ok(p),
+        Some(p) => producer_for(&svc, &rights.owner, &open)
+            .map(|producer| (p, producer))
+            .map_err(|(code, reason)| refuse(code, reason)),
     };
-    let partitions = match opened {
+    let (partitions, producer) = match opened {
         Ok(p) => p,
         Err(e) => {
             debug!(stream = %open.stream, code = %e.code, "publish refused");
@@ -159,6 +188,10 @@ pub async fn serve_publish(
     let accepted = PublishAccepted {
         partitions,
         max_frame: svc.limits.max_batch_body(),
+        producer_id: producer.map(|p| p.0),
+        producer_token: producer.map(|p| p.1),
+        // The window is a small constant.
+        max_in_flight: producer.map(|_| PRODUCER_WINDOW as u32),
     };
     if quic::write_frame(&mut send, &Frame::PublishAccepted(accepted))
         .await
@@ -171,8 +204,10 @@ pub async fn serve_publish(
     let (ans_tx, ans_rx) = mpsc::channel::<Answer>(JOB_QUEUE * 4);
     let store = svc.store.clone();
     let stream = open.stream.clone();
-    let worker =
-        tokio::task::spawn_blocking(move || append_worker(&store, &stream, job_rx, ans_tx));
+    let producer_id = producer.map(|p| p.0);
+    let worker = tokio::task::spawn_blocking(move || {
+        append_worker(&store, &stream, producer_id, job_rx, ans_tx)
+    });
     let writer = tokio::spawn(write_answers(send, ans_rx));
     let mut last_seq = 0u64;
     let result = loop {
@@ -207,6 +242,35 @@ pub async fn serve_publish(
                 quic::close(&conn, code, &e.to_string());
             }
         }
+    }
+}
+
+/// The producer of an idempotent stream: none (at-least-once), a new one (`producer_id` 0),
+/// or the one presented if its token is the one issued for this owner and stream.
+#[allow(clippy::type_complexity)]
+fn producer_for(
+    svc: &PublishService,
+    owner: &ProducerOwner,
+    open: &PublishOpen,
+) -> Result<Option<(u64, [u8; PRODUCER_TOKEN_LEN])>, (ErrorCode, String)> {
+    match (open.producer_id, open.producer_token) {
+        (None, _) => Ok(None),
+        (Some(0), _) => match svc.producers.allocate(owner, &open.stream) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => {
+                warn!(error = %e, "cannot allocate a producer id");
+                Err((ErrorCode::Internal, "cannot allocate a producer id".into()))
+            }
+        },
+        (Some(id), Some(token)) if svc.producers.verify(id, &token, owner, &open.stream) => {
+            Ok(Some((id, token)))
+        }
+        (Some(id), _) => Err((
+            ErrorCode::UnknownProducer,
+            format!(
+                "producer {id} was not issued by this hub to this API key, client id and stream"
+            ),
+        )),
     }
 }
 
@@ -246,6 +310,7 @@ fn check(p: &Produce, partitions: u32, max_payload: usize) -> Option<ProduceErro
 fn append_worker(
     store: &Store,
     stream: &str,
+    producer: Option<u64>,
     mut jobs: mpsc::Receiver<Job>,
     answers: mpsc::Sender<Answer>,
 ) {
@@ -284,7 +349,11 @@ fn append_worker(
                         Err(_) => break,
                     }
                 }
-                for a in append_run(store, stream, partition, &run) {
+                let answers_of_run = match producer {
+                    Some(id) => append_run_idempotent(store, stream, partition, id, &run),
+                    None => append_run(store, stream, partition, &run),
+                };
+                for a in answers_of_run {
                     if answers.blocking_send(a).is_err() {
                         return;
                     }
@@ -337,6 +406,82 @@ fn append_run(store: &Store, stream: &str, partition: u32, run: &[Produce]) -> V
                 .collect()
         }
     }
+}
+
+/// The records of `p`, the hub stamping those without a timestamp with `now`.
+fn stamped(p: &Produce, now: u64) -> Vec<NewRecord<'_>> {
+    p.iter()
+        .map(|r| NewRecord {
+            timestamp_ms: if r.timestamp == 0 { now } else { r.timestamp },
+            key: r.key,
+            payload: r.payload,
+        })
+        .collect()
+}
+
+/// [`append_run`] for an idempotent producer: one store call that appends the batches not
+/// appended yet and answers the others with their original offsets.
+fn append_run_idempotent(
+    store: &Store,
+    stream: &str,
+    partition: u32,
+    producer: u64,
+    run: &[Produce],
+) -> Vec<Answer> {
+    let now = now_ms();
+    let records: Vec<Vec<NewRecord<'_>>> = run.iter().map(|p| stamped(p, now)).collect();
+    let batches: Vec<ProducerBatch<'_, '_>> = run
+        .iter()
+        .zip(&records)
+        .map(|(p, r)| ProducerBatch {
+            seq: p.seq(),
+            records: r,
+        })
+        .collect();
+    let err = |p: &Produce, code, reason: String| {
+        Answer::Err(ProduceError {
+            seq: p.seq(),
+            code,
+            reason,
+        })
+    };
+    let (outcomes, write_err) =
+        match store.append_idempotent(stream, partition, producer, &batches, now) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(stream, partition, producer, error = %e, "append failed");
+                let code = store_error_code(&e);
+                return run.iter().map(|p| err(p, code, e.to_string())).collect();
+            }
+        };
+    if let Some(e) = &write_err {
+        warn!(stream, partition, producer, error = %e, "append failed");
+    }
+    run.iter()
+        .zip(outcomes)
+        .map(|(p, o)| match o {
+            BatchOutcome::Appended { base_offset, count }
+            | BatchOutcome::Duplicate { base_offset, count } => Answer::Ack(ProduceAck {
+                seq: p.seq(),
+                partition,
+                base_offset,
+                count,
+            }),
+            BatchOutcome::OutOfOrder { last_seq } => err(
+                p,
+                ErrorCode::OutOfOrderSequence,
+                format!(
+                    "seq {} is at or below producer {producer}'s last appended seq {last_seq} \
+                     on partition {partition} and not one of its last {PRODUCER_WINDOW} batches",
+                    p.seq()
+                ),
+            ),
+            _ => match &write_err {
+                Some(e) => err(p, store_error_code(e), e.to_string()),
+                None => err(p, ErrorCode::Internal, "not appended".into()),
+            },
+        })
+        .collect()
 }
 
 /// Writes answers as they come, coalescing whatever is queued into one write; finishes the

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{FIXED_BODY_LEN, MAX_BODY_LEN};
+use super::codec::{FIXED_BODY_LEN, MARK_LEN, MAX_BODY_LEN};
 use super::error::StoreError;
 
 /// Configuration of a [`Store`](super::Store).
@@ -64,7 +64,7 @@ impl StoreConfig {
         match self
             .max_payload
             .checked_add(self.max_key)
-            .and_then(|n| n.checked_add(FIXED_BODY_LEN))
+            .and_then(|n| n.checked_add(FIXED_BODY_LEN + MARK_LEN))
         {
             Some(n) if n <= MAX_BODY_LEN => Ok(()),
             _ => bad("max_payload + max_key must stay under 256 MiB"),

@@ -20,6 +20,19 @@
 //! key | payload` (little-endian). The sparse offset index (one entry per
 //! [`StoreConfig::index_interval_bytes`]) lives in memory only and is rebuilt on open.
 //!
+//! # Idempotent producers
+//!
+//! [`Store::append_idempotent`] appends batches of a producer id exactly once: the first
+//! record of each batch carries a **producer mark** (`producer, seq, count, written_ms`, in
+//! the same write as the records), and each partition keeps, per producer, its last
+//! [`PRODUCER_WINDOW`] batches (`seq` → offsets). A batch whose seq is already there is
+//! answered with its original offsets and not written; the state changes only under the
+//! partition lock right after the write, so it is exactly what the log holds. Recovery
+//! rebuilds it from the marks, and cuts a last batch that was only partly written (a crash
+//! mid-write) with the torn tail. Producers idle past [`IDLE_HORIZON_MS`] (or beyond
+//! [`MAX_PRODUCERS`] per partition) are forgotten; so are those whose marks retention
+//! deleted, at the next open.
+//!
 //! # Recovery
 //!
 //! [`Store::open`] reads every segment and verifies every CRC and offset:
@@ -48,6 +61,7 @@ mod error;
 mod index;
 mod partition;
 mod policy;
+mod producers;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -64,6 +78,7 @@ pub use config::{
     Durability, MAX_PARTITIONS, MAX_STREAM_NAME, StoreConfig, StreamConfig, validate_stream_name,
 };
 pub use error::StoreError;
+pub use producers::{BatchOutcome, IDLE_HORIZON_MS, MAX_PRODUCERS, WINDOW as PRODUCER_WINDOW};
 
 pub(crate) use codec::{Decode, FrameRef, decode_frame};
 pub use partition::RawRange;
@@ -79,7 +94,7 @@ pub enum RawRead {
     Unsuitable,
 }
 
-use partition::{PartitionId, PartitionLog, sync_dir};
+use partition::{MarkedBatch, PartitionId, PartitionLog, sync_dir};
 
 /// A record to append. The offset is assigned by the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +119,15 @@ pub struct Record {
     pub key: Vec<u8>,
     /// Record payload.
     pub payload: Vec<u8>,
+}
+
+/// One batch of an idempotent producer for [`Store::append_idempotent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerBatch<'a, 'r> {
+    /// The batch's sequence number (`Produce.seq`), above the previous batch's.
+    pub seq: u64,
+    /// Its records (at least one).
+    pub records: &'a [NewRecord<'r>],
 }
 
 /// Where an appended batch landed.
@@ -141,6 +165,8 @@ pub struct StoreMetrics {
     pub segments_rolled: AtomicU64,
     /// Segments deleted by retention.
     pub segments_deleted: AtomicU64,
+    /// Idempotent batches found already appended (answered with their original offsets).
+    pub duplicate_batches: AtomicU64,
 }
 
 struct Partition {
@@ -222,6 +248,8 @@ impl Store {
         })?;
         let metrics = StoreMetrics::default();
         let mut streams = HashMap::new();
+        // Producers idle past the horizon are not rebuilt.
+        let now_ms = ms_since_epoch(SystemTime::now());
         for entry in fs::read_dir(&cfg.dir).map_err(StoreError::io(&cfg.dir))? {
             let entry = entry.map_err(StoreError::io(&cfg.dir))?;
             let path = entry.path();
@@ -237,7 +265,7 @@ impl Store {
                 continue;
             }
             let config = read_meta(&path.join(META_FILE))?;
-            let stream = open_stream(&cfg, &name, config, &metrics)?;
+            let stream = open_stream(&cfg, &name, config, &metrics, now_ms)?;
             streams.insert(name, Arc::new(stream));
         }
         Ok(Self {
@@ -274,7 +302,8 @@ impl Store {
         }
         let dir = self.cfg.dir.join(name);
         fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
-        let stream = open_stream(&self.cfg, name, cfg.clone(), &self.metrics)?;
+        let now_ms = ms_since_epoch(SystemTime::now());
+        let stream = open_stream(&self.cfg, name, cfg.clone(), &self.metrics, now_ms)?;
         // The metadata file is the commit point: a directory without it is ignored on open.
         write_meta(&dir, &cfg)?;
         sync_dir(&self.cfg.dir)?;
@@ -327,20 +356,7 @@ impl Store {
         partition: u32,
         records: &[NewRecord<'_>],
     ) -> Result<AppendResult, StoreError> {
-        for r in records {
-            if r.payload.len() > self.cfg.max_payload {
-                return Err(StoreError::PayloadTooLarge {
-                    len: r.payload.len(),
-                    max: self.cfg.max_payload,
-                });
-            }
-            if r.key.len() > self.cfg.max_key {
-                return Err(StoreError::KeyTooLarge {
-                    len: r.key.len(),
-                    max: self.cfg.max_key,
-                });
-            }
-        }
+        self.check_sizes(records)?;
         let count = u32::try_from(records.len()).map_err(|_| StoreError::InvalidConfig {
             reason: "a batch holds at most u32::MAX records".to_owned(),
         })?;
@@ -364,6 +380,103 @@ impl Store {
             self.wake_flusher();
         }
         Ok(AppendResult { base_offset, count })
+    }
+
+    /// Appends the batches of idempotent `producer` to one partition with one write (like
+    /// [`append`](Self::append)), skipping those already appended: each batch is answered
+    /// [`BatchOutcome::Appended`], [`BatchOutcome::Duplicate`] (its original offsets) or
+    /// [`BatchOutcome::OutOfOrder`]. `now_ms` (hub clock, ms since the Unix epoch) dates the
+    /// producer's activity for the idle horizon. The `Err` is for the call (no such partition,
+    /// a record too large, an empty batch: nothing appended); a failed write comes back
+    /// beside the answers, with the batches it carried [`BatchOutcome::Failed`].
+    pub fn append_idempotent(
+        &self,
+        stream: &str,
+        partition: u32,
+        producer: u64,
+        batches: &[ProducerBatch<'_, '_>],
+        now_ms: u64,
+    ) -> Result<(Vec<BatchOutcome>, Option<StoreError>), StoreError> {
+        let mut records = Vec::new();
+        let mut marked = Vec::with_capacity(batches.len());
+        for b in batches {
+            if b.records.is_empty() {
+                return Err(StoreError::InvalidConfig {
+                    reason: "an idempotent batch holds at least one record".to_owned(),
+                });
+            }
+            self.check_sizes(b.records)?;
+            let start = records.len();
+            records.extend_from_slice(b.records);
+            marked.push(MarkedBatch {
+                seq: b.seq,
+                start,
+                end: records.len(),
+            });
+        }
+        u32::try_from(records.len()).map_err(|_| StoreError::InvalidConfig {
+            reason: "a batch holds at most u32::MAX records".to_owned(),
+        })?;
+        let s = self.stream(stream)?;
+        let p = s.partition(partition)?;
+        let mut log = p.lock()?;
+        let was_armed = log.flush_deadline().is_some();
+        let (outcomes, err) = log.append_idempotent(
+            producer,
+            &marked,
+            &records,
+            &self.cfg,
+            s.config.durability,
+            &self.metrics,
+            now_ms,
+        );
+        let next = log.bounds().1;
+        let armed = !was_armed && log.flush_deadline().is_some();
+        drop(log);
+        let dups = outcomes
+            .iter()
+            .filter(|o| matches!(o, BatchOutcome::Duplicate { .. }))
+            .count();
+        if dups > 0 {
+            self.metrics
+                .duplicate_batches
+                .fetch_add(dups as u64, Relaxed);
+            tracing::debug!(
+                stream,
+                partition,
+                producer,
+                dups,
+                "re-sent batches not appended again"
+            );
+        }
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, BatchOutcome::Appended { .. }))
+        {
+            p.tail.send_replace(next);
+        }
+        if armed {
+            self.wake_flusher();
+        }
+        Ok((outcomes, err))
+    }
+
+    fn check_sizes(&self, records: &[NewRecord<'_>]) -> Result<(), StoreError> {
+        for r in records {
+            if r.payload.len() > self.cfg.max_payload {
+                return Err(StoreError::PayloadTooLarge {
+                    len: r.payload.len(),
+                    max: self.cfg.max_payload,
+                });
+            }
+            if r.key.len() > self.cfg.max_key {
+                return Err(StoreError::KeyTooLarge {
+                    len: r.key.len(),
+                    max: self.cfg.max_key,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Registers the thread that runs [`flush_due`](Self::flush_due) at
@@ -569,11 +682,14 @@ impl Store {
     }
 
     /// Deletes whole old segments per each stream's retention, judging age at `now`; returns
-    /// the number of segments deleted.
+    /// the number of segments deleted. Also forgets producers idle past [`IDLE_HORIZON_MS`].
     pub fn enforce_retention(&self, now: SystemTime) -> Result<u64, StoreError> {
         let now_ms = ms_since_epoch(now);
         let mut deleted = 0;
         for s in self.all_streams() {
+            for p in &s.partitions {
+                p.lock()?.expire_producers(now_ms);
+            }
             let c = &s.config;
             if c.retention_bytes.is_none() && c.retention_age.is_none() {
                 continue;
@@ -610,6 +726,7 @@ fn open_stream(
     name: &str,
     config: StreamConfig,
     metrics: &StoreMetrics,
+    now_ms: u64,
 ) -> Result<Stream, StoreError> {
     let dir = cfg.dir.join(name);
     let mut partitions = Vec::with_capacity(config.partitions as usize);
@@ -618,7 +735,13 @@ fn open_stream(
             stream: name.to_owned(),
             partition,
         };
-        let log = PartitionLog::open(id.clone(), dir.join(partition.to_string()), cfg, metrics)?;
+        let log = PartitionLog::open(
+            id.clone(),
+            dir.join(partition.to_string()),
+            cfg,
+            metrics,
+            now_ms,
+        )?;
         let (tail, _) = watch::channel(log.bounds().1);
         partitions.push(Partition {
             log: Mutex::new(log),
@@ -668,6 +791,24 @@ pub fn fuzz_encode_record(out: &mut Vec<u8>, offset: u64, ts_ms: u64, key: &[u8]
     codec::encode_frame(out, offset, ts_ms, key, payload);
 }
 
+/// Fuzzing and tests: appends one record carrying a producer mark (the first record of an
+/// idempotent batch of `count` records) as in a segment file.
+#[cfg(any(test, fuzzing, feature = "fuzzing"))]
+pub fn fuzz_encode_marked_record(
+    out: &mut Vec<u8>,
+    offset: u64,
+    (producer, seq, count): (u64, u64, u32),
+    payload: &[u8],
+) {
+    let mark = codec::ProducerMark {
+        producer,
+        seq,
+        count,
+        written_ms: 1_700_000_000_000,
+    };
+    codec::encode_marked(out, offset, 1_700_000_000_000, b"k", payload, Some(&mark));
+}
+
 /// Fuzzing entry (feature `fuzzing` or `cfg(fuzzing)`): runs the recovery scan over arbitrary
 /// segment bytes and checks that what it reports stays within them. The first byte picks the
 /// segment's base offset (0, or near `u64::MAX` to probe overflow); the rest is the segment.
@@ -693,6 +834,13 @@ pub fn fuzz_scan_segment(data: &[u8]) {
         );
         assert!(h.first_offset <= h.next_offset, "hole offsets reversed");
     }
+    for (m, at) in &scan.marks {
+        assert!(m.count >= 1, "a mark of no record");
+        assert!(
+            *at >= base && at.saturating_add(u64::from(m.count)) <= scan.next_offset,
+            "a marked batch outside the valid records"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -700,6 +848,126 @@ mod tests {
     use super::*;
 
     fn assert_send_sync<T: Send + Sync>() {}
+
+    fn recs<'a>(payloads: &[&'a [u8]]) -> Vec<NewRecord<'a>> {
+        payloads
+            .iter()
+            .map(|p| NewRecord {
+                timestamp_ms: 1,
+                key: b"k",
+                payload: p,
+            })
+            .collect()
+    }
+
+    fn payloads(store: &Store) -> Vec<Vec<u8>> {
+        let recs = store.read("s", 0, 0, 1000, 1 << 20).unwrap();
+        recs.into_iter().map(|r| r.payload).collect()
+    }
+
+    #[test]
+    fn idempotent_appends_survive_reopen_and_a_cut_last_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        store.create_stream("s", StreamConfig::default()).unwrap();
+        let (a, b, c) = (
+            recs(&[b"a1", b"a2"]),
+            recs(&[b"b1"]),
+            recs(&[b"c1", b"c2", b"c3"]),
+        );
+        let batch = |seq, records| ProducerBatch { seq, records };
+        let now = ms_since_epoch(SystemTime::now());
+        let (out, err) = store
+            .append_idempotent("s", 0, 7, &[batch(1, &a), batch(3, &b)], now + 10)
+            .unwrap();
+        assert!(err.is_none());
+        let appended = |base_offset, count| BatchOutcome::Appended { base_offset, count };
+        let dup = |base_offset, count| BatchOutcome::Duplicate { base_offset, count };
+        assert_eq!(out, vec![appended(0, 2), appended(2, 1)]);
+        // Another producer's plain append in between.
+        store.append("s", 0, &recs(&[b"x"])).unwrap();
+        // Re-sent 1 and 3 (original offsets), a refused 2 (out of order), then new 4.
+        let (out, _) = store
+            .append_idempotent(
+                "s",
+                0,
+                7,
+                &[batch(1, &a), batch(2, &b), batch(3, &b), batch(4, &c)],
+                11,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                dup(0, 2),
+                BatchOutcome::OutOfOrder { last_seq: 3 },
+                dup(2, 1),
+                appended(4, 3)
+            ]
+        );
+        assert_eq!(
+            payloads(&store),
+            [&b"a1"[..], b"a2", b"b1", b"x", b"c1", b"c2", b"c3"]
+        );
+        drop(store);
+
+        // Reopen: the state comes back from the marks.
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let (out, _) = store
+            .append_idempotent("s", 0, 7, &[batch(3, &b), batch(4, &c)], now + 12)
+            .unwrap();
+        assert_eq!(out, vec![dup(2, 1), dup(4, 3)]);
+        assert_eq!(store.metrics().duplicate_batches.load(Relaxed), 2);
+        drop(store);
+
+        // A crash in the middle of writing batch 4: its last record is cut. Recovery drops the
+        // whole batch, so its re-send is appended (once).
+        let seg = dir.path().join("s/0").join(format!("{:020}.log", 0));
+        let len = std::fs::metadata(&seg).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        assert_eq!(store.bounds("s", 0).unwrap(), (0, 4));
+        assert_eq!(store.metrics().torn_tails_truncated.load(Relaxed), 1);
+        let (out, _) = store
+            .append_idempotent("s", 0, 7, &[batch(3, &b), batch(4, &c)], now + 13)
+            .unwrap();
+        assert_eq!(out, vec![dup(2, 1), appended(4, 3)]);
+        assert_eq!(
+            payloads(&store),
+            [&b"a1"[..], b"a2", b"b1", b"x", b"c1", b"c2", b"c3"]
+        );
+        assert!(
+            store
+                .append_idempotent("s", 0, 7, &[batch(5, &[])], now + 14)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn idle_producers_are_not_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        store.create_stream("s", StreamConfig::default()).unwrap();
+        let a = recs(&[b"a"]);
+        // Written "long ago" (hub clock 1 ms after the epoch).
+        let batch = [ProducerBatch {
+            seq: 1,
+            records: &a,
+        }];
+        store.append_idempotent("s", 0, 7, &batch, 1).unwrap();
+        drop(store);
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let (out, _) = store.append_idempotent("s", 0, 7, &batch, 2).unwrap();
+        assert!(matches!(
+            out[0],
+            BatchOutcome::Appended { base_offset: 1, .. }
+        ));
+    }
 
     #[test]
     fn store_is_send_sync() {

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use super::codec::{self, Decode, FrameRef, Hole};
+use super::codec::{self, Decode, FrameRef, Hole, ProducerMark};
 use super::config::{Durability, StoreConfig};
 use super::error::StoreError;
 use super::index::SparseIndex;
 use super::policy::{self, FlushClock, RetentionPlan, SegmentInfo};
+use super::producers::{BatchOutcome, IDLE_HORIZON_MS, ProducerTable, SeqCheck};
 use super::{NewRecord, StoreMetrics};
 
 const SEGMENT_SUFFIX: &str = ".log";
@@ -104,16 +105,28 @@ pub(crate) struct PartitionLog {
     flush: FlushClock,
     buf: Vec<u8>,
     poisoned: bool,
+    /// Dedup state of the idempotent producers, consistent with the producer marks written.
+    producers: ProducerTable,
+}
+
+/// One idempotent batch to append: `records[start..end]` of the call, for `producer`/`seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MarkedBatch {
+    pub(crate) seq: u64,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 impl PartitionLog {
     /// Opens (creating if needed) the partition in `dir`, recovering every segment: verifies
-    /// every CRC, truncates a torn tail, reports corrupt regions and rebuilds the indexes.
+    /// every CRC, truncates a torn tail, reports corrupt regions, rebuilds the indexes and
+    /// the producers' dedup state (forgetting producers idle at `now_ms`).
     pub(crate) fn open(
         id: PartitionId,
         dir: PathBuf,
         cfg: &StoreConfig,
         metrics: &StoreMetrics,
+        now_ms: u64,
     ) -> Result<Self, StoreError> {
         fs::create_dir_all(&dir).map_err(StoreError::io(&dir))?;
         let mut bases = Vec::new();
@@ -128,8 +141,12 @@ impl PartitionLog {
         }
         bases.sort_unstable();
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
+        let mut producers = ProducerTable::default();
         for base in bases {
-            let seg = recover_segment(&id, &dir, base, cfg.index_interval_bytes, metrics)?;
+            let (seg, marks) = recover_segment(&id, &dir, base, cfg.index_interval_bytes, metrics)?;
+            for (m, at) in marks {
+                producers.record(m.producer, m.seq, at, m.count, m.written_ms);
+            }
             if let Some(prev) = segments.last() {
                 if seg.base_offset < prev.next_offset {
                     tracing::error!(path = ?seg.path, prev_next = prev.next_offset, "segment overlaps the previous one");
@@ -163,7 +180,82 @@ impl PartitionLog {
             flush: FlushClock::default(),
             buf: Vec::new(),
             poisoned: false,
+            producers: {
+                producers.expire(now_ms, IDLE_HORIZON_MS);
+                producers
+            },
         })
+    }
+
+    /// Forgets producers idle past the horizon at `now_ms`; returns how many.
+    pub(crate) fn expire_producers(&mut self, now_ms: u64) -> usize {
+        self.producers.expire(now_ms, IDLE_HORIZON_MS)
+    }
+
+    /// Appends the batches of `producer` that its dedup state does not hold, in one write
+    /// (one fsync under `Always`), each first record carrying its producer mark; answers
+    /// every batch. `batches` cover `records` in order, with increasing seqs. On a write
+    /// error nothing was appended and nothing recorded (those batches are `Failed`); the
+    /// duplicates found stay answered, so the error comes back beside the answers.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn append_idempotent(
+        &mut self,
+        producer: u64,
+        batches: &[MarkedBatch],
+        records: &[NewRecord<'_>],
+        cfg: &StoreConfig,
+        durability: Durability,
+        metrics: &StoreMetrics,
+        now_ms: u64,
+    ) -> (Vec<BatchOutcome>, Option<StoreError>) {
+        let mut out = Vec::with_capacity(batches.len());
+        let mut recs = Vec::new();
+        let mut marks = Vec::new();
+        for b in batches {
+            out.push(match self.producers.check(producer, b.seq) {
+                SeqCheck::Append => {
+                    marks.push((
+                        recs.len(),
+                        ProducerMark {
+                            producer,
+                            seq: b.seq,
+                            // The store bounds a call to u32::MAX records.
+                            count: u32::try_from(b.end - b.start).unwrap_or(u32::MAX),
+                            written_ms: now_ms,
+                        },
+                    ));
+                    recs.extend_from_slice(&records[b.start..b.end]);
+                    // Filled in below once written.
+                    BatchOutcome::Failed
+                }
+                SeqCheck::Duplicate { base_offset, count } => {
+                    BatchOutcome::Duplicate { base_offset, count }
+                }
+                SeqCheck::OutOfOrder { last_seq } => BatchOutcome::OutOfOrder { last_seq },
+            });
+        }
+        if recs.is_empty() {
+            return (out, None);
+        }
+        let base = match self.append_marked(&recs, &marks, cfg, durability, metrics) {
+            Ok((base, _)) => base,
+            Err(e) => return (out, Some(e)),
+        };
+        let mut m = marks.iter();
+        for o in &mut out {
+            if *o != BatchOutcome::Failed {
+                continue;
+            }
+            let Some((at, mark)) = m.next() else { break };
+            let base_offset = base + *at as u64;
+            self.producers
+                .record(producer, mark.seq, base_offset, mark.count, now_ms);
+            *o = BatchOutcome::Appended {
+                base_offset,
+                count: mark.count,
+            };
+        }
+        (out, None)
     }
 
     fn active(&self) -> &Segment {
@@ -207,6 +299,19 @@ impl PartitionLog {
         durability: Durability,
         metrics: &StoreMetrics,
     ) -> Result<(u64, u64), StoreError> {
+        self.append_marked(records, &[], cfg, durability, metrics)
+    }
+
+    /// [`append`](Self::append) with producer marks on the records at the given indexes
+    /// (increasing).
+    fn append_marked(
+        &mut self,
+        records: &[NewRecord<'_>],
+        marks: &[(usize, ProducerMark)],
+        cfg: &StoreConfig,
+        durability: Durability,
+        metrics: &StoreMetrics,
+    ) -> Result<(u64, u64), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned {
                 stream: self.id.stream.clone(),
@@ -216,7 +321,8 @@ impl PartitionLog {
         let batch_bytes: u64 = records
             .iter()
             .map(|r| codec::frame_len(r.key.len(), r.payload.len()) as u64)
-            .sum();
+            .sum::<u64>()
+            + (marks.len() * codec::MARK_LEN) as u64;
         let active = self.active();
         if policy::should_roll(
             active.size,
@@ -231,10 +337,22 @@ impl PartitionLog {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         let base = self.active().next_offset;
+        let mut lens = Vec::with_capacity(records.len());
+        let mut next_mark = marks.iter().peekable();
         for (i, r) in records.iter().enumerate() {
-            codec::encode_frame(&mut buf, base + i as u64, r.timestamp_ms, r.key, r.payload);
+            let mark = next_mark.next_if(|(at, _)| *at == i).map(|(_, m)| m);
+            let start = buf.len();
+            codec::encode_marked(
+                &mut buf,
+                base + i as u64,
+                r.timestamp_ms,
+                r.key,
+                r.payload,
+                mark,
+            );
+            lens.push((buf.len() - start) as u64);
         }
-        let result = self.write_batch(&buf, records, durability, metrics);
+        let result = self.write_batch(&buf, records, &lens, durability, metrics);
         // Keep the buffer for the next batch unless a huge batch made it huge.
         if buf.capacity() <= 4 << 20 {
             self.buf = buf;
@@ -247,6 +365,7 @@ impl PartitionLog {
         &mut self,
         buf: &[u8],
         records: &[NewRecord<'_>],
+        lens: &[u64],
         durability: Durability,
         metrics: &StoreMetrics,
     ) -> Result<(), StoreError> {
@@ -281,8 +400,7 @@ impl PartitionLog {
             .last_mut()
             .expect("partition has an active segment");
         let mut pos = seg.size;
-        for (i, r) in records.iter().enumerate() {
-            let len = codec::frame_len(r.key.len(), r.payload.len()) as u64;
+        for (i, (r, &len)) in records.iter().zip(lens).enumerate() {
             seg.index
                 .on_append(seg.next_offset + i as u64, pos, len, r.timestamp_ms);
             pos += len;
@@ -412,13 +530,14 @@ impl PartitionLog {
     }
 }
 
+/// Recovers one segment; returns it and its producer marks (with their records' offsets).
 fn recover_segment(
     id: &PartitionId,
     dir: &Path,
     base: u64,
     index_interval: u32,
     metrics: &StoreMetrics,
-) -> Result<Segment, StoreError> {
+) -> Result<(Segment, Vec<(ProducerMark, u64)>), StoreError> {
     let path = segment_path(dir, base);
     let file = OpenOptions::new()
         .read(true)
@@ -448,7 +567,7 @@ fn recover_segment(
         metrics.torn_tails_truncated.fetch_add(1, Relaxed);
     }
     metrics.records_recovered.fetch_add(scan.records, Relaxed);
-    Ok(Segment {
+    let seg = Segment {
         base_offset: base,
         next_offset: scan.next_offset,
         path: path.into(),
@@ -456,7 +575,8 @@ fn recover_segment(
         size: scan.valid_len,
         index: scan.index,
         holes: scan.holes.into(),
-    })
+    };
+    Ok((seg, scan.marks))
 }
 
 /// What a reader needs of one segment, taken under the partition lock.

@@ -56,6 +56,17 @@ impl Gateway {
         Self::launch(Launch::new(BIN).in_dir(dir), config, shards)
     }
 
+    /// Like [`start_in`](Self::start_in) with the hub on `listen` (a restart on the port the
+    /// previous run got, so that a client configured with it finds the hub again).
+    pub fn start_listening(
+        dir: tempfile::TempDir,
+        config: &str,
+        shards: usize,
+        listen: &str,
+    ) -> Self {
+        Self::launch(Launch::new(BIN).in_dir(dir).listen(listen), config, shards)
+    }
+
     fn launch(launch: Launch, config: &str, shards: usize) -> Self {
         let process = launch
             .config(config)
@@ -82,6 +93,12 @@ impl Gateway {
     /// SIGKILLs the hub (its shards exit when they see it gone) and keeps the directory.
     pub fn kill9(self) -> tempfile::TempDir {
         self.process.kill_keep_dir().expect("data dir")
+    }
+
+    /// SIGKILLs the hub and every shard process it reported ready (the whole gateway, no
+    /// process left to notice anything), and keeps the directory.
+    pub fn kill9_all(self) -> tempfile::TempDir {
+        self.process.kill_all_keep_dir().expect("data dir")
     }
 
     pub fn ca(&self) -> PathBuf {

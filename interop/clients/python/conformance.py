@@ -384,6 +384,61 @@ async def long_varints(env: Env) -> str:
     return f"ProduceAck at offset {m.get('base_offset')}"
 
 
+async def open_publisher(env: Env, hub: Proto, **keys: object) -> tuple[int, int, dict]:
+    """A publish stream on `hub` (a ticket first): (stream id, frame type, answer)."""
+    sid = hub.open_bidi()
+    hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": env.stream, **keys}))
+    ty, m = await answer(hub, sid)
+    return sid, ty, m
+
+
+def one_record(seq: int, payload: bytes) -> bytes:
+    return frame(PRODUCE, struct.pack(">QII", seq, 0, 1) + struct.pack(">Q", 0) + b"\x00" + bytes([len(payload)]) + payload)
+
+
+@check("R29", "an idempotent batch re-sent with its seq gets its original offsets, appended once")
+async def idempotent_resend(env: Env) -> str:
+    async with hub_conn(env) as hub:
+        await ask_ticket(env, hub)
+        sid, ty, acc = await open_publisher(env, hub, producer_id=0)
+        if ty != PUBLISH_ACCEPTED or not acc.get("producer_id"):
+            raise Fail(f"PublishOpen{{producer_id: 0}}: expected a producer id, got {ty:#x} {acc}")
+        keys = {"producer_id": acc["producer_id"], "producer_token": acc["producer_token"]}
+        hub.send(sid, one_record(1, b"idem-1"))
+        ty, first = await answer(hub, sid)
+        if ty != PRODUCE_ACK:
+            raise Fail(f"seq 1: {ty:#x} {first}")
+    # The "lost ack" case: a new connection, the same producer, the same seq.
+    async with hub_conn(env) as hub:
+        await ask_ticket(env, hub)
+        sid, ty, acc2 = await open_publisher(env, hub, **keys)
+        if ty != PUBLISH_ACCEPTED or acc2.get("producer_id") != keys["producer_id"]:
+            raise Fail(f"re-open with the producer: {ty:#x} {acc2}")
+        hub.send(sid, one_record(1, b"idem-1"))
+        ty, again = await answer(hub, sid)
+        if ty != PRODUCE_ACK or again.get("base_offset") != first.get("base_offset"):
+            raise Fail(f"re-sent seq 1: expected the ack at {first.get('base_offset')}, got {ty:#x} {again}")
+        hub.send(sid, one_record(2, b"idem-2"))
+        ty, nxt = await answer(hub, sid)
+        if ty != PRODUCE_ACK or nxt.get("base_offset") != first["base_offset"] + 1:
+            raise Fail(f"seq 2 should follow seq 1 directly (nothing appended twice): {ty:#x} {nxt}")
+    return f"seq 1 acked twice at offset {first['base_offset']}, seq 2 at {nxt['base_offset']}"
+
+
+@check("R30", "a producer id with a token not issued for it is UNKNOWN_PRODUCER")
+async def unknown_producer(env: Env) -> str:
+    async with hub_conn(env) as hub:
+        await ask_ticket(env, hub)
+        _, ty, acc = await open_publisher(env, hub, producer_id=0)
+        if ty != PUBLISH_ACCEPTED:
+            raise Fail(f"PublishOpen: {acc}")
+        forged = bytes(b ^ 0xFF for b in acc["producer_token"])
+        _, ty, m = await open_publisher(env, hub, producer_id=acc["producer_id"], producer_token=forged)
+        if m.get("code") != w.UNKNOWN_PRODUCER:
+            raise Fail(f"expected UNKNOWN_PRODUCER, got {ty:#x} {m}")
+    return "refused with UNKNOWN_PRODUCER"
+
+
 # ---- section 6 -------------------------------------------------------------------------
 
 

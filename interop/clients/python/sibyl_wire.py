@@ -71,6 +71,8 @@ IDLE = 0x19
 NOT_FOUND = 0x1A
 GRANT_EXCEEDED = 0x1B
 REVOKED = 0x1C
+OUT_OF_ORDER_SEQUENCE = 0x1D
+UNKNOWN_PRODUCER = 0x1E
 
 # Retry classes.
 SAME_ENDPOINT, OTHER_ENDPOINT, NEVER, AFTER_HUB = "same endpoint", "other endpoint", "never", "after hub"
@@ -95,6 +97,8 @@ ERRORS = {
     NOT_FOUND: ("NOT_FOUND", "client", NEVER),
     GRANT_EXCEEDED: ("GRANT_EXCEEDED", "client", NEVER),
     REVOKED: ("REVOKED", "none", SAME_ENDPOINT),
+    OUT_OF_ORDER_SEQUENCE: ("OUT_OF_ORDER_SEQUENCE", "client", NEVER),
+    UNKNOWN_PRODUCER: ("UNKNOWN_PRODUCER", "client", NEVER),
 }
 
 

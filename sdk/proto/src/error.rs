@@ -81,6 +81,13 @@ pub enum ErrorCode {
     /// `0x1c`: a partition was revoked from this subscription (stream reset of a partition
     /// uni stream); not an error of the session.
     Revoked,
+    /// `0x1d`: an idempotent batch's `seq` is at or below the producer's last appended seq on
+    /// that partition and is not one of the batches the hub remembers: it was refused before,
+    /// or is too old to tell. Not appended.
+    OutOfOrderSequence,
+    /// `0x1e`: `PublishOpen.producer_id`/`producer_token` were not issued by this hub for this
+    /// API key, client id and stream (or the hub lost its producer state).
+    UnknownProducer,
     /// Any value not listed above.
     Unknown(u64),
 }
@@ -114,6 +121,8 @@ impl ErrorCode {
             0x1a => Self::NotFound,
             0x1b => Self::GrantExceeded,
             0x1c => Self::Revoked,
+            0x1d => Self::OutOfOrderSequence,
+            0x1e => Self::UnknownProducer,
             other => Self::Unknown(other),
         }
     }
@@ -146,6 +155,8 @@ impl ErrorCode {
             Self::NotFound => 0x1a,
             Self::GrantExceeded => 0x1b,
             Self::Revoked => 0x1c,
+            Self::OutOfOrderSequence => 0x1d,
+            Self::UnknownProducer => 0x1e,
             Self::Unknown(v) => v,
         }
     }
@@ -166,7 +177,9 @@ impl ErrorCode {
             | Self::ProofFailed
             | Self::LimitExceeded
             | Self::NotFound
-            | Self::GrantExceeded => Fault::Client,
+            | Self::GrantExceeded
+            | Self::OutOfOrderSequence
+            | Self::UnknownProducer => Fault::Client,
             Self::Internal | Self::Overloaded | Self::Draining | Self::Unknown(_) => Fault::Server,
         }
     }
@@ -189,12 +202,14 @@ impl ErrorCode {
             | Self::Forbidden
             | Self::LimitExceeded
             | Self::NotFound
-            | Self::GrantExceeded => Retry::Never,
+            | Self::GrantExceeded
+            | Self::OutOfOrderSequence
+            | Self::UnknownProducer => Retry::Never,
         }
     }
 
     /// Every listed code (without `Unknown`), in wire-value order.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         Self::NoError,
         Self::Internal,
         Self::ProtocolViolation,
@@ -214,6 +229,8 @@ impl ErrorCode {
         Self::NotFound,
         Self::GrantExceeded,
         Self::Revoked,
+        Self::OutOfOrderSequence,
+        Self::UnknownProducer,
     ];
 }
 

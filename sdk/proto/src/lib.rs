@@ -35,6 +35,8 @@
 //! - [`subscription`]: [`SubMachine`], the I/O-free state of one subscription (dedupe by
 //!   offset, resume offsets, assignment epochs, `Position` / `Fetch` / `Forecast` timing,
 //!   the grant bucket).
+//! - [`publish`]: the I/O-free publish machine (batching, linger, seq numbering, the
+//!   idempotent producer, ack matching, re-sending after a lost stream).
 //! - [`forecast`]: predictive pre-fetch, client side: consumption windows, forecasters (SMA,
 //!   EWMA, Holt) with MASE-driven sensitivity, the assignment-request policy, pre-fetch metrics.
 //! - `fuzzing` (feature `fuzzing` or `cfg(fuzzing)`): oracles for fuzz targets.
@@ -50,6 +52,7 @@ pub mod error;
 pub mod forecast;
 pub mod frame;
 pub mod proof;
+pub mod publish;
 pub mod subscription;
 pub mod version;
 
@@ -68,5 +71,6 @@ pub use forecast::{
 pub use frame::data::BatchError;
 pub use frame::{Frame, FrameBody, FrameDecoder, FrameType};
 pub use proof::{attach_proof, verify_attach_proof};
+pub use publish::{PublishConfig, PublishMachine, PublishViolation};
 pub use subscription::{SubMachine, SubscriptionMetrics};
 pub use version::{ALPN, ALPN_GROUP_HINT, PROTOCOL_VERSION, SUPPORTED_VERSIONS, negotiate};

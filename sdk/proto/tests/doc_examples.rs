@@ -194,10 +194,19 @@ fn examples() -> Vec<(&'static str, Frame)> {
             }
             .into(),
         ),
+        ("publish_open", PublishOpen::new("prices").into()),
         (
-            "publish_open",
-            PublishOpen {
-                stream: "prices".into(),
+            "publish_open_producer",
+            PublishOpen::idempotent("prices", Some((42, [0x33; 16]))).into(),
+        ),
+        (
+            "publish_accepted_producer",
+            PublishAccepted {
+                partitions: 4,
+                max_frame: 1_572_880,
+                producer_id: Some(42),
+                producer_token: Some([0x33; 16]),
+                max_in_flight: Some(64),
             }
             .into(),
         ),

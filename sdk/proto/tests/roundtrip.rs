@@ -101,13 +101,36 @@ fn control() -> impl Strategy<Value = Frame> {
             })
         });
     let publish = prop_oneof![
-        s().prop_map(|stream| Frame::from(PublishOpen { stream })),
-        (any::<u32>(), any::<u32>()).prop_map(|(partitions, max_frame)| Frame::from(
-            PublishAccepted {
-                partitions,
-                max_frame
-            }
-        )),
+        (
+            s(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<[u8; 16]>())
+        )
+            .prop_map(
+                |(stream, producer_id, producer_token)| Frame::from(PublishOpen {
+                    stream,
+                    producer_id,
+                    producer_token,
+                })
+            ),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<[u8; 16]>()),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(
+                |(partitions, max_frame, producer_id, producer_token, max_in_flight)| {
+                    Frame::from(PublishAccepted {
+                        partitions,
+                        max_frame,
+                        producer_id,
+                        producer_token,
+                        max_in_flight,
+                    })
+                }
+            ),
         (any::<u64>(), any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
             |(seq, partition, base_offset, count)| Frame::from(ProduceAck {
                 seq,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use sibyl_proto::frame::{
     AssignedPartition, Assignment, Grant, PartitionOpen, Position, ProduceAck, ProduceError,
-    PublishAccepted, Record, Records, Start, SubError, Subscribe,
+    PublishAccepted, PublishOpen, Record, Records, Start, SubError, Subscribe,
 };
 use sibyl_proto::{ErrorCode, Frame, FrameDecoder};
 use tokio::sync::{Notify, Semaphore};
@@ -94,7 +94,20 @@ pub struct PublishSide {
     /// Reset the publish stream (instead of acking) after this many `Produce` frames in
     /// total, once, having appended the batch: the ack is lost, the SDK re-sends.
     pub reset_after: Arc<Mutex<Option<u64>>>,
+    /// Idempotent publishing: `Some(max_in_flight)` issues producer id [`FAKE_PRODUCER`] and
+    /// answers a re-sent seq with its original offsets (default `None`: a hub without it).
+    pub idempotent: Arc<Mutex<Option<u32>>>,
+    /// Every `PublishOpen` received.
+    pub opens: Arc<Mutex<Vec<PublishOpen>>>,
+    /// Idempotent batches appended: seq → (partition, base_offset, count).
+    appended: Arc<Mutex<HashMap<u64, Appended>>>,
 }
+
+/// Where an idempotent batch went: `(partition, base_offset, count)`.
+type Appended = (u32, u64, u32);
+
+/// The producer id and token the fake hub issues.
+pub const FAKE_PRODUCER: (u64, [u8; 16]) = (7, [7; 16]);
 
 impl Default for PublishSide {
     fn default() -> Self {
@@ -103,6 +116,9 @@ impl Default for PublishSide {
             produces: Arc::default(),
             records_received: Arc::default(),
             reset_after: Arc::default(),
+            idempotent: Arc::default(),
+            opens: Arc::default(),
+            appended: Arc::default(),
         }
     }
 }
@@ -127,6 +143,19 @@ pub async fn serve_publish(conn: quinn::Connection, log: FakeLog, side: PublishS
             let Some(Frame::PublishOpen(open)) = read_frame(&mut recv, &mut dec).await else {
                 return;
             };
+            side.opens.lock().unwrap().push(open.clone());
+            let max_in_flight = *side.idempotent.lock().unwrap();
+            let producer = match (max_in_flight, open.producer_id) {
+                (Some(_), Some(0)) => Some(FAKE_PRODUCER),
+                (Some(_), Some(id)) => {
+                    assert_eq!(
+                        (id, open.producer_token),
+                        (FAKE_PRODUCER.0, Some(FAKE_PRODUCER.1))
+                    );
+                    Some(FAKE_PRODUCER)
+                }
+                _ => None,
+            };
             let Some(partitions) = log.partitions(&open.stream) else {
                 let e = ProduceError {
                     seq: 0,
@@ -142,6 +171,9 @@ pub async fn serve_publish(conn: quinn::Connection, log: FakeLog, side: PublishS
                 PublishAccepted {
                     partitions,
                     max_frame: 1_572_880,
+                    producer_id: producer.map(|p| p.0),
+                    producer_token: producer.map(|p| p.1),
+                    max_in_flight: producer.and(max_in_flight),
                 },
             )
             .await;
@@ -160,11 +192,30 @@ pub async fn serve_publish(conn: quinn::Connection, log: FakeLog, side: PublishS
                     return;
                 };
                 permit.forget();
+                let dup =
+                    producer.and_then(|_| side.appended.lock().unwrap().get(&p.seq()).copied());
+                if let Some((partition, base_offset, count)) = dup {
+                    let ack = ProduceAck {
+                        seq: p.seq(),
+                        partition,
+                        base_offset,
+                        count,
+                    };
+                    write_frame(&mut send, ack).await;
+                    continue;
+                }
                 let recs = p
                     .iter()
                     .map(|r| (r.key.to_vec(), r.payload.to_vec()))
                     .collect();
-                let Some(base) = log.append(&open.stream, p.partition(), recs) else {
+                let appended = log.append(&open.stream, p.partition(), recs);
+                if let (Some(_), Some(base)) = (producer, appended) {
+                    side.appended
+                        .lock()
+                        .unwrap()
+                        .insert(p.seq(), (p.partition(), base, p.count()));
+                }
+                let Some(base) = appended else {
                     let e = ProduceError {
                         seq: p.seq(),
                         code: ErrorCode::NotFound,

@@ -19,8 +19,8 @@ pub mod subscription;
 pub use data::{PartitionOpen, Record, RecordIter, RecordRef, Records};
 pub use hub::{Action, Endpoint, GroupHint, Hello, Profile, Refused, Ticket, Want};
 pub use publish::{
-    NewRecord, NewRecordIter, NewRecordRef, Produce, ProduceAck, ProduceError, PublishAccepted,
-    PublishOpen,
+    NewRecord, NewRecordIter, NewRecordRef, PRODUCER_TOKEN_LEN, Produce, ProduceAck, ProduceError,
+    PublishAccepted, PublishOpen,
 };
 pub use session::{Attach, AttachProof, Attached, EarlyAttach, GoAway, SessionLimits};
 pub use subscription::{

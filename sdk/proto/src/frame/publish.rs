@@ -2,10 +2,17 @@
 //! publisher, after a `Ticket`): `PublishOpen` → `PublishAccepted`; then `Produce` up and
 //! `ProduceAck` | `ProduceError` down, one answer per `Produce`, in `seq` order.
 //!
+//! An **idempotent** publisher asks for a producer id (`PublishOpen.producer_id = 0`), keeps
+//! the id and token the hub issues, presents them again on every later stream, and numbers its
+//! batches with one `seq` counter for the producer's whole life (from 1, never renumbered): a
+//! batch re-sent after a lost ack is then recognised and acknowledged with its original
+//! offsets instead of being appended twice (PROTOCOL.md §5.2).
+//!
 //! `Produce` body layout (big-endian; `varint` = QUIC varint):
 //!
 //! ```text
-//! seq          u64     client sequence number, strictly increasing per publish stream
+//! seq          u64     client sequence number ≥ 1, strictly increasing per publish stream
+//!                      (idempotent streams: per producer, across its streams)
 //! partition    u32     target partition (< PublishAccepted.partitions)
 //! count        u32     1 ..= max_batch_records
 //! count × {
@@ -24,11 +31,44 @@ use super::{DecodeLimited, FrameBody, Validate, cbor_frame};
 use crate::codec::{Codec, DecodeLimits, FrameError, Reader};
 use crate::error::ErrorCode;
 
+/// Length of a producer token.
+pub const PRODUCER_TOKEN_LEN: usize = 16;
+
 /// `PublishOpen` (`0x10`): the first frame on a publish stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishOpen {
     /// Stream to append to (must have been in `Hello.wants` with action `publish`).
     pub stream: String,
+    /// Idempotent publishing: `0` asks the hub for a new producer id; an id the hub issued
+    /// earlier (with its `producer_token`) continues that producer. Absent: at-least-once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer_id: Option<u64>,
+    /// The token the hub issued with `producer_id` (required with a non-zero id).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub producer_token: Option<[u8; PRODUCER_TOKEN_LEN]>,
+}
+
+impl PublishOpen {
+    /// An at-least-once publish stream on `stream` (no producer id).
+    pub fn new(stream: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            producer_id: None,
+            producer_token: None,
+        }
+    }
+
+    /// An idempotent publish stream: a new producer (`None`) or an issued one.
+    pub fn idempotent(
+        stream: impl Into<String>,
+        producer: Option<(u64, [u8; PRODUCER_TOKEN_LEN])>,
+    ) -> Self {
+        Self {
+            stream: stream.into(),
+            producer_id: Some(producer.map_or(0, |p| p.0)),
+            producer_token: producer.map(|p| p.1),
+        }
+    }
 }
 
 /// `PublishAccepted` (`0x11`): the publisher may send `Produce` frames.
@@ -38,6 +78,16 @@ pub struct PublishAccepted {
     pub partitions: u32,
     /// Maximum `Produce` body length the hub accepts.
     pub max_frame: u32,
+    /// The producer id of an idempotent stream (the one presented, or a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer_id: Option<u64>,
+    /// The token to present with `producer_id` on later streams.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "serde_bytes")]
+    pub producer_token: Option<[u8; PRODUCER_TOKEN_LEN]>,
+    /// Idempotent streams: most batches the publisher may have unacknowledged at once (the
+    /// hub remembers this many batches per producer and partition for re-sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
 }
 
 /// `ProduceAck` (`0x13`): the batch `seq` was durably appended.
@@ -53,12 +103,14 @@ pub struct ProduceAck {
     pub count: u32,
 }
 
-/// `ProduceError` (`0x14`): the batch `seq` was not appended; the stream stays usable.
+/// `ProduceError` (`0x14`): the batch `seq` was not appended (with `INTERNAL`, possibly was:
+/// re-send it with the same `seq` on an idempotent stream to learn); the stream stays usable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProduceError {
     /// The rejected `Produce.seq`.
     pub seq: u64,
-    /// Why: e.g. `NOT_FOUND` (partition), `OVERLOADED`, `LIMIT_EXCEEDED`, `INTERNAL`.
+    /// Why: e.g. `NOT_FOUND` (partition), `LIMIT_EXCEEDED`, `OUT_OF_ORDER_SEQUENCE`,
+    /// `INTERNAL`.
     pub code: ErrorCode,
     /// Human-readable reason.
     pub reason: String,
