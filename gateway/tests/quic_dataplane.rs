@@ -301,8 +301,21 @@ fn publish_acks_in_order_and_refuses_what_it_must() {
             }
             other => panic!("{other:?}"),
         }
-        // Unknown stream.
+        // A stream this Hello did not want: FORBIDDEN, whether it exists or not (a client
+        // learns nothing of streams it may not use).
         let (_, _, f) = publish_open(&conn, "nope").await;
+        assert!(
+            matches!(f, Frame::ProduceError(e) if e.code == ErrorCode::Forbidden && e.seq == 0)
+        );
+        // Wanted and allowed, but no such stream: NOT_FOUND.
+        let (conn_nope, t) = ask_hub(
+            &ep,
+            gw.hub,
+            hello(&gw.dev_key, &[("nope", Action::Publish)]),
+        )
+        .await;
+        t.expect("ticket");
+        let (_, _, f) = publish_open(&conn_nope, "nope").await;
         assert!(matches!(f, Frame::ProduceError(e) if e.code == ErrorCode::NotFound && e.seq == 0));
         // Forbidden: this Hello did not want `t` for publishing.
         let (conn2, t) =

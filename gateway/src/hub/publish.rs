@@ -156,17 +156,18 @@ pub async fn serve_publish(
         code,
         reason,
     };
+    // FORBIDDEN before NOT_FOUND: a client learns nothing about streams it may not use.
     let opened = match svc.partitions(&open.stream) {
-        None => Err(refuse(
-            ErrorCode::NotFound,
-            format!("no stream {:?}", open.stream),
-        )),
-        Some(_) if !rights.streams.contains(&open.stream) => Err(refuse(
+        _ if !rights.streams.contains(&open.stream) => Err(refuse(
             ErrorCode::Forbidden,
             format!(
                 "stream {:?} was not in Hello.wants with action publish",
                 open.stream
             ),
+        )),
+        None => Err(refuse(
+            ErrorCode::NotFound,
+            format!("no stream {:?}", open.stream),
         )),
         Some(p) => producer_for(&svc, &rights.owner, &open)
             .map(|producer| (p, producer))

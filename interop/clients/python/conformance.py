@@ -439,6 +439,27 @@ async def unknown_producer(env: Env) -> str:
     return "refused with UNKNOWN_PRODUCER"
 
 
+@check("R31", "FORBIDDEN before NOT_FOUND on PublishOpen and Subscribe")
+async def forbidden_first(env: Env) -> str:
+    missing = "no-such-stream-conformance"
+    async with hub_conn(env) as hub:
+        t = await ask_ticket(env, hub)
+        sid = hub.open_bidi()
+        hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": missing}))
+        ty, m = await answer(hub, sid)
+        if m.get("code") != w.FORBIDDEN:
+            raise Fail(f"PublishOpen of a stream not wanted (and absent): expected FORBIDDEN, got {ty:#x} {m}")
+    ep = t["endpoints"][0]
+    async with shard_conn(env, ep) as shard:
+        await attached_session(env, shard, t)
+        sid = shard.open_bidi()
+        shard.send(sid, cbor_frame(SUBSCRIBE, {"sub_id": 1, "stream": missing, "start": "earliest", "mode": "predictive"}))
+        ty, m = await answer(shard, sid)
+        if ty != SUB_ERROR or m.get("code") != w.FORBIDDEN:
+            raise Fail(f"Subscribe to a stream outside the token (and absent): expected FORBIDDEN, got {ty:#x} {m}")
+    return "FORBIDDEN on PublishOpen and on Subscribe for an absent stream"
+
+
 # ---- section 6 -------------------------------------------------------------------------
 
 
