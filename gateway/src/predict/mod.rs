@@ -32,3 +32,24 @@ pub fn stream_priority(bytes_per_s: u64) -> i32 {
     // At most 64: fits.
     (u64::BITS - bytes_per_s.leading_zeros()) as i32
 }
+
+/// A partition's predicted load, as a client forecasts it and a group's assigner weighs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionLoad {
+    /// The partition.
+    pub partition: u32,
+    /// Predicted consumption, records per second.
+    pub records_per_s: u64,
+    /// Predicted consumption, bytes per second (0: unknown).
+    pub bytes_per_s: u64,
+}
+
+impl From<&sibyl_proto::frame::PartitionForecast> for PartitionLoad {
+    fn from(f: &sibyl_proto::frame::PartitionForecast) -> Self {
+        Self {
+            partition: f.partition,
+            records_per_s: f.records_per_s,
+            bytes_per_s: f.bytes_per_s,
+        }
+    }
+}

@@ -16,6 +16,7 @@ use super::batch::RecordBatch;
 use super::codec::{self, MAX_FRAME_LEN, RemoteError, Request, Response, ServerMsg, StreamInfo};
 use super::raw::{self, RawHint};
 use super::server::{LinkReadError, read_frame, size_link_buffers, write_loop};
+use crate::predict::PartitionLoad;
 
 /// Why a store link call failed. Say whose fault it is and whether to retry with
 /// [`is_retryable`](Self::is_retryable).
@@ -435,8 +436,12 @@ impl StoreLink {
 
     /// Relays a member's `Forecast` as `(partition, records/s, bytes/s)` (best effort, at most
     /// [`MAX_GROUP_PARTITIONS`](super::codec::MAX_GROUP_PARTITIONS) entries are sent).
-    pub fn group_forecast(&self, member: u64, mut loads: Vec<(u32, u64, u64)>) {
+    pub fn group_forecast(&self, member: u64, mut loads: Vec<PartitionLoad>) {
         loads.truncate(super::codec::MAX_GROUP_PARTITIONS);
+        let loads = loads
+            .iter()
+            .map(|l| (l.partition, l.records_per_s, l.bytes_per_s))
+            .collect();
         let st = self.inner.state();
         if !st.members.contains_key(&member) {
             return;
