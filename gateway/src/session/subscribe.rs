@@ -45,7 +45,7 @@ use super::flow::{
     Admit, Batch, Flow, FlowConfig, FlowError, GroupRelay, PumpEvent, PumpStep, StartAt, Transmit,
 };
 use crate::config::SubscribeConfig;
-use crate::predict::{PrefetchConfig, PrefetchPlanner, SubKey};
+use crate::predict::{MemberId, PrefetchConfig, PrefetchPlanner, SubKey};
 use crate::quic::{self, StreamError};
 use crate::storelink::{CachedReader, GroupAssignment, LinkError, RemoteError, StoreLink};
 
@@ -57,10 +57,6 @@ pub struct DataPlane {
     next_member: AtomicU64,
     planner: Mutex<PrefetchPlanner>,
 }
-
-/// A subscription on this shard: its group member id on the store link and its pre-fetch
-/// key (unique in this process; the hub scopes it to this shard's link).
-type MemberId = u64;
 
 /// How long a pump waits before retrying after the store link failed.
 const RETRY: Duration = Duration::from_millis(50);
@@ -247,8 +243,10 @@ pub async fn serve_subscription(
             }
         }
     }
-    let member = dp.next_member.fetch_add(1, Ordering::Relaxed);
-    let key = SubKey(member);
+    // A subscription's group member id on the store link and its pre-fetch key: unique in
+    // this process (the hub scopes it to this shard's link).
+    let n = dp.next_member.fetch_add(1, Ordering::Relaxed);
+    let (member, key) = (MemberId(n), SubKey(n));
     // The planner forgets this subscription however it ends (also when its task is aborted
     // with the connection).
     let planned = Planned {
