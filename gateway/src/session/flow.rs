@@ -573,12 +573,13 @@ impl Flow {
     }
 
     /// The resolved start offset of every partition [`Flow::handle_owned`] returned: queues
-    /// the `Assignment` and a [`PumpEvent::Start`] per partition.
+    /// the `Assignment` and a [`PumpEvent::Start`] per partition (entries for partitions it
+    /// did not return are ignored).
     pub fn handle_starts(&mut self, starts: Vec<(u32, u64)>, planner: &PrefetchPlanner) {
-        self.pending.clear();
+        let pending = std::mem::take(&mut self.pending);
         let mut parts = Vec::with_capacity(starts.len());
         for (p, start) in starts {
-            if p >= self.partitions || self.parts.contains_key(&p) {
+            if !pending.contains(&p) || self.parts.contains_key(&p) {
                 continue;
             }
             let priority = if self.predictive() {

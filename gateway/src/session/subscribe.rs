@@ -383,37 +383,43 @@ fn transmit_frame(t: Transmit) -> Frame {
     }
 }
 
-/// Moves the flow's outputs out: control frames to `send`, group reports to the hub, pump
-/// starts, stops and wakes.
+/// Moves the flow's outputs out: control frames to `send` first (an `Assignment` goes out
+/// before its pumps start), then group reports to the hub and pump starts, stops and wakes.
 async fn flush(s: &mut Sub, send: &mut SendStream) -> Result<(), quinn::WriteError> {
     loop {
-        let (frame, relays, events) = {
-            let mut f = lock(&s.shared.flow);
-            let frame = f.poll_transmit();
-            let relays: Vec<_> = std::iter::from_fn(|| f.poll_relay()).collect();
-            let events: Vec<_> = std::iter::from_fn(|| f.poll_pump()).collect();
-            (frame, relays, events)
-        };
-        if !relays.is_empty() {
-            let link = s.shared.dp.reader.link();
-            for r in relays {
-                match r {
-                    GroupRelay::Position {
-                        partition,
-                        next_offset,
-                        serving,
-                    } => link.group_position(s.member, partition, next_offset, serving),
-                    GroupRelay::Forecast(loads) => link.group_forecast(s.member, loads),
-                }
+        let t = lock(&s.shared.flow).poll_transmit();
+        match t {
+            Some(t) => quic::write_frame(send, &transmit_frame(t)).await?,
+            None => break,
+        }
+    }
+    dispatch(s);
+    Ok(())
+}
+
+/// Moves the flow's group reports to the hub and its pump events to the pumps.
+fn dispatch(s: &mut Sub) {
+    let (relays, events) = {
+        let mut f = lock(&s.shared.flow);
+        let relays: Vec<_> = std::iter::from_fn(|| f.poll_relay()).collect();
+        let events: Vec<_> = std::iter::from_fn(|| f.poll_pump()).collect();
+        (relays, events)
+    };
+    if !relays.is_empty() {
+        let link = s.shared.dp.reader.link();
+        for r in relays {
+            match r {
+                GroupRelay::Position {
+                    partition,
+                    next_offset,
+                    serving,
+                } => link.group_position(s.member, partition, next_offset, serving),
+                GroupRelay::Forecast(loads) => link.group_forecast(s.member, loads),
             }
         }
-        for e in events {
-            on_pump_event(s, e);
-        }
-        match frame {
-            Some(t) => quic::write_frame(send, &transmit_frame(t)).await?,
-            None => return Ok(()),
-        }
+    }
+    for e in events {
+        on_pump_event(s, e);
     }
 }
 
@@ -477,6 +483,8 @@ async fn apply(
     owned: Vec<(u32, Option<u64>)>,
 ) -> Result<(), quinn::WriteError> {
     let plan = s.shared.with(|f, planner| f.handle_owned(owned, planner));
+    // The previous epoch's pumps stop now, not after the starts are resolved.
+    dispatch(s);
     let mut starts = Vec::with_capacity(plan.len());
     for (p, at) in plan {
         let o = match at {
