@@ -30,6 +30,8 @@
 //! - [`predict`]: I/O-free predictive pre-fetch cores (partition assignment, run by the hub's
 //!   group coordinator; pre-fetch sizing and deviation tracking, run by each shard).
 //! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
+//! - [`obs`]: metrics (shards report theirs to the hub after each heartbeat), the admin HTTP
+//!   listener (`/metrics`, `/api/…`, the status page) and the operator commands' client.
 //!
 //! ```text
 //! client ──QUIC──▶ hub::HubServer ── hub::Hub::handle_hello (keys, keyring, Supervisor loads)
@@ -52,6 +54,7 @@ pub mod grants;
 pub mod hub;
 pub mod ipc;
 pub mod limits;
+pub mod obs;
 pub mod predict;
 pub mod quic;
 pub mod session;

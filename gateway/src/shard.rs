@@ -143,7 +143,10 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
     beat.tick().await;
     loop {
         tokio::select! {
-            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(rt.stats.load())).await?,
+            _ = beat.tick() => {
+                ipc.send(&ShardToHub::Heartbeat(rt.stats.load())).await?;
+                if rt.init.metrics { ipc.send(&crate::obs::shard_report()).await? }
+            }
             msg = ipc.recv() => match msg? {
                 Some(HubToShard::Drain { within }) => {
                     drain(&rt.init, server, &mut ipc, within).await?;
@@ -260,6 +263,8 @@ mod tests {
             deployment_id: "test".into(),
             store_socket: None,
             subscribe: crate::config::SubscribeConfig::default(),
+            log_format: crate::config::LogFormat::Text,
+            metrics: true,
         };
         (init, dir)
     }
@@ -290,7 +295,7 @@ mod tests {
         .unwrap();
         let mut seen = vec![];
         while let Some(m) = hub.recv().await.unwrap() {
-            if !matches!(m, ShardToHub::Heartbeat(_)) {
+            if !matches!(m, ShardToHub::Heartbeat(_) | ShardToHub::Metrics(_)) {
                 seen.push(m);
             }
         }

@@ -477,7 +477,9 @@ async fn send_hint(conn: &quinn::Connection, hint: GroupHint) {
 }
 
 async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: ConnSettings) {
-    let Some((conn, hinted)) = establish(&hub, connecting).await else {
+    let established = establish(&hub, connecting).await;
+    crate::obs::handshake(true, established.is_some());
+    let Some((conn, hinted)) = established else {
         return;
     };
     let peer = conn.remote_address();
@@ -509,6 +511,7 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
     match hub.handle_hello_hinted(&hello, unix_now(), hinted) {
         Ok(ticket) => {
             debug!(%peer, client_id = %hello.client_id, group = ticket.shard_group, "ticket issued");
+            crate::obs::ticket(ticket.shard_group);
             if quic::write_frame(&mut send, &Frame::Ticket(ticket))
                 .await
                 .is_err()
@@ -527,6 +530,7 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
         Err(refused) => {
             info!(%peer, client_id = %hello.client_id, code = %refused.code, reason = %refused.reason, "hello refused");
             let code = refused.code;
+            crate::obs::refused(code);
             if quic::write_frame(&mut send, &Frame::Refused(refused))
                 .await
                 .is_ok()

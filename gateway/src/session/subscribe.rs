@@ -285,6 +285,7 @@ pub async fn serve_subscription(
     let cfg = &dp.cfg;
     let now = Instant::now();
     let bucket = TokenBucket::new(cfg.grant_rate, cfg.grant_burst, cfg.grant_lease, now);
+    crate::obs::inc(&crate::obs::metrics::GRANTS, &[]);
     if quic::write_frame(&mut send, &Frame::Grant(grant(&bucket)))
         .await
         .is_err()
@@ -464,6 +465,7 @@ async fn control_loop(
                     b.renewed(Instant::now());
                     grant(&b)
                 };
+                crate::obs::inc(&crate::obs::metrics::GRANTS, &[]);
                 if quic::write_frame(send, &Frame::Grant(g)).await.is_err() {
                     return Ok(());
                 }
@@ -995,6 +997,7 @@ impl Pump {
                 return;
             }
             self.next = batch.next_offset();
+            crate::obs::delivered(&self.stream, count, u64::from(len));
         }
     }
 }
