@@ -111,7 +111,7 @@ pub(crate) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "warn".to_owned());
-    init_logging(&filter);
+    init_logging(&filter, sibyl_gateway::config::LogFormat::Text);
     let temp = match &args.data_dir {
         Some(_) => None,
         None => Some(
