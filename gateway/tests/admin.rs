@@ -254,3 +254,86 @@ fn check_config_names_the_bad_field() {
         assert!(err.contains(field), "{toml}: {err}");
     }
 }
+
+#[test]
+fn json_logs_carry_the_session_span() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "[[shards.groups]]\nid = 3\nshards = 1\n[logging]\nformat = \"json\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx2.send(l);
+        }
+    });
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut log = Vec::new();
+    let mut wait_for = |f: &dyn Fn(&str) -> bool| -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(l) = rx.recv_timeout(left) else {
+                panic!("gave up; output:\n{}", log.join("\n"));
+            };
+            log.push(l.clone());
+            if f(&l) {
+                return l;
+            }
+        }
+    };
+    let hub: std::net::SocketAddr = wait_for(&|l| l.trim().starts_with("hub address:"))
+        .trim()
+        .trim_start_matches("hub address:")
+        .trim()
+        .parse()
+        .unwrap();
+    let key = wait_for(&|l| l.trim().starts_with("dev API key:"))
+        .trim()
+        .trim_start_matches("dev API key:")
+        .trim()
+        .to_owned();
+    let ready = wait_for(&|l| l.contains("shard ready"));
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("a JSON log line");
+    assert_eq!(ready["fields"]["group"], 3);
+    let rt = runtime();
+    let client = rt.block_on(async {
+        Client::builder()
+            .hub(hub)
+            .trust(Trust::CaFile(tmp.path().join("data/certs/ca.pem")))
+            .api_key(&key)
+            .client_id("json-log-client")
+            .connect()
+            .await
+            .expect("connect")
+    });
+    let line = wait_for(&|l| l.contains("session attached"));
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(v["span"]["client_id"], "json-log-client", "{line}");
+    assert_eq!(v["span"]["group"], 3, "{line}");
+    assert_eq!(v["span"]["shard"], 0, "{line}");
+    rt.block_on(client.close());
+    let _ = child.kill();
+    let _ = child.wait();
+}

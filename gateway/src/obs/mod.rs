@@ -97,6 +97,15 @@ pub fn handshake(hub: bool, ok: bool) {
     inc(desc, &[]);
 }
 
+/// The span of one attached client session on a shard: its log lines (text or JSON) carry
+/// the client id, the shard group and the shard index.
+/// Logs `session attached` inside it.
+pub fn session_span(client_id: &str, group: u32, shard: u32) -> tracing::Span {
+    let span = tracing::info_span!("session", client_id, group, shard);
+    span.in_scope(|| tracing::info!("session attached"));
+    span
+}
+
 /// The supervisor spawned a process for a slot of `group`.
 pub fn shard_spawned(group: u32) {
     inc(&metrics::SHARD_SPAWNS, &[("group", &group.to_string())]);

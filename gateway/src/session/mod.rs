@@ -366,7 +366,12 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         Err(_) => return close_on(&conn, &StreamError::Timeout(within)),
     };
     crate::obs::attached(accepted);
-    session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
+    let span = crate::obs::session_span(&claims.client_id, shared.group, shared.shard);
+    tracing::Instrument::instrument(
+        session(&shared, &conn, Arc::new(claims), send, recv, dec),
+        span,
+    )
+    .await;
 }
 
 /// Close reason of a connection a drain found not attached yet.
