@@ -216,7 +216,7 @@ impl Settings {
 
     fn progress(&self, line: std::fmt::Arguments<'_>) {
         if !self.json_only {
-            eprintln!("{line}");
+            crate::progress::bench_line(line);
         }
     }
 }

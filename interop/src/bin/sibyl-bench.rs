@@ -57,6 +57,7 @@ fn main() -> ExitCode {
             _ => bench::run(&settings, &tls, &mut NotBuilt).await,
         }
     });
+    sibyl_interop::progress::bench_done();
     match result {
         Ok(summary) => {
             println!("{}", summary.to_json_line());
