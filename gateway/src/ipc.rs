@@ -9,6 +9,7 @@
 //! hub ── Init{shard, group, config subset, keyring, cert paths} ──▶ shard
 //! hub ◀───────────── Ready{udp_port} ─────────────────────────────── shard
 //! hub ◀───────────── Heartbeat{connections, subscriptions, rss} ─── shard (every interval)
+//! hub ◀───────────── Metrics{snapshot} ────────────────────────────── shard (after each, [admin])
 //! hub ── Drain{deadline} / KeyringUpdate{keyring} ─────────────────▶ shard
 //! hub ◀───────────── Draining, Exiting{reason} ──────────────────── shard
 //! ```

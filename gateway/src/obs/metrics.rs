@@ -76,7 +76,7 @@ metrics! {
     PUBLISH_BYTES = Kind::Counter, "sibyl_publish_bytes", "Key and payload bytes appended by publishers, per stream.";
     SYNTHETIC_RECORDS = Kind::Counter, "sibyl_synthetic_records", "Records appended by the hub's synthetic publishers, per stream.";
     DELIVERY_RECORDS = Kind::Counter, "sibyl_delivery_records", "Records a shard sent to subscribers, per stream.";
-    DELIVERY_BYTES = Kind::Counter, "sibyl_delivery_bytes", "Key and payload bytes a shard sent to subscribers, per stream.";
+    DELIVERY_BYTES = Kind::Counter, "sibyl_delivery_bytes", "Bytes of the record sections of the Records batches a shard sent, per stream.";
     GRANTS = Kind::Counter, "sibyl_grants", "Grant frames a shard sent.";
     SUBSCRIPTIONS = Kind::Counter, "sibyl_subscriptions", "Subscriptions a shard accepted.";
     FSYNC_SECONDS = Kind::Histogram(LATENCY_BUCKETS), "sibyl_store_fsync_seconds", "Duration of the store's segment fsyncs.";
@@ -473,6 +473,18 @@ mod tests {
             if let Kind::Histogram(_) = d.kind {
                 assert!(d.name.ends_with("_seconds"), "{}", d.name);
             }
+        }
+    }
+
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../../docs/OBSERVABILITY.md");
+        for d in ALL {
+            assert!(
+                doc.contains(d.name),
+                "{} is not in docs/OBSERVABILITY.md",
+                d.name
+            );
         }
     }
 
