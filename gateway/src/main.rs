@@ -345,13 +345,15 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         info!(addr = %node.hub_addr, "hub started");
 
         let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        // What the file said at start: a SIGHUP names the sections changed since.
+        let file_at_start = args.config.as_deref().map(Config::from_file).transpose()?;
         let mut rotate = tokio::time::interval(node.config.tokens.rotation_interval);
         rotate.tick().await;
         loop {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r?; info!("interrupt: shutting down"); break; }
                 _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-                _ = sighup.recv() => node.reload(args.config.as_deref()),
+                _ = sighup.recv() => node.reload(args.config.as_deref(), file_at_start.as_ref()),
                 _ = rotate.tick() => node.rotate_keyring(),
             }
         }
@@ -494,7 +496,7 @@ impl Node {
 
     /// SIGHUP: re-reads the hub's certificates and the API keys now, and names the settings
     /// of the config file that changed but need a restart.
-    fn reload(&self, config_file: Option<&Path>) {
+    fn reload(&self, config_file: Option<&Path>, file_at_start: Option<&Config>) {
         match self.certs.reload_now() {
             Ok(()) => info!("SIGHUP: hub certificates reloaded (shards re-read theirs within 2 s)"),
             Err(e) => warn!("SIGHUP: certificate reload failed, previous ones kept: {e}"),
@@ -506,10 +508,10 @@ impl Node {
             }
             Err(e) => warn!("SIGHUP: API keys not reloaded: {e}"),
         }
-        if let Some(path) = config_file {
+        if let (Some(path), Some(before)) = (config_file, file_at_start) {
             match Config::from_file(path) {
                 Ok(new) => {
-                    let changed = obs_cmd::changed_sections(&self.config, &new);
+                    let changed = obs_cmd::changed_sections(before, &new);
                     if !changed.is_empty() {
                         warn!(
                             "SIGHUP: {} changed settings need a restart: {}",

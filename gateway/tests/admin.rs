@@ -337,3 +337,22 @@ fn json_logs_carry_the_session_span() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn sighup_reloads_certificates_and_keys_and_names_what_needs_a_restart() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let mut gw = Gateway::start("[[shards.groups]]\nid = 0\nshards = 1\n", 1);
+    let cfg = gw.dir.as_ref().unwrap().path().join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        "[[shards.groups]]\nid = 0\nshards = 1\n[subscribe]\nbatch_records = 100\n",
+    )
+    .unwrap();
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGHUP).unwrap();
+    gw.until(|l| l.contains("hub certificates reloaded").then_some(()));
+    gw.until(|l| l.contains("API keys reloaded").then_some(()));
+    let line = gw.until(|l| l.contains("need a restart").then(|| l.to_owned()));
+    assert!(line.ends_with("need a restart: subscribe"), "{line}");
+    assert!(gw.child.try_wait().unwrap().is_none(), "the hub still runs");
+}
