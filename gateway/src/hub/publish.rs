@@ -309,13 +309,7 @@ fn append_run(store: &Store, stream: &str, partition: u32, run: &[Produce]) -> V
     }
     match store.append(stream, partition, &recs) {
         Ok(res) => {
-            crate::obs::published(
-                stream,
-                recs.len() as u64,
-                recs.iter()
-                    .map(|r| (r.key.len() + r.payload.len()) as u64)
-                    .sum(),
-            );
+            crate::obs::published(stream, &recs);
             let mut base = res.base_offset;
             run.iter()
                 .map(|p| {

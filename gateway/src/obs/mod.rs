@@ -53,9 +53,22 @@ pub fn timed<T>(desc: &'static Desc, f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// A publisher's batch of `records` records and `bytes` key + payload bytes reached the store.
-pub fn published(stream: &str, records: u64, bytes: u64) {
-    add(&metrics::PUBLISH_RECORDS, &[("stream", stream)], records);
+/// `file.sync_data()`, timed into the fsync histogram.
+pub fn fsync(file: &std::fs::File) -> std::io::Result<()> {
+    timed(&metrics::FSYNC_SECONDS, || file.sync_data())
+}
+
+/// A publisher's batch reached the store: counts its records and key + payload bytes.
+pub fn published(stream: &str, records: &[crate::store::NewRecord<'_>]) {
+    let bytes = records
+        .iter()
+        .map(|r| (r.key.len() + r.payload.len()) as u64)
+        .sum();
+    add(
+        &metrics::PUBLISH_RECORDS,
+        &[("stream", stream)],
+        records.len() as u64,
+    );
     add(&metrics::PUBLISH_BYTES, &[("stream", stream)], bytes);
 }
 

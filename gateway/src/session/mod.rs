@@ -367,11 +367,8 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
     };
     crate::obs::attached(accepted);
     let span = crate::obs::session_span(&claims.client_id, shared.group, shared.shard);
-    tracing::Instrument::instrument(
-        session(&shared, &conn, Arc::new(claims), send, recv, dec),
-        span,
-    )
-    .await;
+    let session = session(&shared, &conn, Arc::new(claims), send, recv, dec);
+    tracing::Instrument::instrument(session, span).await;
 }
 
 /// Close reason of a connection a drain found not attached yet.

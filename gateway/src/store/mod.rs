@@ -526,7 +526,7 @@ impl Store {
                 let Some((file, path)) = p.lock()?.begin_flush(now) else {
                     continue;
                 };
-                match crate::obs::timed(&crate::obs::metrics::FSYNC_SECONDS, || file.sync_data()) {
+                match crate::obs::fsync(&file) {
                     Ok(()) => {
                         self.metrics.fsyncs.fetch_add(1, Relaxed);
                     }
