@@ -94,6 +94,7 @@ fn metrics_follow_the_traffic_and_the_api_agrees() {
             .hub(gw.hub)
             .trust(Trust::CaFile(gw.ca()))
             .api_key(&gw.dev_key)
+            .client_id("obs-test-client")
             .want_publish(STREAM)
             .want_subscribe(STREAM)
             .connect()
@@ -150,6 +151,31 @@ fn metrics_follow_the_traffic_and_the_api_agrees() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
+        let clients = tokio::task::spawn_blocking({
+            let admin = admin.clone();
+            move || {
+                ureq::get(&format!("http://{admin}/api/clients"))
+                    .header("Authorization", format!("Bearer {TOKEN}"))
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let clients: serde_json::Value = serde_json::from_str(&clients).unwrap();
+        assert!(
+            clients
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["client_id"] == "obs-test-client"
+                    && c["records"].as_u64() >= Some(RECORDS)
+                    && c["group"] == 0),
+            "the subscriber is a top client: {clients}"
+        );
         // The counters the hub keeps itself, exact: records published = the increase.
         let published = value(&text, "sibyl_publish_records_total", &[("stream", STREAM)]);
         assert_eq!(published - published_before, RECORDS as f64);
@@ -199,6 +225,15 @@ fn metrics_follow_the_traffic_and_the_api_agrees() {
         .map(|p| p["end"].as_u64().unwrap())
         .sum();
     assert_eq!(ends, RECORDS);
+    // The subscriber's session was among the shards' top clients while it was attached.
+    assert!(
+        status["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["client_id"] != "obs-test-client"),
+        "a closed session is no longer listed: {status}"
+    );
 
     let data = gw.data();
     let tf = token_file.to_str().unwrap();

@@ -8,6 +8,7 @@
 //! | `GET /api/shards` | the shard slots |
 //! | `GET /api/streams` · `/api/streams/{name}` | streams with offsets and traffic |
 //! | `GET /api/groups` · `/api/groups/{stream}/{group}` | consumer groups with lag |
+//! | `GET /api/clients` | the busiest client sessions of all shards, by records/s |
 //!
 //! With a token (`[admin] token_file`), every route but `/` requires
 //! `Authorization: Bearer <token>`.
@@ -123,6 +124,7 @@ fn router(state: AppState) -> Router {
         .route("/api/shards", get(shards))
         .route("/api/streams", get(streams))
         .route("/api/streams/{name}", get(stream))
+        .route("/api/clients", get(clients))
         .route("/api/groups", get(groups))
         .route("/api/groups/{stream}/{group}", get(group))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -197,6 +199,11 @@ async fn stream(
     found
         .map(|x| axum::Json(x).into_response())
         .ok_or(StatusCode::NOT_FOUND)
+}
+
+async fn clients(State(st): State<AppState>) -> Result<Response, StatusCode> {
+    let s = gather(&st).await?;
+    Ok(axum::Json(s.clients).into_response())
 }
 
 async fn groups(State(st): State<AppState>) -> Result<Response, StatusCode> {

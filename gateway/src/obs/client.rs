@@ -149,6 +149,17 @@ pub fn format_status(s: &Status) -> String {
             st.delivered_records
         );
     }
+    let _ = writeln!(o, "top clients (records/s delivered):");
+    if s.clients.is_empty() {
+        let _ = writeln!(o, "  (none attached)");
+    }
+    for c in s.clients.iter().take(5) {
+        let _ = writeln!(
+            o,
+            "  {:<24} @g{}.s{} {:>10.0}/s  {} records",
+            c.rate.client_id, c.group, c.shard, c.rate.records_per_s, c.rate.records
+        );
+    }
     let _ = writeln!(o, "consumer groups:");
     if s.consumer_groups.is_empty() {
         let _ = writeln!(o, "  (none)");

@@ -272,7 +272,10 @@ impl MetricSet {
                 },
             })
             .collect();
-        Snapshot { samples }
+        Snapshot {
+            samples,
+            clients: Vec::new(),
+        }
     }
 }
 
@@ -289,6 +292,9 @@ fn truncate(v: &str) -> String {
 pub struct Snapshot {
     /// At most [`MAX_SAMPLES`] values.
     pub samples: Vec<Sample>,
+    /// A shard's busiest client sessions, at most [`super::clients::TOP_CLIENTS`].
+    #[serde(default)]
+    pub clients: Vec<super::clients::ClientRate>,
 }
 
 /// One labelled value.

@@ -15,10 +15,12 @@
 
 pub mod admin;
 pub mod client;
+pub mod clients;
 pub mod metrics;
 pub mod procstat;
 pub mod view;
 
+use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use metrics::{Counter, Desc, Gauge, Histogram, Snapshot};
@@ -72,10 +74,38 @@ pub fn published(stream: &str, records: &[crate::store::NewRecord<'_>]) {
     add(&metrics::PUBLISH_BYTES, &[("stream", stream)], bytes);
 }
 
-/// A shard sent a `Records` batch of `records` records and `bytes` record-section bytes.
-pub fn delivered(stream: &str, records: u64, bytes: u64) {
+/// A shard sent a `Records` batch of `records` records and `bytes` record-section bytes on
+/// connection `conn`.
+pub fn delivered(stream: &str, conn: usize, records: u64, bytes: u64) {
     add(&metrics::DELIVERY_RECORDS, &[("stream", stream)], records);
     add(&metrics::DELIVERY_BYTES, &[("stream", stream)], bytes);
+    clients().delivered(conn, records, bytes);
+}
+
+/// This shard's client sessions.
+static CLIENTS: LazyLock<Mutex<clients::ClientTable>> = LazyLock::new(Mutex::default);
+
+fn clients() -> MutexGuard<'static, clients::ClientTable> {
+    // Plain counters: a panic elsewhere leaves the table usable.
+    CLIENTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A client session attached on connection `conn`; it is counted until the guard drops.
+pub fn client_attached(conn: usize, client_id: &str) -> ClientGuard {
+    clients().attached(conn, client_id);
+    ClientGuard(conn)
+}
+
+/// Removes a session from the client table when dropped.
+#[derive(Debug)]
+pub struct ClientGuard(usize);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        clients().detached(self.0);
+    }
 }
 
 /// The hub sent a ticket for shard group `group`.
@@ -157,7 +187,9 @@ pub fn refresh_process() {
 /// What a shard sends after each heartbeat: its values, process figures refreshed.
 pub fn shard_report() -> crate::ipc::ShardToHub {
     refresh_process();
-    crate::ipc::ShardToHub::Metrics(Box::new(LOCAL.snapshot()))
+    let mut snapshot = LOCAL.snapshot();
+    snapshot.clients = clients().top(Instant::now(), clients::TOP_CLIENTS);
+    crate::ipc::ShardToHub::Metrics(Box::new(snapshot))
 }
 
 /// Default `[admin] listen`: loopback, a free port (printed in the banner and written to

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::clients::{ClientRate, TOP_CLIENTS};
 use super::metrics::{self, LOCAL, Snapshot};
 use crate::hub::groups::GroupView;
 use crate::store::Store;
@@ -32,6 +33,21 @@ pub struct Status {
     pub streams: Vec<StreamView>,
     /// Consumer groups with their lag.
     pub consumer_groups: Vec<ConsumerGroupView>,
+    /// The busiest client sessions of all shards, by records/s (at most [`TOP_CLIENTS`]).
+    #[serde(default)]
+    pub clients: Vec<ClientView>,
+}
+
+/// One attached client session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientView {
+    /// Shard group.
+    pub group: u32,
+    /// Shard index.
+    pub shard: u32,
+    /// Delivery figures.
+    #[serde(flatten)]
+    pub rate: ClientRate,
 }
 
 /// One shard group.
@@ -296,6 +312,24 @@ pub fn build_status(i: &Inputs) -> Status {
             }
         })
         .collect();
+    let mut clients: Vec<ClientView> = i
+        .shards
+        .iter()
+        .flat_map(|(&(group, shard), s)| {
+            s.clients.iter().map(move |c| ClientView {
+                group,
+                shard,
+                rate: c.clone(),
+            })
+        })
+        .collect();
+    clients.sort_by(|a, b| {
+        b.rate
+            .records_per_s
+            .total_cmp(&a.rate.records_per_s)
+            .then(b.rate.records.cmp(&a.rate.records))
+    });
+    clients.truncate(TOP_CLIENTS);
     Status {
         version: i.version.clone(),
         uptime_seconds: i.uptime_seconds,
@@ -304,6 +338,7 @@ pub fn build_status(i: &Inputs) -> Status {
         shards,
         streams,
         consumer_groups,
+        clients,
     }
 }
 

@@ -366,6 +366,7 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         Err(_) => return close_on(&conn, &StreamError::Timeout(within)),
     };
     crate::obs::attached(accepted);
+    let _client = crate::obs::client_attached(conn.stable_id(), &claims.client_id);
     let span = crate::obs::session_span(&claims.client_id, shared.group, shared.shard);
     let session = session(&shared, &conn, Arc::new(claims), send, recv, dec);
     tracing::Instrument::instrument(session, span).await;

@@ -997,7 +997,7 @@ impl Pump {
                 return;
             }
             self.next = batch.next_offset();
-            crate::obs::delivered(&self.stream, count, u64::from(len));
+            crate::obs::delivered(&self.stream, self.conn.stable_id(), count, u64::from(len));
         }
     }
 }
