@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod procstat;
 pub mod view;
 
+use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -66,20 +67,39 @@ pub fn published(stream: &str, records: &[crate::store::NewRecord<'_>]) {
         .iter()
         .map(|r| (r.key.len() + r.payload.len()) as u64)
         .sum();
-    add(
-        &metrics::PUBLISH_RECORDS,
-        &[("stream", stream)],
-        records.len() as u64,
-    );
-    add(&metrics::PUBLISH_BYTES, &[("stream", stream)], bytes);
+    per_stream(&metrics::PUBLISH_RECORDS, stream, records.len() as u64);
+    per_stream(&metrics::PUBLISH_BYTES, stream, bytes);
 }
 
 /// A shard sent a `Records` batch of `records` records and `bytes` record-section bytes on
 /// connection `conn`.
 pub fn delivered(stream: &str, conn: usize, records: u64, bytes: u64) {
-    add(&metrics::DELIVERY_RECORDS, &[("stream", stream)], records);
-    add(&metrics::DELIVERY_BYTES, &[("stream", stream)], bytes);
+    per_stream(&metrics::DELIVERY_RECORDS, stream, records);
+    per_stream(&metrics::DELIVERY_BYTES, stream, bytes);
     clients().delivered(conn, records, bytes);
+}
+
+thread_local! {
+    /// Per-stream counter handles of this thread, so a data-path hook costs a hash lookup
+    /// and an atomic add, not the metric set's lock.
+    static STREAM_COUNTERS: std::cell::RefCell<HashMap<&'static str, HashMap<String, Counter>>> =
+        std::cell::RefCell::default();
+}
+
+/// Adds `n` to the counter `desc{stream}` through this thread's handle cache.
+fn per_stream(desc: &'static Desc, stream: &str, n: u64) {
+    STREAM_COUNTERS.with(|c| {
+        let mut c = c.borrow_mut();
+        let by_stream = c.entry(desc.name).or_default();
+        match by_stream.get(stream) {
+            Some(counter) => counter.inc_by(n),
+            None => {
+                let counter = LOCAL.counter(desc, &[("stream", stream)]);
+                counter.inc_by(n);
+                by_stream.insert(stream.to_owned(), counter);
+            }
+        }
+    });
 }
 
 /// This shard's client sessions.
