@@ -220,6 +220,9 @@ async fn session(
         args.rate,
         args.size
     );
+    if let Some(a) = &node.admin {
+        println!("  status page http://{}/ (metrics at /metrics)", a.local_addr());
+    }
 
     // Every configured shard ready before the consumers ask for tickets.
     let ready_by = node.config.supervision.startup_timeout + Duration::from_secs(5);
