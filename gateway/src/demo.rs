@@ -221,7 +221,10 @@ async fn session(
         args.size
     );
     if let Some(a) = &node.admin {
-        println!("  status page http://{}/ (metrics at /metrics)", a.local_addr());
+        println!(
+            "  status page http://{}/ (metrics at /metrics)",
+            a.local_addr()
+        );
     }
 
     // Every configured shard ready before the consumers ask for tickets.
