@@ -8,7 +8,7 @@
 //!         ──prometheus-client text encoder──▶ /metrics
 //! ```
 //!
-//! Adding a metric is one line in the [`metrics!`] table below plus its hook. Values are
+//! Adding a metric is one line in the `metrics!` table below plus its hook. Values are
 //! plain atomics; the format is prometheus-client's encoder, never written by hand.
 
 use std::collections::BTreeMap;
@@ -70,7 +70,7 @@ metrics! {
     REFUSALS = Kind::Counter, "sibyl_refusals", "Hellos the hub refused, per error code.";
     SHARD_CONNECTIONS = Kind::Counter, "sibyl_shard_connections", "QUIC connections accepted by a shard.";
     SHARD_HANDSHAKES_FAILED = Kind::Counter, "sibyl_shard_handshakes_failed", "Shard QUIC handshakes that failed.";
-    ATTACHES = Kind::Counter, "sibyl_attaches", "Sessions attached on a shard (result=ok) or refused (result=<code>).";
+    ATTACHES = Kind::Counter, "sibyl_attaches", "Sessions attached on a shard (result=ok) or refused (result=the error code).";
     ATTACH_SECONDS = Kind::Histogram(LATENCY_BUCKETS), "sibyl_attach_seconds", "Time from a shard accepting a connection to its session attached.";
     PUBLISH_RECORDS = Kind::Counter, "sibyl_publish_records", "Records appended by publishers, per stream.";
     PUBLISH_BYTES = Kind::Counter, "sibyl_publish_bytes", "Key and payload bytes appended by publishers, per stream.";
