@@ -544,6 +544,9 @@ impl Node {
     /// Stops admitting, drains the shards (killed at the drain deadline), closes the QUIC
     /// endpoint, stops the synthetic publishers and syncs the store.
     pub(crate) async fn shutdown(self) {
+        if self.admin.is_some() {
+            let _ = std::fs::remove_file(obs_cmd::addr_file(&self.config.data_dir));
+        }
         // Stop admitting (new Hellos get DRAINING) while the shards drain.
         self.hub.begin_drain();
         let bound = shutdown_bound(&self.config);

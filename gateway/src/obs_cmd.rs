@@ -64,6 +64,8 @@ pub(crate) enum GroupsCmd {
     },
 }
 
+pub(crate) use client::addr_file;
+
 /// Starts the admin listener when `[admin] enabled`, and writes its address to
 /// `<data_dir>/run/admin.addr` for the operator commands.
 pub(crate) fn start_admin(
@@ -96,7 +98,7 @@ pub(crate) fn start_admin(
         started: Instant::now(),
     });
     let server = AdminServer::start(config.admin.listen, view, token)?;
-    let file = client::addr_file(&config.data_dir);
+    let file = addr_file(&config.data_dir);
     std::fs::write(&file, format!("{}\n", server.local_addr()))
         .with_context(|| format!("writing {}", file.display()))?;
     info!(addr = %server.local_addr(), "admin listener started");

@@ -390,4 +390,10 @@ fn sighup_reloads_certificates_and_keys_and_names_what_needs_a_restart() {
     let line = gw.until(|l| l.contains("need a restart").then(|| l.to_owned()));
     assert!(line.ends_with("need a restart: subscribe"), "{line}");
     assert!(gw.child.try_wait().unwrap().is_none(), "the hub still runs");
+    // A clean stop removes the admin address the operator commands would find.
+    let addr_file = gw.data().join("run/admin.addr");
+    assert!(addr_file.exists());
+    kill(Pid::from_raw(gw.child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(gw.child.wait().unwrap().success());
+    assert!(!addr_file.exists(), "admin.addr left behind");
 }

@@ -503,6 +503,11 @@ impl NodeView {
     /// The Prometheus text: gauges refreshed from [`status`](Self::status), then the node's
     /// values.
     pub fn metrics_text(&self) -> String {
+        // One scrape at a time: the scrape-time gauges are cleared and set again.
+        static SCRAPE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = SCRAPE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         super::refresh_process();
         set_gauges(&self.status());
         metrics::encode_text()
