@@ -525,7 +525,8 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
                 .filter(|w| w.action == Action::Publish)
                 .map(|w| w.stream.clone())
                 .collect();
-            serve_after_ticket(&hub, &conn, cs, Arc::new(publishable)).await;
+            let after = serve_after_ticket(&hub, &conn, cs, Arc::new(publishable));
+            tracing::Instrument::instrument(after, crate::obs::hub_span(&hello.client_id)).await;
         }
         Err(refused) => {
             info!(%peer, client_id = %hello.client_id, code = %refused.code, reason = %refused.reason, "hello refused");

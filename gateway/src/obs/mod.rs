@@ -169,6 +169,12 @@ pub fn session_span(client_id: &str, group: u32, shard: u32) -> tracing::Span {
     span
 }
 
+/// The span of a client's hub connection after its ticket (publish streams): log lines
+/// carry the client id.
+pub fn hub_span(client_id: &str) -> tracing::Span {
+    tracing::info_span!("hub_client", client_id)
+}
+
 /// The supervisor spawned a process for a slot of `group`.
 pub fn shard_spawned(group: u32) {
     inc(&metrics::SHARD_SPAWNS, &[("group", &group.to_string())]);
