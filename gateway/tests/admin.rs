@@ -300,7 +300,15 @@ fn json_logs_carry_the_session_span() {
         "[[shards.groups]]\nid = 3\nshards = 1\n[logging]\nformat = \"json\"\n",
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    // Killed (by its handle) when the test ends, also on a failed assertion.
+    struct Hub(std::process::Child);
+    impl Drop for Hub {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut hub = Hub(Command::new(BIN)
         .arg("--config")
         .arg(&cfg)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
@@ -310,7 +318,8 @@ fn json_logs_carry_the_session_span() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap());
+    let child = &mut hub.0;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let tx2 = tx.clone();
@@ -332,6 +341,7 @@ fn json_logs_carry_the_session_span() {
             let Ok(l) = rx.recv_timeout(left) else {
                 panic!("gave up; output:\n{}", log.join("\n"));
             };
+            eprintln!("{l}");
             log.push(l.clone());
             if f(&l) {
                 return l;
@@ -369,8 +379,6 @@ fn json_logs_carry_the_session_span() {
     assert_eq!(v["span"]["group"], 3, "{line}");
     assert_eq!(v["span"]["shard"], 0, "{line}");
     rt.block_on(client.close());
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
