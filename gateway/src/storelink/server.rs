@@ -114,19 +114,14 @@ impl StoreLinkServer {
         let (shutdown, shutdown_rx) = watch::channel(());
         let groups = Arc::new(Groups::new(&cfg));
         tokio::spawn(groups.clone().deadlines(shutdown_rx.clone()));
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            store,
-            cfg,
-            groups.clone(),
-            shutdown_rx,
-        ));
+        let handle = GroupsHandle(groups.clone());
+        let accept = tokio::spawn(accept_loop(listener, store, cfg, groups, shutdown_rx));
         tracing::info!(path = %path.display(), "store link listening");
         Ok(Self {
             path: path.to_owned(),
             accept,
             _shutdown: shutdown,
-            groups: GroupsHandle(groups),
+            groups: handle,
         })
     }
 
