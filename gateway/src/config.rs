@@ -91,6 +91,9 @@ pub struct Config {
     /// Log output.
     #[command(flatten)]
     pub logging: LoggingConfig,
+    /// The admin HTTP listener: metrics, JSON API, status page.
+    #[command(flatten)]
+    pub admin: AdminConfig,
     /// Streams created at start (`[[streams]]`, file only; idempotent). Default: `events`,
     /// 4 partitions, `interval:5ms`.
     #[arg(skip = default_streams())]
@@ -115,6 +118,7 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             tokens: TokensConfig::default(),
             logging: LoggingConfig::default(),
+            admin: AdminConfig::default(),
             streams: default_streams(),
             subscribe: SubscribeConfig::default(),
             synthetic: Vec::new(),
@@ -636,12 +640,66 @@ pub struct LoggingConfig {
         default_value = "info"
     )]
     pub filter: String,
+    /// `text` (human-readable) or `json` (one JSON object per line, tracing-subscriber's
+    /// json format); shards use the hub's format.
+    #[arg(
+        long = "log-format",
+        id = "logging.format",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    pub format: LogFormat,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
         Self {
             filter: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[logging] format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[admin]`: the hub's admin HTTP listener (Prometheus `/metrics`, the JSON API under
+/// `/api/`, the status page at `/`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin listener (`false`: no listener and no shard metric reports).
+    #[arg(skip = true)]
+    pub enabled: bool,
+    /// TCP address of the admin listener (port 0 picks a free port; the banner prints it and
+    /// the hub writes it to `<data_dir>/run/admin.addr`).
+    #[arg(
+        long = "admin-listen",
+        id = "admin.listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:0"
+    )]
+    pub listen: SocketAddr,
+    /// File holding a bearer token the listener requires (`Authorization: Bearer …`) on
+    /// every route but the status page itself; unset: no token.
+    #[arg(skip)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token_file: None,
         }
     }
 }
@@ -931,6 +989,12 @@ impl Config {
             if !(0.0..=4.0).contains(&sy.skew) {
                 return Err(invalid(f("skew"), "must be in 0..=4"));
             }
+        }
+        if let Some(f) = &self.admin.token_file
+            && self.admin.enabled
+        {
+            crate::obs::admin::read_token(f)
+                .map_err(|e| invalid("admin.token_file", e.to_string()))?;
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.filter).is_err() {
             return Err(invalid(

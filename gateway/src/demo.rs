@@ -111,7 +111,7 @@ pub(crate) fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "warn".to_owned());
-    init_logging(&filter);
+    init_logging(&filter, sibyl_gateway::config::LogFormat::Text);
     let temp = match &args.data_dir {
         Some(_) => None,
         None => Some(
@@ -222,6 +222,12 @@ async fn session(
         args.rate,
         args.size
     );
+    if let Some(a) = &node.admin {
+        println!(
+            "  status page http://{}/ (metrics at /metrics)",
+            a.local_addr()
+        );
+    }
 
     // Every configured shard ready before the consumers ask for tickets.
     let ready_by = node.config.supervision.startup_timeout + Duration::from_secs(5);

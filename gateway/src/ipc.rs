@@ -9,6 +9,7 @@
 //! hub ── Init{shard, group, config subset, keyring, cert paths} ──▶ shard
 //! hub ◀───────────── Ready{udp_port} ─────────────────────────────── shard
 //! hub ◀───────────── Heartbeat{connections, subscriptions, rss} ─── shard (every interval)
+//! hub ◀───────────── Metrics{snapshot} ────────────────────────────── shard (after each, [admin])
 //! hub ── Drain{deadline} / KeyringUpdate{keyring} ─────────────────▶ shard
 //! hub ◀───────────── Draining, Exiting{reason} ──────────────────── shard
 //! ```
@@ -135,6 +136,12 @@ pub struct ShardInit {
     /// How subscriptions are served (grants, batch sizes, cache).
     #[serde(default)]
     pub subscribe: crate::config::SubscribeConfig,
+    /// Log line format.
+    #[serde(default)]
+    pub log_format: crate::config::LogFormat,
+    /// Send [`ShardToHub::Metrics`] after each heartbeat (`[admin] enabled`).
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 fn default_deployment_id() -> String {
@@ -179,7 +186,7 @@ pub enum HubToShard {
 }
 
 /// Shard → hub messages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ShardToHub {
     /// The shard's endpoint is bound and serving.
@@ -189,6 +196,9 @@ pub enum ShardToHub {
     },
     /// Periodic liveness and load report.
     Heartbeat(Load),
+    /// The shard's metric values (bounded: [`crate::obs::metrics::MAX_SAMPLES`]), sent after
+    /// a heartbeat when `ShardInit::metrics` is set.
+    Metrics(Box<crate::obs::Snapshot>),
     /// The shard received a drain request (or SIGTERM) and is draining.
     Draining,
     /// The shard is about to exit.
@@ -404,6 +414,8 @@ mod tests {
             deployment_id: "test".into(),
             store_socket: Some("/d/run/store.sock".into()),
             subscribe: crate::config::SubscribeConfig::default(),
+            log_format: crate::config::LogFormat::Json,
+            metrics: true,
         }
     }
 
@@ -425,6 +437,11 @@ mod tests {
                 subscriptions: 2,
                 rss_bytes: 3,
             }),
+            ShardToHub::Metrics(Box::new({
+                let set = crate::obs::metrics::MetricSet::default();
+                set.counter(&crate::obs::metrics::GRANTS, &[]).inc();
+                set.snapshot()
+            })),
             ShardToHub::Draining,
             ShardToHub::Exiting {
                 reason: "drained".into(),

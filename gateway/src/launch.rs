@@ -513,6 +513,16 @@ impl GatewayProcess {
             .collect()
     }
 
+    /// The hub's exit status if it has exited (without waiting).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Waits for the hub to exit (after a signal sent with [`pid`](Self::pid)).
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     /// SIGTERM, then SIGKILL after `grace` (at once if zero); waits for the hub to exit.
     /// Shards exit with their hub. The temp dir is removed.
     pub fn stop(mut self, grace: Duration) {

@@ -35,6 +35,8 @@
 //! - [`synthetic`]: generated records published by the hub (demos, benchmarks).
 //! - [`launch`]: starting the real `sibyl-gateway` binary from a harness (integration tests,
 //!   interop runner, benchmarks) and parsing its start-up banner.
+//! - [`obs`]: metrics (shards report theirs to the hub after each heartbeat), the admin HTTP
+//!   listener (`/metrics`, `/api/…`, the status page) and the operator commands' client.
 //!
 //! ```text
 //! client ──QUIC──▶ hub::HubServer ── hub::Hub::handle_hello (keys, keyring, Supervisor loads)
@@ -59,6 +61,7 @@ pub mod ids;
 pub mod ipc;
 pub mod launch;
 pub mod limits;
+pub mod obs;
 pub mod predict;
 pub mod quic;
 pub mod session;

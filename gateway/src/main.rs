@@ -1,6 +1,7 @@
 //! `sibyl-gateway`: the hub (default), operator tools, and the hidden `shard` process.
 
 mod demo;
+mod obs_cmd;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -13,11 +14,12 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing::{info, warn};
 
 use sibyl_gateway::apikeys::ApiKeyStore;
-use sibyl_gateway::config::Config;
 use sibyl_gateway::config::DEFAULT_DEPLOYMENT_ID;
+use sibyl_gateway::config::{Config, LogFormat};
 use sibyl_gateway::datadir::{self, DataDir};
 use sibyl_gateway::hub::{self, Hub, HubServer, HubSettings, PublishService};
 use sibyl_gateway::ipc::{self, HubToShard, ShardIpc};
+use sibyl_gateway::obs::admin::AdminServer;
 use sibyl_gateway::storage::{self, StoreTasks};
 use sibyl_gateway::store::Store;
 use sibyl_gateway::storelink::{self, StoreLinkServer};
@@ -67,9 +69,18 @@ enum Cmd {
     /// Hub, shards, a synthetic publisher and N SDK consumers in one command, with live
     /// progress and a summary; exits non-zero if a consumer saw a gap or a duplicate.
     Demo(demo::DemoArgs),
-    /// Streams of the embedded store (works on the data dir while the hub is stopped).
+    /// Streams of the embedded store (`create`, `list`: on the data dir while the hub is
+    /// stopped; `describe`: from the running hub's admin API).
     #[command(subcommand)]
     Streams(StreamsCmd),
+    /// Validates the configuration as start-up does (file, flags, referenced files) and
+    /// exits non-zero with a message naming the field.
+    CheckConfig(RunArgs),
+    /// A terminal summary of the running hub: shards, streams, consumer groups (admin API).
+    Status(obs_cmd::AdminArgs),
+    /// Consumer groups of the running hub (admin API).
+    #[command(subcommand)]
+    Groups(obs_cmd::GroupsCmd),
     /// Internal: run one shard process (started by the hub).
     #[command(hide = true)]
     Shard {
@@ -115,6 +126,13 @@ enum StreamsCmd {
         /// Data directory.
         #[arg(long, value_name = "DIR", default_value = "./sibyl-data")]
         data_dir: PathBuf,
+    },
+    /// Describe a stream of the running hub: offsets per partition, size, traffic.
+    Describe {
+        /// Stream name.
+        name: String,
+        #[command(flatten)]
+        admin: obs_cmd::AdminArgs,
     },
 }
 
@@ -232,6 +250,14 @@ fn main() -> ExitCode {
         Some(Cmd::Certs(c)) => certs(c),
         Some(Cmd::Keys(k)) => keys(k),
         Some(Cmd::Streams(c)) => streams(c),
+        Some(Cmd::CheckConfig(args)) => {
+            let sub = matches
+                .subcommand_matches("check-config")
+                .unwrap_or(&matches);
+            check_config(args, sub)
+        }
+        Some(Cmd::Status(a)) => obs_cmd::status(&a),
+        Some(Cmd::Groups(g)) => obs_cmd::groups(g),
         Some(Cmd::Demo(a)) => demo::demo(a),
         Some(Cmd::Token(TokenCmd::Inspect {
             keys,
@@ -255,17 +281,20 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => fmt.json().with_current_span(true).try_init(),
+    };
 }
 
-fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
+/// The configuration `run` would start with: file, flags, `RUST_LOG`, validated.
+fn effective_config(args: &RunArgs, matches: &ArgMatches) -> anyhow::Result<Config> {
     let mut config = Config::load(args.config.as_deref(), matches)?;
     let log_flag =
         matches.value_source("logging.filter") == Some(clap::parser::ValueSource::CommandLine);
@@ -273,7 +302,29 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         config.logging.filter = env;
     }
     config.validate()?;
-    init_logging(&config.logging.filter);
+    Ok(config)
+}
+
+fn check_config(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let config = effective_config(&args, matches)?;
+    let groups: u32 = config.shards.groups.iter().map(|g| g.shards).sum();
+    println!(
+        "config OK: {} shard group(s), {groups} shard(s), {} stream(s), hub {}, admin {}",
+        config.shards.groups.len(),
+        config.streams.len(),
+        config.hub.listen,
+        if config.admin.enabled {
+            config.admin.listen.to_string()
+        } else {
+            "disabled".to_owned()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let config = effective_config(&args, matches)?;
+    init_logging(&config.logging.filter, config.logging.format);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -289,15 +340,20 @@ fn run(args: RunArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             node.hub_addr,
             &node.ca_fingerprint,
             node.dev_api_key.as_deref(),
+            node.admin.as_ref().map(AdminServer::local_addr),
         );
         info!(addr = %node.hub_addr, "hub started");
 
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        // What the file said at start: a SIGHUP names the sections changed since.
+        let file_at_start = args.config.as_deref().map(Config::from_file).transpose()?;
         let mut rotate = tokio::time::interval(node.config.tokens.rotation_interval);
         rotate.tick().await;
         loop {
             tokio::select! {
                 r = tokio::signal::ctrl_c() => { r?; info!("interrupt: shutting down"); break; }
                 _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+                _ = sighup.recv() => node.reload(args.config.as_deref(), file_at_start.as_ref()),
                 _ = rotate.tick() => node.rotate_keyring(),
             }
         }
@@ -322,8 +378,12 @@ pub(crate) struct Node {
     keyring: sibyl_tokens::Keyring,
     server: HubServer,
     store_tasks: StoreTasks,
-    _link: StoreLinkServer,
+    _link: Arc<StoreLinkServer>,
     _watch: tokio::task::JoinHandle<()>,
+    /// The admin listener (`[admin] enabled`).
+    pub(crate) admin: Option<AdminServer>,
+    /// Re-reads the hub's certificates (SIGHUP).
+    certs: sibyl_certs::ReloadHandle,
 }
 
 impl Node {
@@ -385,7 +445,7 @@ impl Node {
         let hub_addr = hub_socket.local_addr()?;
         let exe = std::env::current_exe().context("locating the gateway binary")?;
         let dir = boot.dir.clone();
-        let (hub_tls, _reload) =
+        let (hub_tls, certs) =
             sibyl_certs::ServerTlsBuilder::new(&dir.certs.server_cert, &dir.certs.server_key)
                 // A client holds one hub connection and resumes it at most once before the
                 // next handshake hands it a new ticket: one ticket per handshake is enough.
@@ -415,6 +475,8 @@ impl Node {
             dir.api_keys.clone(),
             hub::API_KEYS_CHECK_INTERVAL,
         );
+        let link = Arc::new(link);
+        let admin = obs_cmd::start_admin(&config, &store, &supervisor, &link, hub_addr)?;
         Ok(Self {
             config,
             dir,
@@ -430,7 +492,40 @@ impl Node {
             store_tasks,
             _link: link,
             _watch: watch,
+            admin,
+            certs,
         })
+    }
+
+    /// SIGHUP: re-reads the hub's certificates and the API keys now, and names the settings
+    /// of the config file that changed but need a restart.
+    fn reload(&self, config_file: Option<&Path>, file_at_start: Option<&Config>) {
+        match self.certs.reload_now() {
+            Ok(()) => info!("SIGHUP: hub certificates reloaded (shards re-read theirs within 2 s)"),
+            Err(e) => warn!("SIGHUP: certificate reload failed, previous ones kept: {e}"),
+        }
+        match ApiKeyStore::load(&self.dir.api_keys) {
+            Ok(keys) => {
+                self.hub.set_api_keys(keys);
+                info!("SIGHUP: API keys reloaded");
+            }
+            Err(e) => warn!("SIGHUP: API keys not reloaded: {e}"),
+        }
+        if let (Some(path), Some(before)) = (config_file, file_at_start) {
+            match Config::from_file(path) {
+                Ok(new) => {
+                    let changed = obs_cmd::changed_sections(before, &new);
+                    if !changed.is_empty() {
+                        warn!(
+                            "SIGHUP: {} changed settings need a restart: {}",
+                            path.display(),
+                            changed.join(", ")
+                        );
+                    }
+                }
+                Err(e) => warn!("SIGHUP: {e}"),
+            }
+        }
     }
 
     /// Rotates the token keyring, saves it and hands it to the hub and the shards.
@@ -452,6 +547,9 @@ impl Node {
     /// Stops admitting, drains the shards (killed at the drain deadline), closes the QUIC
     /// endpoint, stops the synthetic publishers and syncs the store.
     pub(crate) async fn shutdown(self) {
+        if self.admin.is_some() {
+            let _ = std::fs::remove_file(obs_cmd::addr_file(&self.config.data_dir));
+        }
         // Stop admitting (new Hellos get DRAINING) while the shards drain.
         self.hub.begin_drain();
         let bound = shutdown_bound(&self.config);
@@ -483,6 +581,7 @@ fn print_banner(
     hub: std::net::SocketAddr,
     fp: &str,
     dev_key: Option<&str>,
+    admin: Option<std::net::SocketAddr>,
 ) {
     let groups: Vec<String> = config
         .shards
@@ -496,6 +595,12 @@ fn print_banner(
     println!("  shard groups:    {} (group×shards)", groups.join(", "));
     println!("  CA certificate:  {}", dir.certs.ca_cert.display());
     println!("  CA fingerprint:  SHA256 {fp}");
+    match admin {
+        Some(a) => println!(
+            "  admin:           http://{a}/ (status page; metrics at /metrics, JSON at /api/status)"
+        ),
+        None => println!("  admin:           disabled"),
+    }
     match dev_key {
         Some(k) => {
             println!("  dev API key:     {k}");
@@ -545,6 +650,7 @@ fn streams(cmd: StreamsCmd) -> anyhow::Result<ExitCode> {
             store.create_stream(&name, cfg)?;
             println!("stream {name}: {partitions} partitions");
         }
+        StreamsCmd::Describe { name, admin } => return obs_cmd::streams_describe(&name, &admin),
         StreamsCmd::List { data_dir } => {
             let store = storage::open_store(&data_dir).with_context(|| {
                 format!(
@@ -753,7 +859,7 @@ fn shard_main(fd: i32) -> ExitCode {
             None => return Ok(()),
             Some(_) => bail!("first control message was not Init"),
         };
-        init_logging(&init.log_filter);
+        init_logging(&init.log_filter, init.log_format);
         let report = sibyl_gateway::limits::apply_rlimits(&init.limits);
         info!(
             group = init.group,

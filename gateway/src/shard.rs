@@ -135,7 +135,10 @@ async fn run(rt: ShardRuntime, mut ipc: ShardIpc) -> Result<ShardExit, ShardErro
     beat.tick().await;
     loop {
         tokio::select! {
-            _ = beat.tick() => ipc.send(&ShardToHub::Heartbeat(load(&rt.stats))).await?,
+            _ = beat.tick() => {
+                ipc.send(&ShardToHub::Heartbeat(load(&rt.stats))).await?;
+                if rt.init.metrics { ipc.send(&crate::obs::shard_report()).await? }
+            }
             msg = ipc.recv() => match msg? {
                 Some(HubToShard::Drain { within }) => {
                     drain(&rt.init, server, &mut ipc, within).await?;
@@ -259,6 +262,8 @@ mod tests {
             deployment_id: "test".into(),
             store_socket: None,
             subscribe: crate::config::SubscribeConfig::default(),
+            log_format: crate::config::LogFormat::Text,
+            metrics: true,
         };
         (init, dir)
     }
@@ -289,7 +294,7 @@ mod tests {
         .unwrap();
         let mut seen = vec![];
         while let Some(m) = hub.recv().await.unwrap() {
-            if !matches!(m, ShardToHub::Heartbeat(_)) {
+            if !matches!(m, ShardToHub::Heartbeat(_) | ShardToHub::Metrics(_)) {
                 seen.push(m);
             }
         }

@@ -164,6 +164,11 @@ fn run(store: &Store, spec: &SyntheticSpec, stop: &AtomicBool, appended: &Atomic
                 Ok(r) => {
                     seqs[p] = r.base_offset + u64::from(r.count);
                     appended.fetch_add(u64::from(r.count), Ordering::Relaxed);
+                    crate::obs::add(
+                        &crate::obs::metrics::SYNTHETIC_RECORDS,
+                        &[("stream", &spec.name)],
+                        u64::from(r.count),
+                    );
                 }
                 Err(e) => {
                     warn!(stream = %spec.name, error = %e, "synthetic append failed; stopping");

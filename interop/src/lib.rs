@@ -7,4 +7,5 @@
 
 pub mod bench;
 pub mod netem;
+pub mod progress;
 pub mod runner;

@@ -49,6 +49,19 @@ pub struct GroupPush {
     pub partitions: Vec<(u32, u64)>,
 }
 
+/// One consumer group as [`GroupCoordinator::view`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupView {
+    /// The stream.
+    pub stream: String,
+    /// The group's name.
+    pub group: String,
+    /// Members (on all shards).
+    pub members: usize,
+    /// `(partition, owner member id, last known position)`.
+    pub partitions: Vec<(u32, Option<u64>, Option<u64>)>,
+}
+
 /// What a relayed `Position` did ([`GroupCoordinator::position`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PositionReport {
@@ -333,6 +346,27 @@ impl GroupCoordinator {
     /// Groups with at least one member.
     pub fn group_count(&self) -> usize {
         self.groups.len()
+    }
+
+    /// Every group: stream, name, member count and per partition its owner and the last
+    /// position known (admin API, lag metrics).
+    pub fn view(&self) -> Vec<GroupView> {
+        let mut v: Vec<GroupView> = self
+            .groups
+            .iter()
+            .map(|((stream, group), g)| GroupView {
+                stream: stream.clone(),
+                group: group.clone(),
+                members: g.members.len(),
+                partitions: g
+                    .assigner
+                    .partitions()
+                    .map(|p| (p, g.assigner.owner(p).map(|m| m.0), g.assigner.position(p)))
+                    .collect(),
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.stream, &a.group).cmp(&(&b.stream, &b.group)));
+        v
     }
 
     /// The partitions a member owns now (empty for an unknown member).

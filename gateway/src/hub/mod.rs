@@ -479,7 +479,9 @@ async fn send_hint(conn: &quinn::Connection, hint: GroupHint) {
 }
 
 async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: ConnSettings) {
-    let Some((conn, hinted)) = establish(&hub, connecting).await else {
+    let established = establish(&hub, connecting).await;
+    crate::obs::handshake(true, established.is_some());
+    let Some((conn, hinted)) = established else {
         return;
     };
     let peer = conn.remote_address();
@@ -511,6 +513,7 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
     match hub.handle_hello_hinted(&hello, unix_now(), hinted) {
         Ok(ticket) => {
             debug!(%peer, client_id = %hello.client_id, group = ticket.shard_group, "ticket issued");
+            crate::obs::ticket(ticket.shard_group);
             if quic::write_frame(&mut send, &Frame::Ticket(ticket))
                 .await
                 .is_err()
@@ -527,11 +530,13 @@ async fn serve_connection(hub: Arc<Hub>, connecting: quinn::Connecting, cs: Conn
                     .collect(),
                 owner: producers::ProducerOwner::new(&hello.api_key, &hello.client_id),
             };
-            serve_after_ticket(&hub, &conn, cs, Arc::new(rights)).await;
+            let after = serve_after_ticket(&hub, &conn, cs, Arc::new(rights));
+            tracing::Instrument::instrument(after, crate::obs::hub_span(&hello.client_id)).await;
         }
         Err(refused) => {
             info!(%peer, client_id = %hello.client_id, code = %refused.code, reason = %refused.reason, "hello refused");
             let code = refused.code;
+            crate::obs::refused(code);
             if quic::write_frame(&mut send, &Frame::Refused(refused))
                 .await
                 .is_ok()

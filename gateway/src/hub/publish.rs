@@ -379,6 +379,7 @@ fn append_run(store: &Store, stream: &str, partition: u32, run: &[Produce]) -> V
     }
     match store.append(stream, partition, &recs) {
         Ok(res) => {
+            crate::obs::published(stream, &recs);
             let mut base = res.base_offset;
             run.iter()
                 .map(|p| {
@@ -457,6 +458,11 @@ fn append_run_idempotent(
         };
     if let Some(e) = &write_err {
         warn!(stream, partition, producer, error = %e, "append failed");
+    }
+    for (recs, o) in records.iter().zip(&outcomes) {
+        if matches!(o, BatchOutcome::Appended { .. }) {
+            crate::obs::published(stream, recs);
+        }
     }
     run.iter()
         .zip(outcomes)

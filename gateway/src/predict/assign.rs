@@ -390,6 +390,11 @@ impl GroupAssigner {
             .collect()
     }
 
+    /// The last position known for a partition (reported, or seeded from the start).
+    pub fn position(&self, partition: u32) -> Option<u64> {
+        self.positions.get(&partition).copied()
+    }
+
     /// The stream's partitions.
     pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots.keys().copied()

@@ -304,6 +304,7 @@ fn close_on(conn: &Connection, e: &StreamError) {
 }
 
 async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGuard) {
+    let accepted = std::time::Instant::now();
     // 0.5-RTT: the connection is usable before the handshake completes, so an `EarlyAttach`
     // sent as 0-RTT data is answered in the shard's first flight. Nothing but the session
     // stream is read, and no proof checked, until `handshake` resolves (the exporter needs
@@ -314,10 +315,12 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
             Ok(conn) => (conn, None),
             Err(e) => {
                 debug!("shard handshake failed: {e}");
+                crate::obs::handshake(false, false);
                 return;
             }
         },
     };
+    crate::obs::handshake(false, true);
     let within = shared.conn.attach_timeout;
     // An application close sent before the handshake completes reaches the client without
     // its code (RFC 9000 §10.2.3, e.g. a refused `EarlyAttach`): closes wait for it, up to
@@ -355,6 +358,7 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         Ok(Ok(attached)) => attached,
         Ok(Err(AttachFailure::Refused(refusal))) => {
             info!(peer = %conn.remote_address(), code = %refusal.code, reason = %refusal.reason, "attach refused");
+            crate::obs::attach_refused(refusal.code);
             quic::close(&conn, refusal.code, &refusal.reason);
             return;
         }
@@ -362,7 +366,11 @@ async fn serve(shared: Arc<Shared>, connecting: quinn::Connecting, _live: LiveGu
         Ok(Err(AttachFailure::Gone)) => return,
         Err(_) => return close_on(&conn, &StreamError::Timeout(within)),
     };
-    session(&shared, &conn, Arc::new(claims), send, recv, dec).await;
+    crate::obs::attached(accepted);
+    let _client = crate::obs::client_attached(conn.stable_id(), &claims.client_id);
+    let span = crate::obs::session_span(&claims.client_id, shared.group, shared.shard);
+    let session = session(&shared, &conn, Arc::new(claims), send, recv, dec);
+    tracing::Instrument::instrument(session, span).await;
 }
 
 /// Close reason of a connection a drain found not attached yet.
@@ -666,6 +674,7 @@ async fn control_stream(
         }
     };
     stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+    crate::obs::inc(&crate::obs::metrics::SUBSCRIPTIONS, &[]);
     let _guard = SubscriptionGuard(stats);
     subscribe::serve_subscription(data, claims, conn, send, recv, dec, sub).await;
 }

@@ -373,12 +373,15 @@ impl Drop for Planned {
 /// A [`Transmit`] as a frame; a `Grant`'s lease is stamped with the wall clock here.
 fn transmit_frame(t: Transmit) -> Frame {
     match t {
-        Transmit::Grant { rate, burst, lease } => Frame::Grant(Grant {
-            rate_records_per_s: rate,
-            burst,
-            lease_expires_ms: unix_ms()
-                .saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)),
-        }),
+        Transmit::Grant { rate, burst, lease } => {
+            crate::obs::inc(&crate::obs::metrics::GRANTS, &[]);
+            Frame::Grant(Grant {
+                rate_records_per_s: rate,
+                burst,
+                lease_expires_ms: unix_ms()
+                    .saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)),
+            })
+        }
         Transmit::Assignment(a) => Frame::Assignment(a),
     }
 }
@@ -689,6 +692,12 @@ impl Pump {
             {
                 return;
             }
+            crate::obs::delivered(
+                stream,
+                self.shared.conn.stable_id(),
+                u64::from(records.count()),
+                records.body_len() as u64,
+            );
         }
     }
 }

@@ -639,7 +639,7 @@ impl Store {
                 let Some((file, path)) = p.lock()?.begin_flush(now) else {
                     continue;
                 };
-                match file.sync_data() {
+                match crate::obs::fsync(&file) {
                     Ok(()) => {
                         self.metrics.fsyncs.fetch_add(1, Relaxed);
                     }

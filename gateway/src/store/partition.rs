@@ -275,10 +275,7 @@ impl PartitionLog {
     fn roll(&mut self, durability: Durability, metrics: &StoreMetrics) -> Result<(), StoreError> {
         let active = self.active();
         if matches!(durability, Durability::Interval(_)) && active.size > 0 {
-            active
-                .file
-                .sync_data()
-                .map_err(StoreError::io(&*active.path))?;
+            crate::obs::fsync(&active.file).map_err(StoreError::io(&*active.path))?;
             metrics.fsyncs.fetch_add(1, Relaxed);
         }
         let seg = Segment::create(&self.dir, active.next_offset, self.index_interval)?;
@@ -384,7 +381,7 @@ impl PartitionLog {
             });
         }
         if durability == Durability::Always {
-            if let Err(e) = file.sync_data() {
+            if let Err(e) = crate::obs::fsync(&file) {
                 // After a failed fsync the page cache state is unknown: refuse further writes.
                 self.poisoned = true;
                 return Err(StoreError::Io {

@@ -87,6 +87,11 @@ impl Groups {
         r
     }
 
+    /// The groups as the admin API shows them ([`GroupCoordinator::view`]).
+    pub(super) fn view(&self) -> Vec<crate::hub::groups::GroupView> {
+        lock(&self.state).coord.view()
+    }
+
     pub(super) fn add_link(&self, link: LinkId) -> Arc<Outbox> {
         let outbox = Arc::new(Outbox::default());
         lock(&self.state).outboxes.insert(link, outbox.clone());

@@ -67,6 +67,16 @@ pub struct StoreLinkServer {
     path: PathBuf,
     accept: JoinHandle<()>,
     _shutdown: watch::Sender<()>,
+    groups: GroupsHandle,
+}
+
+/// The coordination state, kept by the server for status queries.
+struct GroupsHandle(Arc<Groups>);
+
+impl std::fmt::Debug for GroupsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Groups")
+    }
 }
 
 impl StoreLinkServer {
@@ -104,13 +114,20 @@ impl StoreLinkServer {
         let (shutdown, shutdown_rx) = watch::channel(());
         let groups = Arc::new(Groups::new(&cfg));
         tokio::spawn(groups.clone().deadlines(shutdown_rx.clone()));
+        let handle = GroupsHandle(groups.clone());
         let accept = tokio::spawn(accept_loop(listener, store, cfg, groups, shutdown_rx));
         tracing::info!(path = %path.display(), "store link listening");
         Ok(Self {
             path: path.to_owned(),
             accept,
             _shutdown: shutdown,
+            groups: handle,
         })
+    }
+
+    /// The consumer groups the hub coordinates ([`GroupCoordinator::view`]).
+    pub fn consumer_groups(&self) -> Vec<crate::hub::groups::GroupView> {
+        self.groups.0.view()
     }
 
     /// The socket path shards connect to.

@@ -136,6 +136,11 @@ impl Supervisor {
         self.lock().by_least_connections(group)
     }
 
+    /// Every slot with its generation, state and restart count (admin API).
+    pub fn slots(&self) -> Vec<(ShardId, u64, ShardState, u64)> {
+        self.lock().slots()
+    }
+
     /// The hub sent a client to `shard` ([`SupervisorPolicy::note_admitted`]).
     pub fn note_admitted(&self, shard: &ShardInfo) {
         self.lock().note_admitted(shard.id, shard.generation);
@@ -243,6 +248,9 @@ impl Driver {
                 ShardToHub::Heartbeat(load) => {
                     self.lock().handle_heartbeat(shard, generation, load, now)
                 }
+                ShardToHub::Metrics(m) => {
+                    crate::obs::metrics::shard_snapshot(shard.group, shard.index, *m)
+                }
                 ShardToHub::Draining => {
                     info!(group = shard.group, shard = shard.index, "shard draining")
                 }
@@ -265,6 +273,7 @@ impl Driver {
                     self.cgroups.release(shard);
                 }
                 let t = self.lock().handle_exited(shard, generation, now);
+                crate::obs::shard_exited(shard.group, shard.index, &t);
                 match t {
                     Transition::Died {
                         cause,
@@ -329,7 +338,10 @@ impl Driver {
     fn spawn(&mut self, shard: ShardId, generation: u64, ev_tx: &mpsc::UnboundedSender<Event>) {
         let now = Instant::now().into_std();
         match self.try_spawn(shard, generation, ev_tx) {
-            Ok(pid) => self.lock().handle_spawned(shard, generation, pid, now),
+            Ok(pid) => {
+                crate::obs::shard_spawned(shard.group);
+                self.lock().handle_spawned(shard, generation, pid, now)
+            }
             Err(e) => {
                 warn!(
                     group = shard.group,
@@ -398,6 +410,8 @@ impl Driver {
             deployment_id: cfg.tokens.deployment_id.clone(),
             store_socket: Some(crate::storelink::socket_path(&cfg.data_dir)),
             subscribe: cfg.subscribe.clone(),
+            log_format: cfg.logging.format,
+            metrics: cfg.admin.enabled,
         };
         let _ = msg_tx.send(HubToShard::Init(Box::new(init)));
         tokio::spawn(async move {

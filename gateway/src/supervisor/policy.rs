@@ -548,6 +548,14 @@ impl SupervisorPolicy {
             .map(|s| s.restarts)
     }
 
+    /// Every slot: id, generation, state and restarts (status output).
+    pub fn slots(&self) -> Vec<(ShardId, u64, ShardState, u64)> {
+        self.slots
+            .iter()
+            .map(|s| (s.id, s.generation, s.state.clone(), s.restarts))
+            .collect()
+    }
+
     /// Pids of every process believed alive (Starting, Ready, Draining, Dead-awaiting-exit).
     pub fn live_pids(&self) -> Vec<(ShardId, u64, u32)> {
         self.slots

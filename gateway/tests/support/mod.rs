@@ -86,6 +86,31 @@ impl Gateway {
         }
     }
 
+    /// The gateway's directory (config file, `data/`).
+    pub fn dir(&self) -> PathBuf {
+        self.process.dir().to_owned()
+    }
+
+    /// The hub's pid (to signal it).
+    pub fn pid(&self) -> i32 {
+        self.process.pid() as i32
+    }
+
+    /// Every output line kept so far (the banner included).
+    pub fn log(&self) -> Vec<String> {
+        self.process.log_tail(usize::MAX)
+    }
+
+    /// Whether the hub is still running.
+    pub fn running(&mut self) -> bool {
+        self.process.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the hub to exit; whether it exited successfully.
+    pub fn exit_success(&mut self) -> bool {
+        self.process.wait().unwrap().success()
+    }
+
     pub fn data(&self) -> PathBuf {
         self.process.data_dir().to_owned()
     }

@@ -177,6 +177,10 @@ pub struct Settings {
     /// of the baseline server's own address.
     #[arg(long)]
     pub connect_via: Option<SocketAddr>,
+    /// Start the gateway with `[admin] enabled = false` (no admin listener, no shard metric
+    /// reports): the metrics-off side of the observability cost A/B (`throughput`).
+    #[arg(long)]
+    pub no_admin: bool,
 }
 
 impl Settings {
@@ -212,7 +216,7 @@ impl Settings {
 
     fn progress(&self, line: std::fmt::Arguments<'_>) {
         if !self.json_only {
-            eprintln!("{line}");
+            crate::progress::bench_line(line);
         }
     }
 }

@@ -72,6 +72,7 @@ const STALL: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub struct ThroughputHalf {
     certs: sibyl_certs::CertPaths,
+    config: String,
 }
 
 impl ThroughputHalf {
@@ -79,7 +80,14 @@ impl ThroughputHalf {
     pub fn new(tls: &BenchTls) -> Self {
         Self {
             certs: tls.paths().clone(),
+            config: THROUGHPUT_CONFIG.to_owned(),
         }
+    }
+
+    /// With `admin = false` the gateways run with `[admin] enabled = false` (no metrics).
+    pub fn admin(mut self, admin: bool) -> Self {
+        self.config = format!("{THROUGHPUT_CONFIG}\n[admin]\nenabled = {admin}\n");
+        self
     }
 }
 
@@ -269,12 +277,11 @@ async fn end_to_end(gw: &GatewayProcess, count: u64, size: usize) -> Result<f64,
 
 impl SibylHalf for ThroughputHalf {
     async fn throughput(&mut self, params: ThroughputParams) -> Result<Figures, BenchError> {
-        let certs = self.certs.clone();
-        let gw = tokio::task::spawn_blocking(move || {
-            GatewayProcess::start(THROUGHPUT_CONFIG, 1, Some(&certs))
-        })
-        .await
-        .map_err(|_| BenchError::TaskFailed)??;
+        let (certs, config) = (self.certs.clone(), self.config.clone());
+        let gw =
+            tokio::task::spawn_blocking(move || GatewayProcess::start(&config, 1, Some(&certs)))
+                .await
+                .map_err(|_| BenchError::TaskFailed)??;
         let small = usize::try_from(params.small_record.max(1))
             .map_err(|_| BenchError::BadParameter("small record size"))?;
         let small_count =

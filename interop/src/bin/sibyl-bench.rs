@@ -51,11 +51,13 @@ fn main() -> ExitCode {
                 bench::run(&settings, &tls, &mut sibyl).await
             }
             Scenario::Throughput => {
-                bench::run(&settings, &tls, &mut ThroughputHalf::new(&tls)).await
+                let mut half = ThroughputHalf::new(&tls).admin(!settings.no_admin);
+                bench::run(&settings, &tls, &mut half).await
             }
             _ => bench::run(&settings, &tls, &mut NotBuilt).await,
         }
     });
+    sibyl_interop::progress::bench_done();
     match result {
         Ok(summary) => {
             println!("{}", summary.to_json_line());

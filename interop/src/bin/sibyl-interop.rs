@@ -152,13 +152,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout_scale: cli.timeout_scale,
         },
     };
+    let total = runner.servers.len() * runner.cases.len() * runner.clients.len();
+    let progress = sibyl_interop::progress::Progress::new(Some(total as u64), "cells");
     let matrix = runner.run(|c| {
+        progress.inc();
         let mark = match c.verdict {
             Verdict::Pass => "pass",
             Verdict::Fail => "FAIL",
             Verdict::Unsupported => "unsupported",
         };
-        eprintln!(
+        progress.line(format_args!(
             "{:>14} × {:<8} × {:<20} {mark:<11} {:>6} ms{}",
             c.server,
             c.client,
@@ -168,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(|r| format!("  {r}"))
                 .unwrap_or_default()
-        );
+        ));
     });
     std::fs::write(cli.output.join("matrix.md"), matrix.to_markdown())?;
     std::fs::write(cli.output.join("matrix.json"), matrix.to_json())?;
