@@ -6,7 +6,8 @@
 //! to itself, and a segment scan must stay within the input.
 
 use crate::ipc::{self, HubToShard, ShardToHub};
-use crate::storelink::codec::{self as link, ServerMsg};
+use crate::storelink::codec::{self as link, ServerMsg, ShardMsg};
+use crate::storelink::group;
 
 /// Decodes an IPC frame both ways (hub → shard and shard → hub); anything decoded must
 /// re-encode and decode to an equal message.
@@ -31,31 +32,39 @@ pub fn ipc_decode(data: &[u8]) {
     }
 }
 
-/// Splits store-link frames out of `data` and decodes each body as a shard request and as a
-/// hub message (consumer-group messages and their bounds included); decoded requests and
-/// responses must round-trip.
+/// Splits store-link frames out of `data` and decodes each body as a shard message (a store
+/// request or a consumer-group message, bounds included) and as a hub message; decoded
+/// requests, group messages, responses and group pushes must round-trip.
 pub fn storelink_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Some((body, used))) = link::split_frame(rest, 1 << 20) {
         assert!(used > 0 && used <= rest.len());
-        if let Ok(req) = link::decode_request(body) {
+        if let Ok(msg) = link::decode_shard_msg(body) {
             let mut out = Vec::new();
-            link::encode_request(&req, &mut out).expect("a decoded request re-encodes");
+            match &msg {
+                ShardMsg::Store(req) => link::encode_request(req, &mut out),
+                ShardMsg::Group(g) => group::encode_group_msg(g, &mut out),
+            }
+            .expect("a decoded shard message re-encodes");
             let (again, _) = link::split_frame(&out, usize::MAX)
-                .expect("re-encoded request frames")
-                .expect("re-encoded request is complete");
-            assert_eq!(link::decode_request(again).ok(), Some(req));
+                .expect("re-encoded shard message frames")
+                .expect("re-encoded shard message is complete");
+            assert_eq!(link::decode_shard_msg(again).ok(), Some(msg));
         }
-        if let Ok(ServerMsg::Response(resp)) = link::decode_server_msg(body) {
+        if let Ok(msg @ (ServerMsg::Response(_) | ServerMsg::Group(_))) =
+            link::decode_server_msg(body)
+        {
             let mut out = Vec::new();
-            link::encode_response(&resp, &mut out).expect("a decoded response re-encodes");
+            match &msg {
+                ServerMsg::Response(resp) => link::encode_response(resp, &mut out),
+                ServerMsg::Group(push) => group::encode_group_assign(push, &mut out),
+                _ => unreachable!("matched above"),
+            }
+            .expect("a decoded hub message re-encodes");
             let (again, _) = link::split_frame(&out, usize::MAX)
-                .expect("re-encoded response frames")
-                .expect("re-encoded response is complete");
-            assert_eq!(
-                link::decode_server_msg(again).ok(),
-                Some(ServerMsg::Response(resp))
-            );
+                .expect("re-encoded hub message frames")
+                .expect("re-encoded hub message is complete");
+            assert_eq!(link::decode_server_msg(again).ok(), Some(msg));
         }
         if let Ok(ServerMsg::Raw {
             segment_base,
@@ -111,7 +120,9 @@ pub fn store_scan(data: &[u8]) {
 /// segment with a few records, so the fuzzers start from valid structure.
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     use crate::ipc::Load;
+    use crate::predict::{MemberId, PartitionLoad};
     use crate::storelink::codec::Request;
+    use crate::storelink::group::GroupMsg;
     let mut out = Vec::new();
     let ipc_msgs: Vec<(String, Vec<u8>)> = vec![
         ("ready", ShardToHub::Ready { udp_port: 4433 }),
@@ -184,23 +195,6 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             partition: 1,
         },
         Request::Unwatch { watch: 4 },
-        Request::GroupJoin {
-            member: 7,
-            stream: "events".into(),
-            group: "billing".into(),
-            starts: vec![(0, 0), (1, 42)],
-        },
-        Request::GroupPosition {
-            member: 7,
-            partition: 1,
-            next_offset: 43,
-            serving: false,
-        },
-        Request::GroupForecast {
-            member: 7,
-            loads: vec![(0, 100, 10_000), (1, 5, 500)],
-        },
-        Request::GroupLeave { member: 7 },
         Request::ReadRaw {
             id: 5,
             stream: "events".into(),
@@ -218,11 +212,48 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         all.extend_from_slice(&b);
         out.push(("storelink_decode", format!("request-{i}"), b));
     }
+    let member = MemberId(7);
+    let group_msgs = [
+        GroupMsg::Join {
+            member,
+            stream: "events".into(),
+            group: "billing".into(),
+            starts: vec![(0, 0), (1, 42)],
+        },
+        GroupMsg::Position {
+            member,
+            partition: 1,
+            next_offset: 43,
+            serving: false,
+        },
+        GroupMsg::Forecast {
+            member,
+            loads: vec![
+                PartitionLoad {
+                    partition: 0,
+                    records_per_s: 100,
+                    bytes_per_s: 10_000,
+                },
+                PartitionLoad {
+                    partition: 1,
+                    records_per_s: 5,
+                    bytes_per_s: 500,
+                },
+            ],
+        },
+        GroupMsg::Leave { member },
+    ];
+    for (i, m) in group_msgs.iter().enumerate() {
+        let mut b = Vec::new();
+        group::encode_group_msg(m, &mut b).expect("seed encodes");
+        all.extend_from_slice(&b);
+        out.push(("storelink_decode", format!("group-{i}"), b));
+    }
     out.push(("storelink_decode", "all-requests".into(), all));
     let mut push = Vec::new();
-    link::encode_response(
-        &link::Response::GroupAssign {
-            member: 7,
+    group::encode_group_assign(
+        &group::GroupAssign {
+            member,
             epoch: 3,
             partitions: vec![(0, 0), (2, 99)],
         },

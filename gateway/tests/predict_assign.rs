@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use sibyl_gateway::predict::{
-    AssignError, GroupAssigner, GroupConfig, MemberId, PartitionState, minimal_moves, moved,
+    AssignError, GroupAssigner, GroupConfig, MemberId, PartitionLoad, PartitionState,
+    minimal_moves, moved,
 };
-use sibyl_proto::frame::{Forecast, PartitionForecast};
 
 /// What each member's client currently believes it owns (from the Assignments it received).
 #[derive(Default)]
@@ -53,18 +53,15 @@ impl Clients {
     }
 }
 
-fn forecast(rates: &[(u32, u64)]) -> Forecast {
-    Forecast {
-        partitions: rates
-            .iter()
-            .map(|&(partition, r)| PartitionForecast {
-                partition,
-                records_per_s: r,
-                bytes_per_s: r * 100,
-            })
-            .collect(),
-        buffer_capacity_bytes: 1 << 20,
-    }
+fn forecast(rates: &[(u32, u64)]) -> Vec<PartitionLoad> {
+    rates
+        .iter()
+        .map(|&(partition, r)| PartitionLoad {
+            partition,
+            records_per_s: r,
+            bytes_per_s: r * 100,
+        })
+        .collect()
 }
 
 /// Reports every pending handover's final position (the old owners' clients do so after

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sibyl_gateway::predict::MemberId;
 use sibyl_gateway::store::{NewRecord, Store, StoreConfig, StreamConfig};
 use sibyl_gateway::storelink::{
     CacheConfig, CachedReader, GroupAssignment, LinkConfig, LinkError, ReaderConfig, RemoteError,
@@ -400,14 +401,18 @@ async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
     let a = StoreLink::connect(f.server.path()).await.unwrap();
     let b = StoreLink::connect(f.server.path()).await.unwrap();
     // Both shards use member id 1: the hub scopes ids to their link.
-    let mut ra = a.join_group(1, "orders", "g", vec![(0, 3), (1, 4)]).await;
+    let mut ra = a
+        .join_group(MemberId(1), "orders", "g", vec![(0, 3), (1, 4)])
+        .await;
     let a1 = next_push(&mut ra).await;
     assert_eq!(a1.partitions, vec![(0, 3), (1, 4)]);
-    a.group_position(1, 0, 10, true);
-    a.group_position(1, 1, 20, true);
+    a.group_position(MemberId(1), 0, 10, true);
+    a.group_position(MemberId(1), 1, 20, true);
     // The hub handled them before B joins: a request answered after them on A's link.
     a.streams().await.unwrap();
-    let mut rb = b.join_group(1, "orders", "g", vec![(0, 0), (1, 0)]).await;
+    let mut rb = b
+        .join_group(MemberId(1), "orders", "g", vec![(0, 0), (1, 0)])
+        .await;
     let b1 = next_push(&mut rb).await;
     assert!(b1.partitions.is_empty(), "B waits for A's final position");
     let a2 = next_push(&mut ra).await;
@@ -416,7 +421,7 @@ async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
     let kept = a2.partitions[0].0;
     let moved = 1 - kept;
     // A's final position of the revoked partition completes the hand-over.
-    a.group_position(1, moved, 33, false);
+    a.group_position(MemberId(1), moved, 33, false);
     let b2 = next_push(&mut rb).await;
     assert_eq!(
         b2.partitions,
@@ -431,7 +436,7 @@ async fn group_members_on_two_links_split_and_the_survivor_takes_over() {
     let mut want = vec![(moved, 33), (kept, known)];
     want.sort_unstable();
     assert_eq!(b3.partitions, want);
-    b.leave_group(1);
+    b.leave_group(MemberId(1));
     drop(f.dir);
 }
 
@@ -446,11 +451,11 @@ async fn group_members_are_revoked_while_the_link_is_down_and_rejoin() {
     };
     let link = StoreLink::connect_with(&path, cfg).await.unwrap();
     let mut rx = link
-        .join_group(5, "orders", "g", vec![(0, 0), (1, 0)])
+        .join_group(MemberId(5), "orders", "g", vec![(0, 0), (1, 0)])
         .await;
     assert_eq!(parts(&next_push(&mut rx).await), vec![0, 1]);
-    link.group_position(5, 0, 12, true);
-    link.group_position(5, 1, 34, true);
+    link.group_position(MemberId(5), 0, 12, true);
+    link.group_position(MemberId(5), 1, 34, true);
     // Make sure the hub processed them: a request answered after them on the same link.
     link.streams().await.unwrap();
     // The hub's listener restarts: every link drops and the hub forgets its groups.

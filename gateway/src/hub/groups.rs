@@ -21,9 +21,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use sibyl_proto::frame::Forecast;
-
-use crate::predict::{AssignError, GroupAssigner, GroupConfig, MemberId, PartitionState};
+use crate::predict::{
+    AssignError, GroupAssigner, GroupConfig, MemberId, PartitionLoad, PartitionState,
+};
 
 /// A shard link, numbered by the hub for as long as it runs (never reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,7 +35,7 @@ pub struct LinkMember {
     /// The shard's link.
     pub link: LinkId,
     /// The shard's member id (unique on that link).
-    pub member: u64,
+    pub member: MemberId,
 }
 
 /// A member's new assignment, to push on its link as `GroupAssign`.
@@ -275,12 +275,12 @@ impl GroupCoordinator {
         }
     }
 
-    /// The member's client sent a `Forecast`: `(partition, records/s, bytes/s)` become the
-    /// loads of the partitions it owns (and of those nobody predicted yet); rebalances.
+    /// The member's client sent a `Forecast`: its partition loads become the loads of the
+    /// partitions it owns (and of those nobody predicted yet); rebalances.
     pub fn forecast(
         &mut self,
         who: LinkMember,
-        loads: &[(u32, u64, u64)],
+        loads: &[PartitionLoad],
         now: Instant,
     ) -> Result<(), CoordError> {
         let (key, id) = self
@@ -291,8 +291,7 @@ impl GroupCoordinator {
         let Some(g) = self.groups.get_mut(&key) else {
             return Err(CoordError::UnknownMember(who));
         };
-        let f = Forecast::from_rates(loads.iter().copied(), 0);
-        g.assigner.update_forecast(id, &f, now)?;
+        g.assigner.update_forecast(id, loads, now)?;
         self.dispatch(&key);
         Ok(())
     }
@@ -389,7 +388,7 @@ mod tests {
     fn m(link: u64, member: u64) -> LinkMember {
         LinkMember {
             link: LinkId(link),
-            member,
+            member: MemberId(member),
         }
     }
 
@@ -573,7 +572,10 @@ mod tests {
         let a = m(1, 1);
         assert_eq!(c.leave(a, t0), Err(CoordError::UnknownMember(a)));
         assert_eq!(c.position(a, 0, 1, false, t0), PositionReport::Stale);
-        assert!(c.forecast(a, &[(0, 1, 1)], t0).is_err());
+        assert!(
+            c.forecast(a, &[PartitionLoad::from((0, 1, 1))], t0)
+                .is_err()
+        );
         assert_eq!(
             c.join(a, "s", "g", 0, &[], t0),
             Err(CoordError::NoPartitions)
@@ -614,7 +616,7 @@ mod tests {
         apply(&mut latest, c.poll_pushes());
         let b_parts: Vec<u32> = latest[&b].iter().map(|p| p.0).collect();
         assert_eq!(b_parts.len(), 2);
-        let loads: Vec<(u32, u64, u64)> = (0..4)
+        let loads: Vec<PartitionLoad> = (0..4)
             .map(|p| {
                 let r = if p == b_parts[0] {
                     100
@@ -623,7 +625,11 @@ mod tests {
                 } else {
                     1
                 };
-                (p, r, r * 1000)
+                PartitionLoad {
+                    partition: p,
+                    records_per_s: r,
+                    bytes_per_s: r * 1000,
+                }
             })
             .collect();
         c.forecast(b, &loads, t0).unwrap();

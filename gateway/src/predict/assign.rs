@@ -3,12 +3,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use sibyl_proto::frame::{AssignedPartition, Forecast};
+use sibyl_proto::frame::AssignedPartition;
 
-use super::stream_priority;
+use super::{PartitionLoad, stream_priority};
 
-/// One member of a group (the session layer maps its subscriptions to these ids).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One member of a group: a shard names its group subscriptions with these on its store
+/// link, and the hub names the members of each [`GroupAssigner`] with its own.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct MemberId(pub u64);
 
 /// Caller misuse of [`GroupAssigner`].
@@ -222,18 +226,18 @@ impl GroupAssigner {
         Ok(())
     }
 
-    /// A member's `Forecast`: updates the load of the partitions it owns (and of partitions
-    /// nobody has predicted yet), then rebalances.
+    /// A member's `Forecast` as partition loads: updates the load of the partitions it owns
+    /// (and of partitions nobody has predicted yet), then rebalances.
     pub fn update_forecast(
         &mut self,
         member: MemberId,
-        forecast: &Forecast,
+        loads: &[PartitionLoad],
         now: Instant,
     ) -> Result<(), AssignError> {
         if !self.members.contains_key(&member) {
             return Err(AssignError::UnknownMember(member));
         }
-        for pf in &forecast.partitions {
+        for pf in loads {
             let owned =
                 matches!(self.slots.get(&pf.partition), Some(Slot::Owned(m)) if *m == member);
             let unknown =

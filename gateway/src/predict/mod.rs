@@ -32,3 +32,42 @@ pub fn stream_priority(bytes_per_s: u64) -> i32 {
     // At most 64: fits.
     (u64::BITS - bytes_per_s.leading_zeros()) as i32
 }
+
+/// A partition's predicted load, as a client forecasts it and a group's assigner weighs it.
+/// On the store link it travels as the tuple `(partition, records_per_s, bytes_per_s)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(from = "(u32, u64, u64)", into = "(u32, u64, u64)")]
+pub struct PartitionLoad {
+    /// The partition.
+    pub partition: u32,
+    /// Predicted consumption, records per second.
+    pub records_per_s: u64,
+    /// Predicted consumption, bytes per second (0: unknown).
+    pub bytes_per_s: u64,
+}
+
+impl From<&sibyl_proto::frame::PartitionForecast> for PartitionLoad {
+    fn from(f: &sibyl_proto::frame::PartitionForecast) -> Self {
+        Self {
+            partition: f.partition,
+            records_per_s: f.records_per_s,
+            bytes_per_s: f.bytes_per_s,
+        }
+    }
+}
+
+impl From<(u32, u64, u64)> for PartitionLoad {
+    fn from((partition, records_per_s, bytes_per_s): (u32, u64, u64)) -> Self {
+        Self {
+            partition,
+            records_per_s,
+            bytes_per_s,
+        }
+    }
+}
+
+impl From<PartitionLoad> for (u32, u64, u64) {
+    fn from(l: PartitionLoad) -> Self {
+        (l.partition, l.records_per_s, l.bytes_per_s)
+    }
+}

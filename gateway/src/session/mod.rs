@@ -22,6 +22,7 @@
 //! [`FrameError::code`]: sibyl_proto::FrameError::code
 
 pub mod attach;
+pub mod flow;
 pub mod subscribe;
 
 use std::net::UdpSocket;

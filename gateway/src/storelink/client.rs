@@ -14,8 +14,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::batch::RecordBatch;
 use super::codec::{self, MAX_FRAME_LEN, RemoteError, Request, Response, ServerMsg, StreamInfo};
+use super::group::{GroupAssign, GroupMsg, MAX_GROUP_PARTITIONS, encode_group_msg};
 use super::raw::{self, RawHint};
 use super::server::{LinkReadError, read_frame, size_link_buffers, write_loop};
+use crate::predict::{MemberId, PartitionLoad};
 
 /// Why a store link call failed. Say whose fault it is and whether to retry with
 /// [`is_retryable`](Self::is_retryable).
@@ -112,8 +114,8 @@ struct MemberSlot {
 }
 
 impl MemberSlot {
-    fn join_request(&self, member: u64) -> Request {
-        Request::GroupJoin {
+    fn join_msg(&self, member: MemberId) -> GroupMsg {
+        GroupMsg::Join {
             member,
             stream: self.stream.clone(),
             group: self.group.clone(),
@@ -128,7 +130,7 @@ struct State {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     watches: HashMap<WatchKey, WatchSlot>,
     watch_ids: HashMap<u64, WatchKey>,
-    members: HashMap<u64, MemberSlot>,
+    members: HashMap<MemberId, MemberSlot>,
 }
 
 struct Inner {
@@ -364,7 +366,7 @@ impl StoreLink {
     /// assignment with epoch 0) until [`leave_group`](Self::leave_group).
     pub async fn join_group(
         &self,
-        member: u64,
+        member: MemberId,
         stream: &str,
         group: &str,
         starts: Vec<(u32, u64)>,
@@ -376,14 +378,14 @@ impl StoreLink {
             starts: starts.into_iter().collect(),
             tx,
         };
-        let req = slot.join_request(member);
+        let msg = slot.join_msg(member);
         let conn = {
             let mut st = self.inner.state();
             st.members.insert(member, slot);
             st.conn.clone()
         };
         // Down: the next connection re-joins it.
-        if let (Some(conn), Some(f)) = (conn, request_frame(&req)) {
+        if let (Some(conn), Some(f)) = (conn, group_frame(&msg)) {
             let _ = conn.send(f).await;
         }
         rx
@@ -393,7 +395,7 @@ impl StoreLink {
     /// guard (a subscription task aborted with its connection): queued at once, or by a
     /// spawned task when the queue is full. While the link is down there is nothing to send:
     /// the hub removed every member of the old connection already.
-    pub fn leave_group(&self, member: u64) {
+    pub fn leave_group(&self, member: MemberId) {
         let conn = {
             let mut st = self.inner.state();
             if st.members.remove(&member).is_none() {
@@ -401,7 +403,7 @@ impl StoreLink {
             }
             st.conn.clone()
         };
-        let (Some(conn), Some(f)) = (conn, request_frame(&Request::GroupLeave { member })) else {
+        let (Some(conn), Some(f)) = (conn, group_frame(&GroupMsg::Leave { member })) else {
             return;
         };
         if let Err(mpsc::error::TrySendError::Full(f)) = conn.try_send(f)
@@ -416,35 +418,40 @@ impl StoreLink {
     /// Relays a member's `Position`; `serving`: this shard still sends the member that
     /// partition (best effort: dropped while the link is down or its queue is full; a
     /// hand-over then completes at the hub's deadline).
-    pub fn group_position(&self, member: u64, partition: u32, next_offset: u64, serving: bool) {
+    pub fn group_position(
+        &self,
+        member: MemberId,
+        partition: u32,
+        next_offset: u64,
+        serving: bool,
+    ) {
         let mut st = self.inner.state();
         let Some(slot) = st.members.get_mut(&member) else {
             return;
         };
         slot.starts.insert(partition, next_offset);
-        let req = Request::GroupPosition {
+        let msg = GroupMsg::Position {
             member,
             partition,
             next_offset,
             serving,
         };
-        if let (Some(conn), Some(f)) = (&st.conn, request_frame(&req)) {
+        if let (Some(conn), Some(f)) = (&st.conn, group_frame(&msg)) {
             let _ = conn.try_send(f);
         }
     }
 
-    /// Relays a member's `Forecast` as `(partition, records/s, bytes/s)` (best effort, at most
-    /// [`MAX_GROUP_PARTITIONS`](super::codec::MAX_GROUP_PARTITIONS) entries are sent).
-    pub fn group_forecast(&self, member: u64, mut loads: Vec<(u32, u64, u64)>) {
-        loads.truncate(super::codec::MAX_GROUP_PARTITIONS);
+    /// Relays a member's `Forecast` as its partitions' loads (best effort, at most
+    /// [`MAX_GROUP_PARTITIONS`] entries are sent).
+    pub fn group_forecast(&self, member: MemberId, mut loads: Vec<PartitionLoad>) {
+        loads.truncate(MAX_GROUP_PARTITIONS);
         let st = self.inner.state();
         if !st.members.contains_key(&member) {
             return;
         }
-        if let (Some(conn), Some(f)) = (
-            &st.conn,
-            request_frame(&Request::GroupForecast { member, loads }),
-        ) {
+        if let (Some(conn), Some(f)) =
+            (&st.conn, group_frame(&GroupMsg::Forecast { member, loads }))
+        {
             let _ = conn.try_send(f);
         }
     }
@@ -512,6 +519,7 @@ fn unexpected(msg: &ServerMsg) -> LinkError {
         ServerMsg::Batch { .. } => "a batch".to_owned(),
         ServerMsg::Raw { .. } => "segment bytes".to_owned(),
         ServerMsg::Response(r) => format!("{r:?}"),
+        ServerMsg::Group(g) => format!("{g:?}"),
     };
     LinkError::Protocol {
         reason: format!("unexpected answer: {what}"),
@@ -519,12 +527,12 @@ fn unexpected(msg: &ServerMsg) -> LinkError {
 }
 
 /// A request's frame (`None`, logged, if it does not encode: only over-long lists could).
-fn request_frame(req: &Request) -> Option<Vec<u8>> {
+fn group_frame(msg: &GroupMsg) -> Option<Vec<u8>> {
     let mut f = Vec::new();
-    match codec::encode_request(req, &mut f) {
+    match encode_group_msg(msg, &mut f) {
         Ok(()) => Some(f),
         Err(e) => {
-            tracing::warn!(error = %e, "store link: request does not encode");
+            tracing::warn!(error = %e, "store link: group message does not encode");
             None
         }
     }
@@ -569,7 +577,7 @@ fn attach(inner: &Arc<Inner>, stream: UnixStream) {
         let joins: Vec<Vec<u8>> = st
             .members
             .iter()
-            .filter_map(|(&m, slot)| request_frame(&slot.join_request(m)))
+            .filter_map(|(&m, slot)| group_frame(&slot.join_msg(m)))
             .collect();
         if !joins.is_empty() {
             let tx = tx.clone();
@@ -631,6 +639,19 @@ fn dispatch(inner: &Inner, msg: ServerMsg) {
     let st = &mut *guard;
     let id = match &msg {
         ServerMsg::Batch { id, .. } | ServerMsg::Raw { id, .. } => *id,
+        ServerMsg::Group(GroupAssign {
+            member,
+            epoch,
+            partitions,
+        }) => {
+            if let Some(slot) = st.members.get(member) {
+                let _ = slot.tx.send(GroupAssignment {
+                    epoch: *epoch,
+                    partitions: partitions.clone(),
+                });
+            }
+            return;
+        }
         ServerMsg::Response(r) => match r {
             Response::Watching { id, next } | Response::Tail { watch: id, next } => {
                 let (id, next) = (*id, *next);
@@ -663,19 +684,6 @@ fn dispatch(inner: &Inner, msg: ServerMsg) {
                 // The hub refused a watch: close its receivers.
                 if let Some(key) = st.watch_ids.remove(id) {
                     st.watches.remove(&key);
-                }
-                return;
-            }
-            Response::GroupAssign {
-                member,
-                epoch,
-                partitions,
-            } => {
-                if let Some(slot) = st.members.get(member) {
-                    let _ = slot.tx.send(GroupAssignment {
-                        epoch: *epoch,
-                        partitions: partitions.clone(),
-                    });
                 }
                 return;
             }

@@ -22,13 +22,15 @@
 //! answer a `ReadRaw` with a `Batch` instead (a corrupt region, an oversized record), and
 //! the shard falls back to `Read` when the bytes are not what it expects.
 //!
-//! Consumer groups ride the same link: the shard relays its group members' join, leave,
-//! positions and forecasts as [`Request::GroupJoin`], [`Request::GroupLeave`],
-//! [`Request::GroupPosition`] and [`Request::GroupForecast`] (no answer), and the hub pushes
-//! each member's assignment as [`Response::GroupAssign`]. Member ids are the shard's own; the
-//! hub scopes them to the link, so they never collide across shards or shard restarts. Their
-//! names and lists are bounded ([`MAX_GROUP_NAME`], [`MAX_GROUP_PARTITIONS`]) and checked at
-//! decode.
+//! Consumer-group coordination rides the same link as its own protocol ([`super::group`]):
+//!
+//! ```text
+//! tag 0x05  GroupMsg     shard → hub   CBOR of [`GroupMsg`] (join, leave, positions, forecasts)
+//! tag 0x06  GroupAssign  hub → shard   CBOR of [`GroupAssign`] (a member's complete set)
+//! ```
+//!
+//! The hub decodes what a shard sends with [`decode_shard_msg`] (a store [`Request`] or a
+//! [`GroupMsg`]), the shard what the hub sends with [`decode_server_msg`].
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,7 @@ use sibyl_proto::codec::{Codec, DecodeLimits, FrameError, put_varint};
 use sibyl_proto::frame::data::Records;
 use sibyl_proto::frame::{FrameBody, FrameType};
 
+use super::group::{self, GroupAssign, GroupMsg};
 use crate::store::Record;
 
 /// Largest frame (tag + body) either side sends: 8 MiB. A `Read` answer is capped well under
@@ -43,16 +46,17 @@ use crate::store::Record;
 /// and a single record (at most 1 MiB payload + 4 KiB key by default) always fits.
 pub const MAX_FRAME_LEN: usize = 8 << 20;
 /// Largest request frame the hub accepts: 256 KiB (requests carry a stream name and a few
-/// integers; a group join or forecast lists up to [`MAX_GROUP_PARTITIONS`] small tuples).
+/// integers; a group join or forecast lists up to [`MAX_GROUP_PARTITIONS`] small entries).
 pub const MAX_REQUEST_LEN: usize = 256 << 10;
-/// Longest stream or group name in a group message (bytes).
-pub const MAX_GROUP_NAME: usize = 255;
-/// Most partitions a group message lists (a stream's partition bound).
-pub const MAX_GROUP_PARTITIONS: usize = crate::store::MAX_PARTITIONS as usize;
+pub use super::group::{MAX_GROUP_NAME, MAX_GROUP_PARTITIONS};
 
 const LEN_LEN: usize = 4;
 const TAG_REQUEST: u8 = 0x01;
 const TAG_RESPONSE: u8 = 0x02;
+/// Tag of a [`GroupMsg`] frame (shard → hub).
+pub(super) const TAG_GROUP: u8 = 0x05;
+/// Tag of a [`GroupAssign`] frame (hub → shard).
+pub(super) const TAG_GROUP_PUSH: u8 = 0x06;
 const TAG_BATCH: u8 = 0x03;
 const TAG_RAW: u8 = 0x04;
 /// Bytes of a `Raw` frame before the segment bytes: length, tag, id, segment base, position.
@@ -182,79 +186,6 @@ pub enum Request {
         /// The `WatchTail` request id.
         watch: u64,
     },
-    /// A subscription of this shard joins consumer group `group` of `stream` (no answer; the
-    /// hub pushes [`Response::GroupAssign`] for `member` from now on).
-    GroupJoin {
-        /// The member, unique on this link (the shard's subscription counter).
-        member: u64,
-        /// Stream name.
-        stream: String,
-        /// Group name.
-        group: String,
-        /// `(partition, offset)`: where each partition starts if the group is new (the
-        /// member's `Start` resolved) or has no position for it yet; otherwise ignored.
-        starts: Vec<(u32, u64)>,
-    },
-    /// The member's subscription ended (no answer).
-    GroupLeave {
-        /// The member.
-        member: u64,
-    },
-    /// The member's client reported `Position{partition, next_offset}` (no answer).
-    GroupPosition {
-        /// The member.
-        member: u64,
-        /// Partition.
-        partition: u32,
-        /// Next offset the client will consume.
-        next_offset: u64,
-        /// The shard still sends the member this partition (the report cannot be the final
-        /// position of a hand-over).
-        serving: bool,
-    },
-    /// The member's client sent a `Forecast` (no answer): the group's partition loads.
-    GroupForecast {
-        /// The member.
-        member: u64,
-        /// `(partition, records_per_s, bytes_per_s)`.
-        loads: Vec<(u32, u64, u64)>,
-    },
-}
-
-fn check_name(name: &str) -> Result<(), CodecError> {
-    if name.len() > MAX_GROUP_NAME {
-        return Err(CodecError::Limit("name longer than 255 bytes"));
-    }
-    Ok(())
-}
-
-fn check_list(len: usize) -> Result<(), CodecError> {
-    if len > MAX_GROUP_PARTITIONS {
-        return Err(CodecError::Limit(
-            "more entries than a stream has partitions",
-        ));
-    }
-    Ok(())
-}
-
-impl Request {
-    /// Checks the bounds of group messages (names, list lengths); other requests pass.
-    pub fn check_limits(&self) -> Result<(), CodecError> {
-        match self {
-            Self::GroupJoin {
-                stream,
-                group,
-                starts,
-                ..
-            } => {
-                check_name(stream)?;
-                check_name(group)?;
-                check_list(starts.len())
-            }
-            Self::GroupForecast { loads, .. } => check_list(loads.len()),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Hub → shard control messages (batches travel in their own binary frame).
@@ -313,26 +244,6 @@ pub enum Response {
         /// Why.
         error: RemoteError,
     },
-    /// Pushed: group member `member` of this link now owns exactly `partitions`.
-    GroupAssign {
-        /// The member (as in [`Request::GroupJoin`]).
-        member: u64,
-        /// Strictly increasing per member.
-        epoch: u64,
-        /// `(partition, start_offset)`: a partition new to the member starts at its offset
-        /// (the group's committed position); a kept one continues where the member is.
-        partitions: Vec<(u32, u64)>,
-    },
-}
-
-impl Response {
-    /// Checks the bounds of group messages; other responses pass.
-    pub fn check_limits(&self) -> Result<(), CodecError> {
-        match self {
-            Self::GroupAssign { partitions, .. } => check_list(partitions.len()),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// A request's failure as reported by the hub.
@@ -436,6 +347,8 @@ impl From<&crate::store::StoreError> for RemoteError {
 pub enum ServerMsg {
     /// A control message.
     Response(Response),
+    /// A consumer-group push.
+    Group(GroupAssign),
     /// The records answering `Read` request `id`.
     Batch {
         /// Request id.
@@ -456,7 +369,8 @@ pub enum ServerMsg {
     },
 }
 
-fn put_frame(
+/// Appends `len | tag | body` to `out` (nothing on error).
+pub(super) fn put_frame(
     out: &mut Vec<u8>,
     tag: u8,
     body: impl FnOnce(&mut Vec<u8>) -> Result<(), CodecError>,
@@ -694,15 +608,21 @@ pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Cod
         .map(|body| (body, LEN_LEN + len)))
 }
 
+/// A decoded shard → hub frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardMsg {
+    /// A store request.
+    Store(Request),
+    /// A consumer-group message.
+    Group(GroupMsg),
+}
+
 /// Decodes a frame body (tag included) the hub received.
-pub fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
+pub fn decode_shard_msg(body: &[u8]) -> Result<ShardMsg, CodecError> {
     match body.split_first() {
         None => Err(CodecError::Short),
-        Some((&TAG_REQUEST, rest)) => {
-            let req: Request = sibyl_proto::cbor::from_slice(rest)?;
-            req.check_limits()?;
-            Ok(req)
-        }
+        Some((&TAG_REQUEST, rest)) => Ok(ShardMsg::Store(sibyl_proto::cbor::from_slice(rest)?)),
+        Some((&TAG_GROUP, rest)) => Ok(ShardMsg::Group(group::decode_group_msg(rest)?)),
         Some((&tag, _)) => Err(CodecError::UnexpectedTag(tag)),
     }
 }
@@ -729,10 +649,9 @@ pub fn decode_server_msg_shared(body: &Bytes) -> Result<ServerMsg, CodecError> {
     match body.split_first() {
         None => Err(CodecError::Short),
         Some((&TAG_RESPONSE, rest)) => {
-            let resp: Response = sibyl_proto::cbor::from_slice(rest)?;
-            resp.check_limits()?;
-            Ok(ServerMsg::Response(resp))
+            Ok(ServerMsg::Response(sibyl_proto::cbor::from_slice(rest)?))
         }
+        Some((&TAG_GROUP_PUSH, rest)) => Ok(ServerMsg::Group(group::decode_group_assign(rest)?)),
         Some((&TAG_RAW, rest)) => {
             let head = rest.get(..24).ok_or(CodecError::Short)?;
             let be = |i: usize| {
@@ -793,6 +712,7 @@ pub fn decode_server_msg_shared(body: &Bytes) -> Result<ServerMsg, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::predict::{MemberId, PartitionLoad};
     use proptest::prelude::*;
     use sibyl_proto::codec::Reader;
     use sibyl_proto::frame::Frame;
@@ -810,6 +730,30 @@ mod tests {
         let (body, used) = split_frame(buf, MAX_FRAME_LEN).unwrap().unwrap();
         assert_eq!(used, buf.len());
         body
+    }
+
+    /// The store request in `body` (a group message is a test failure).
+    fn decode_request(body: &[u8]) -> Result<Request, CodecError> {
+        match decode_shard_msg(body)? {
+            ShardMsg::Store(r) => Ok(r),
+            ShardMsg::Group(g) => panic!("a group message: {g:?}"),
+        }
+    }
+
+    fn load(partition: u32, records_per_s: u64, bytes_per_s: u64) -> PartitionLoad {
+        PartitionLoad {
+            partition,
+            records_per_s,
+            bytes_per_s,
+        }
+    }
+
+    /// A frame of `msg` under `tag`, unchecked (what a misbehaving peer could send).
+    fn put_cbor(tag: u8, msg: &impl Serialize, out: &mut Vec<u8>) {
+        put_frame(out, tag, |o| {
+            sibyl_proto::cbor::to_writer(msg, o).map_err(CodecError::from)
+        })
+        .unwrap();
     }
 
     fn all_requests() -> Vec<Request> {
@@ -840,22 +784,29 @@ mod tests {
                 partition: 1,
             },
             Request::Unwatch { watch: 5 },
-            Request::GroupJoin {
-                member: 9,
+        ]
+    }
+
+    fn all_group_msgs() -> Vec<GroupMsg> {
+        vec![
+            GroupMsg::Join {
+                member: MemberId(9),
                 stream: "s".into(),
                 group: "g".into(),
                 starts: vec![(0, 5), (1, 1 << 40)],
             },
-            Request::GroupLeave { member: 9 },
-            Request::GroupPosition {
-                member: 9,
+            GroupMsg::Leave {
+                member: MemberId(9),
+            },
+            GroupMsg::Position {
+                member: MemberId(9),
                 partition: 1,
                 next_offset: 77,
                 serving: true,
             },
-            Request::GroupForecast {
-                member: 9,
-                loads: vec![(0, 100, 100_000), (3, 0, 0)],
+            GroupMsg::Forecast {
+                member: MemberId(9),
+                loads: vec![load(0, 100, 100_000), load(3, 0, 0)],
             },
         ]
     }
@@ -893,16 +844,6 @@ mod tests {
                     next: 3,
                 },
             },
-            Response::GroupAssign {
-                member: 9,
-                epoch: 2,
-                partitions: vec![(0, 5), (2, 8)],
-            },
-            Response::GroupAssign {
-                member: 10,
-                epoch: 1,
-                partitions: vec![],
-            },
         ]
     }
 
@@ -910,61 +851,68 @@ mod tests {
     fn group_messages_are_bounded() {
         let long = "x".repeat(MAX_GROUP_NAME + 1);
         let too_many: Vec<(u32, u64)> = (0..=MAX_GROUP_PARTITIONS as u32).map(|p| (p, 0)).collect();
+        let member = MemberId(1);
         let bad = [
-            Request::GroupJoin {
-                member: 1,
+            GroupMsg::Join {
+                member,
                 stream: long.clone(),
                 group: "g".into(),
                 starts: vec![],
             },
-            Request::GroupJoin {
-                member: 1,
+            GroupMsg::Join {
+                member,
                 stream: "s".into(),
                 group: long,
                 starts: vec![],
             },
-            Request::GroupJoin {
-                member: 1,
+            GroupMsg::Join {
+                member,
                 stream: "s".into(),
                 group: "g".into(),
                 starts: too_many.clone(),
             },
-            Request::GroupForecast {
-                member: 1,
-                loads: too_many.iter().map(|&(p, _)| (p, 1, 1)).collect(),
+            GroupMsg::Forecast {
+                member,
+                loads: too_many.iter().map(|&(p, _)| load(p, 1, 1)).collect(),
             },
         ];
-        for r in bad {
+        for m in bad {
             let mut buf = Vec::new();
-            encode_request(&r, &mut buf).unwrap();
+            assert!(matches!(
+                group::encode_group_msg(&m, &mut buf),
+                Err(CodecError::Limit(_))
+            ));
+            assert!(buf.is_empty());
+            // A peer that encodes it anyway is refused at decode.
+            put_cbor(TAG_GROUP, &m, &mut buf);
             let (body, _) = split_frame(&buf, MAX_REQUEST_LEN).unwrap().unwrap();
             assert!(
-                matches!(decode_request(body), Err(CodecError::Limit(_))),
-                "{r:?}"
+                matches!(decode_shard_msg(body), Err(CodecError::Limit(_))),
+                "{m:?}"
             );
         }
         let mut buf = Vec::new();
-        let push = Response::GroupAssign {
-            member: 1,
+        let push = GroupAssign {
+            member,
             epoch: 1,
             partitions: too_many,
         };
-        encode_response(&push, &mut buf).unwrap();
+        put_cbor(TAG_GROUP_PUSH, &push, &mut buf);
         assert!(matches!(
             decode_server_msg(one_frame(&buf)),
             Err(CodecError::Limit(_))
         ));
         // The largest legal join and forecast fit the request bound.
-        let full = Request::GroupForecast {
-            member: u64::MAX,
+        let full = GroupMsg::Forecast {
+            member: MemberId(u64::MAX),
             loads: (0..MAX_GROUP_PARTITIONS as u32)
-                .map(|p| (p, u64::MAX, u64::MAX))
+                .map(|p| load(p, u64::MAX, u64::MAX))
                 .collect(),
         };
         let mut buf = Vec::new();
-        encode_request(&full, &mut buf).unwrap();
+        group::encode_group_msg(&full, &mut buf).unwrap();
         let (body, _) = split_frame(&buf, MAX_REQUEST_LEN).unwrap().unwrap();
-        assert_eq!(decode_request(body).unwrap(), full);
+        assert_eq!(decode_shard_msg(body).unwrap(), ShardMsg::Group(full));
     }
 
     #[test]
@@ -979,6 +927,18 @@ mod tests {
                 Err(CodecError::UnexpectedTag(TAG_REQUEST))
             ));
         }
+        for m in all_group_msgs() {
+            let mut buf = Vec::new();
+            group::encode_group_msg(&m, &mut buf).unwrap();
+            assert_eq!(
+                decode_shard_msg(one_frame(&buf)).unwrap(),
+                ShardMsg::Group(m)
+            );
+            assert!(matches!(
+                decode_server_msg(one_frame(&buf)),
+                Err(CodecError::UnexpectedTag(TAG_GROUP))
+            ));
+        }
         for r in all_responses() {
             let mut buf = Vec::new();
             encode_response(&r, &mut buf).unwrap();
@@ -987,8 +947,31 @@ mod tests {
                 ServerMsg::Response(r)
             );
             assert!(matches!(
-                decode_request(one_frame(&buf)),
+                decode_shard_msg(one_frame(&buf)),
                 Err(CodecError::UnexpectedTag(TAG_RESPONSE))
+            ));
+        }
+        for push in [
+            GroupAssign {
+                member: MemberId(9),
+                epoch: 2,
+                partitions: vec![(0, 5), (2, 8)],
+            },
+            GroupAssign {
+                member: MemberId(10),
+                epoch: 1,
+                partitions: vec![],
+            },
+        ] {
+            let mut buf = Vec::new();
+            group::encode_group_assign(&push, &mut buf).unwrap();
+            assert_eq!(
+                decode_server_msg(one_frame(&buf)).unwrap(),
+                ServerMsg::Group(push)
+            );
+            assert!(matches!(
+                decode_shard_msg(one_frame(&buf)),
+                Err(CodecError::UnexpectedTag(TAG_GROUP_PUSH))
             ));
         }
     }
@@ -1222,21 +1205,27 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|watch| Request::Unwatch { watch }),
+        ]
+    }
+
+    fn arb_group_msg() -> impl Strategy<Value = GroupMsg> {
+        let member = any::<u64>().prop_map(MemberId);
+        prop_oneof![
             (
-                any::<u64>(),
+                member.clone(),
                 arb_name(),
                 arb_name(),
                 proptest::collection::vec(any::<(u32, u64)>(), 0..8)
             )
-                .prop_map(|(member, stream, group, starts)| Request::GroupJoin {
+                .prop_map(|(member, stream, group, starts)| GroupMsg::Join {
                     member,
                     stream,
                     group,
                     starts,
                 }),
-            any::<u64>().prop_map(|member| Request::GroupLeave { member }),
-            (any::<u64>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
-                |(member, partition, next_offset, serving)| Request::GroupPosition {
+            member.clone().prop_map(|member| GroupMsg::Leave { member }),
+            (member.clone(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+                |(member, partition, next_offset, serving)| GroupMsg::Position {
                     member,
                     partition,
                     next_offset,
@@ -1244,10 +1233,13 @@ mod tests {
                 }
             ),
             (
-                any::<u64>(),
+                member,
                 proptest::collection::vec(any::<(u32, u64, u64)>(), 0..8)
             )
-                .prop_map(|(member, loads)| Request::GroupForecast { member, loads }),
+                .prop_map(|(member, loads)| GroupMsg::Forecast {
+                    member,
+                    loads: loads.into_iter().map(|(p, r, b)| load(p, r, b)).collect(),
+                }),
         ]
     }
 
@@ -1262,6 +1254,21 @@ mod tests {
             for r in &reqs {
                 let (body, used) = split_frame(&buf[at..], MAX_REQUEST_LEN).unwrap().unwrap();
                 prop_assert_eq!(&decode_request(body).unwrap(), r);
+                at += used;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn group_messages_round_trip(msgs in proptest::collection::vec(arb_group_msg(), 1..8)) {
+            let mut buf = Vec::new();
+            for m in &msgs {
+                group::encode_group_msg(m, &mut buf).unwrap();
+            }
+            let mut at = 0;
+            for m in &msgs {
+                let (body, used) = split_frame(&buf[at..], MAX_REQUEST_LEN).unwrap().unwrap();
+                prop_assert_eq!(decode_shard_msg(body).unwrap(), ShardMsg::Group(m.clone()));
                 at += used;
             }
             prop_assert_eq!(at, buf.len());
@@ -1296,7 +1303,7 @@ mod tests {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = split_frame(&bytes, MAX_FRAME_LEN);
-            let _ = decode_request(&bytes);
+            let _ = decode_shard_msg(&bytes);
             let _ = decode_server_msg(&bytes);
             let mut b = vec![TAG_BATCH];
             b.extend_from_slice(&bytes);

@@ -8,9 +8,12 @@
 //!                                               batches: Records frame                  │ (stream, partition)
 //! ```
 //!
-//! - [`codec`]: the wire format (I/O-free): [`Request`], [`Response`], batch frames that carry
-//!   a client-facing `Records` frame, raw frames that carry segment bytes, every length
-//!   bounded before allocation.
+//! - [`codec`]: the wire format (I/O-free): the frame envelope, store reads ([`Request`],
+//!   [`Response`]), batch frames that carry a client-facing `Records` frame, raw frames that
+//!   carry segment bytes, every length bounded before allocation.
+//! - [`group`] (I/O-free): the other protocol on the link, consumer-group coordination:
+//!   [`GroupMsg`] (a member's join, leave, positions, forecasts as
+//!   [`PartitionLoad`](crate::predict::PartitionLoad)s) and [`GroupAssign`] pushes.
 //! - [`StoreLinkServer`]: binds `<data>/run/store.sock` (mode 0600), serves each shard link on
 //!   its own task; reads and time lookups run on blocking threads, a bounded number per link;
 //!   tail watches push coalesced `Tail` notifications. A malformed frame closes that link only.
@@ -20,8 +23,9 @@
 //!   positions / forecasts and delivers the hub's [`GroupAssignment`] pushes per member
 //!   (members re-joined on reconnect).
 //! - The hub's consumer-group coordinator ([`GroupCoordinator`](crate::hub::GroupCoordinator))
-//!   is driven by [`StoreLinkServer`]: members are scoped to their link, and a closed link
-//!   (a crashed shard) removes its members, so their partitions move to the others.
+//!   is driven by [`StoreLinkServer`] through `coordination`: members are scoped to their
+//!   link, and a closed link (a crashed shard) removes its members, so their partitions move
+//!   to the others.
 //! - [`ShardCache`] / [`PartitionCache`] (I/O-free): the most recent contiguous records of each
 //!   partition, bounded per partition and per shard (LRU across partitions).
 //! - [`CachedReader`]: cache first, then one shared fetch through the link per miss position.
@@ -43,6 +47,8 @@ pub mod batch;
 pub mod cache;
 mod client;
 pub mod codec;
+mod coordination;
+pub mod group;
 pub mod raw;
 mod reader;
 mod server;
@@ -50,7 +56,8 @@ mod server;
 pub use batch::RecordBatch;
 pub use cache::{Ahead, CacheConfig, CacheStats, PartitionCache, ShardCache};
 pub use client::{GroupAssignment, LinkConfig, LinkError, StoreLink};
-pub use codec::{CodecError, RemoteError, Request, Response, StreamInfo};
+pub use codec::{CodecError, RemoteError, Request, Response, ShardMsg, StreamInfo};
+pub use group::{GroupAssign, GroupMsg};
 pub use reader::{CachedReader, ReaderConfig};
 pub use server::{ServerConfig, StoreLinkServer};
 

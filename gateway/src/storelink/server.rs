@@ -1,27 +1,27 @@
-//! The hub side: serves the store to shard processes over a Unix socket, and drives the
-//! hub's consumer-group coordinator ([`GroupCoordinator`]) from the shards' group messages.
+//! The hub side: serves the store to shard processes over a Unix socket, and hands the
+//! shards' group messages to [`super::coordination`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 
-use super::codec::{self, CodecError, MAX_REQUEST_LEN, RemoteError, Request, Response, StreamInfo};
-use crate::hub::groups::{
-    CoordConfig, GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport,
+use super::codec::{
+    self, CodecError, MAX_REQUEST_LEN, RemoteError, Request, Response, ShardMsg, StreamInfo,
 };
-use crate::predict::GroupConfig;
+use super::coordination::{Groups, LinkGuard, push_loop};
+use crate::hub::groups::LinkId;
 use crate::store::{RawRange, RawRead, Store};
 
 /// Limits of the hub side.
@@ -351,10 +351,7 @@ async fn serve_link(
     let (tx, rx) = mpsc::channel::<Out>(cfg.max_inflight_per_link + 64);
     let _writer = AbortOnDrop(tokio::spawn(write_loop(wr, rx)));
     // However this link ends (EOF, garbage, shutdown abort), its group members leave.
-    let member_of = LinkGuard {
-        link,
-        groups: groups.clone(),
-    };
+    let member_of = LinkGuard::new(link, groups.clone());
     let outbox = groups.add_link(link);
     let _pushes = AbortOnDrop(tokio::spawn(push_loop(outbox, tx.clone())));
     let inflight = Arc::new(Semaphore::new(cfg.max_inflight_per_link));
@@ -366,14 +363,14 @@ async fn serve_link(
             Err(LinkReadError::Io(e)) => break Err(LinkClosed::Io(e)),
             Err(LinkReadError::Codec(e)) => break Err(LinkClosed::Garbage(e)),
         };
-        let req = match codec::decode_request(&body) {
-            Ok(r) => r,
+        let req = match codec::decode_shard_msg(&body) {
+            Ok(ShardMsg::Store(r)) => r,
+            Ok(ShardMsg::Group(g)) => {
+                member_of.handle(g, &store);
+                continue;
+            }
             Err(e) => break Err(LinkClosed::Garbage(e)),
         };
-        if let Some(g) = group_request(&req) {
-            member_of.handle(g, &store);
-            continue;
-        }
         if handle(req, &store, &cfg, &tx, &inflight, &mut watches)
             .await
             .is_err()
@@ -539,268 +536,6 @@ async fn handle(
                 h.abort();
             }
             Ok(())
-        }
-        // Handled by `LinkGuard::handle` before this function is called.
-        Request::GroupJoin { .. }
-        | Request::GroupLeave { .. }
-        | Request::GroupPosition { .. }
-        | Request::GroupForecast { .. } => Ok(()),
-    }
-}
-
-/// A group message of a shard.
-enum GroupRequest<'a> {
-    Join {
-        member: u64,
-        stream: &'a str,
-        group: &'a str,
-        starts: &'a [(u32, u64)],
-    },
-    Leave {
-        member: u64,
-    },
-    Position {
-        member: u64,
-        partition: u32,
-        next_offset: u64,
-        serving: bool,
-    },
-    Forecast {
-        member: u64,
-        loads: &'a [(u32, u64, u64)],
-    },
-}
-
-fn group_request(req: &Request) -> Option<GroupRequest<'_>> {
-    Some(match req {
-        Request::GroupJoin {
-            member,
-            stream,
-            group,
-            starts,
-        } => GroupRequest::Join {
-            member: *member,
-            stream,
-            group,
-            starts,
-        },
-        Request::GroupLeave { member } => GroupRequest::Leave { member: *member },
-        Request::GroupPosition {
-            member,
-            partition,
-            next_offset,
-            serving,
-        } => GroupRequest::Position {
-            member: *member,
-            partition: *partition,
-            next_offset: *next_offset,
-            serving: *serving,
-        },
-        Request::GroupForecast { member, loads } => GroupRequest::Forecast {
-            member: *member,
-            loads,
-        },
-        _ => return None,
-    })
-}
-
-/// A member's latest push: `(epoch, partitions)`.
-type PendingPush = (u64, Vec<(u32, u64)>);
-
-/// Pending group pushes of one link, coalesced per member (each push is the member's
-/// complete set, so only the latest matters): bounded by the link's member count.
-#[derive(Default)]
-struct Outbox {
-    pending: Mutex<BTreeMap<u64, PendingPush>>,
-    ready: Notify,
-}
-
-/// The coordinator and where its pushes go.
-struct GroupsState {
-    coord: GroupCoordinator,
-    outboxes: HashMap<LinkId, Arc<Outbox>>,
-}
-
-/// The hub's group coordination: one [`GroupCoordinator`] behind one lock, fed by every
-/// shard link, plus the task that completes hand-overs at their deadlines.
-struct Groups {
-    state: Mutex<GroupsState>,
-    /// An event may have moved the earliest hand-over deadline.
-    wake: Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // No code panics while holding these locks; recover the data if one ever did.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Groups {
-    fn new(cfg: &ServerConfig) -> Self {
-        let config = CoordConfig {
-            group: GroupConfig {
-                revoke_timeout: cfg.handover_timeout,
-                ..GroupConfig::default()
-            },
-            max_members_per_link: cfg.max_group_members_per_link,
-            ..CoordConfig::default()
-        };
-        Self {
-            state: Mutex::new(GroupsState {
-                coord: GroupCoordinator::new(config),
-                outboxes: HashMap::new(),
-            }),
-            wake: Notify::new(),
-        }
-    }
-
-    /// Runs `f` on the coordinator and routes the pushes it produced to their links' outboxes
-    /// (under the lock, so each member's pushes are queued in decision order). Wakes the
-    /// deadline task unless `f` returns `false` for "no hand-over can have started".
-    fn with<R>(&self, f: impl FnOnce(&mut GroupCoordinator, Instant) -> (R, bool)) -> R {
-        let mut st = lock(&self.state);
-        let (r, rebalanced) = f(&mut st.coord, Instant::now());
-        route(&mut st);
-        drop(st);
-        if rebalanced {
-            self.wake.notify_one();
-        }
-        r
-    }
-
-    fn add_link(&self, link: LinkId) -> Arc<Outbox> {
-        let outbox = Arc::new(Outbox::default());
-        lock(&self.state).outboxes.insert(link, outbox.clone());
-        outbox
-    }
-
-    /// Completes hand-overs at their deadlines until shutdown.
-    async fn deadlines(self: Arc<Self>, mut shutdown: watch::Receiver<()>) {
-        loop {
-            let at = lock(&self.state).coord.poll_timeout();
-            let sleep = async {
-                match at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                () = self.wake.notified() => {}
-                () = sleep => {
-                    let mut st = lock(&self.state);
-                    st.coord.handle_timeout(Instant::now());
-                    route(&mut st);
-                }
-            }
-        }
-    }
-}
-
-fn route(st: &mut GroupsState) {
-    for GroupPush {
-        to,
-        epoch,
-        partitions,
-    } in st.coord.poll_pushes()
-    {
-        if let Some(o) = st.outboxes.get(&to.link) {
-            lock(&o.pending).insert(to.member, (epoch, partitions));
-            o.ready.notify_one();
-        }
-    }
-}
-
-/// Sends a link's group pushes as `GroupAssign` responses.
-async fn push_loop(outbox: Arc<Outbox>, tx: mpsc::Sender<Out>) {
-    loop {
-        outbox.ready.notified().await;
-        let batch = std::mem::take(&mut *lock(&outbox.pending));
-        for (member, (epoch, partitions)) in batch {
-            let f = response_frame(&Response::GroupAssign {
-                member,
-                epoch,
-                partitions,
-            });
-            if tx.send(f.into()).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// A link's membership in the group coordination; its drop removes the link's members.
-struct LinkGuard {
-    link: LinkId,
-    groups: Arc<Groups>,
-}
-
-impl LinkGuard {
-    fn handle(&self, req: GroupRequest<'_>, store: &Store) {
-        let who = |member| LinkMember {
-            link: self.link,
-            member,
-        };
-        let r = match req {
-            GroupRequest::Join {
-                member,
-                stream,
-                group,
-                starts,
-            } => {
-                // In memory: the store's stream table.
-                let partitions = store
-                    .streams()
-                    .into_iter()
-                    .find(|(name, _)| name == stream)
-                    .map(|(_, c)| c.partitions);
-                let Some(partitions) = partitions else {
-                    tracing::debug!(stream, "group join for an unknown stream ignored");
-                    return;
-                };
-                self.groups.with(|c, now| {
-                    (
-                        c.join(who(member), stream, group, partitions, starts, now),
-                        true,
-                    )
-                })
-            }
-            GroupRequest::Leave { member } => {
-                self.groups.with(|c, now| (c.leave(who(member), now), true))
-            }
-            GroupRequest::Position {
-                member,
-                partition,
-                next_offset,
-                serving,
-            } => {
-                // The common case (an owner's position) neither pushes nor moves a deadline.
-                self.groups.with(|c, now| {
-                    let r = c.position(who(member), partition, next_offset, serving, now);
-                    ((), r == PositionReport::HandedOver)
-                });
-                Ok(())
-            }
-            GroupRequest::Forecast { member, loads } => self
-                .groups
-                .with(|c, now| (c.forecast(who(member), loads, now), true)),
-        };
-        if let Err(e) = r {
-            tracing::debug!(link = self.link.0, error = %e, "group message ignored");
-        }
-    }
-}
-
-impl Drop for LinkGuard {
-    fn drop(&mut self) {
-        let link = self.link;
-        let gone = self.groups.with(|c, now| (c.link_closed(link, now), true));
-        lock(&self.groups.state).outboxes.remove(&link);
-        if gone > 0 {
-            tracing::info!(
-                link = link.0,
-                members = gone,
-                "shard link closed: its group members left"
-            );
         }
     }
 }
