@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sibyl_gateway::hub::{GroupCoordinator, GroupPush, LinkId, LinkMember};
+use sibyl_gateway::hub::{GroupCoordinator, GroupPush, LinkId, LinkMember, PositionReport};
 use sibyl_gateway::predict::{MemberId, PartitionLoad, PrefetchConfig, PrefetchPlanner, SubKey};
 use sibyl_gateway::session::flow::{
     Admit, Batch, Flow, FlowConfig, GroupRelay, PumpEvent, PumpStep, StartAt,
@@ -46,9 +46,9 @@ use sibyl_gateway::store::{
 use sibyl_proto::client::{AttemptId, ClientAction, ClientConfig, ClientMachine};
 use sibyl_proto::forecast::ForecastConfig;
 use sibyl_proto::frame::{
-    Attach, Attached, Endpoint, Grant, Mode, NewRecord, PRODUCER_TOKEN_LEN, PartitionOpen,
-    Produce, ProduceAck, PublishAccepted, PublishOpen, RecordRef, Records, SessionLimits, Start,
-    Subscribe, Ticket,
+    Attach, Attached, Endpoint, Grant, Mode, NewRecord, PRODUCER_TOKEN_LEN, PartitionOpen, Produce,
+    ProduceAck, PublishAccepted, PublishOpen, RecordRef, Records, SessionLimits, Start, Subscribe,
+    Ticket,
 };
 use sibyl_proto::subscription::{Deliver, MachineConfig, Open, Transmit as SubTransmit};
 use sibyl_proto::{DecodeLimits, Frame, PublishConfig, PublishMachine, Reader, SubMachine};
@@ -69,7 +69,11 @@ const MS: Duration = Duration::from_millis(1);
 /// Runs `scenario` for each seed: `SIM_SEED=<n>` runs that one; else `SIM_SEEDS` seeds
 /// (default `default_seeds`) from `SIM_SEED_BASE` (default 0). A failing seed prints its
 /// reproduction line and fails the test. Returns the reports.
-pub(crate) fn run_seeds(scenario: &str, default_seeds: u64, run: impl Fn(u64) -> Report) -> Vec<Report> {
+pub(crate) fn run_seeds(
+    scenario: &str,
+    default_seeds: u64,
+    run: impl Fn(u64) -> Report,
+) -> Vec<Report> {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let seeds: Vec<u64> = match env("SIM_SEED") {
         Some(s) => vec![s],
@@ -95,13 +99,14 @@ pub(crate) fn run_seeds(scenario: &str, default_seeds: u64, run: impl Fn(u64) ->
     let max = |f: fn(&Report) -> u64| reports.iter().map(f).max().unwrap_or(0);
     println!(
         "{scenario}: {} seeds ok; delivered {} records, {} duplicates dropped by the SDK, \
-         {} group duplicates (member loss), {} reconnects, {} re-sent batches, {} dedup hits, \
+         {} group duplicates after a member loss, {} crossing a hand-over, {} reconnects, {} re-sent batches, {} dedup hits, \
          {} messages, {} steps (max {}), longest starvation {} ms, peak in-flight {} B, \
          waits over the bound {}",
         reports.len(),
         sum(|r| r.delivered),
         sum(|r| r.sdk_duplicates),
         sum(|r| r.group_duplicates),
+        sum(|r| r.crossing_duplicates),
         sum(|r| r.reconnects),
         sum(|r| r.resent),
         sum(|r| r.dedup_hits),
@@ -122,8 +127,11 @@ pub(crate) struct Report {
     pub(crate) delivered: u64,
     /// Records the SDK's machine dropped as already delivered.
     pub(crate) sdk_duplicates: u64,
-    /// Offsets delivered to two members of a group (allowed only after a member loss).
+    /// Offsets delivered to two members of a group after a member loss (at-least-once).
     pub(crate) group_duplicates: u64,
+    /// Offsets delivered to two members without a member loss, at or above a hand-over the
+    /// hub completed (the crossing-`Position` race).
+    pub(crate) crossing_duplicates: u64,
     /// Shard sessions re-established by consumers.
     pub(crate) reconnects: u64,
     /// Publish batches re-sent after a lost stream.
@@ -432,7 +440,12 @@ struct Consumer {
     attempts: BTreeMap<AttemptId, (u64, usize)>,
     conn: Option<u64>,
     readers: HashMap<(u64, StreamId), Reader_>,
-    queue: VecDeque<(u32, sibyl_proto::frame::Record)>,
+    /// The app's queue: (push number, partition, record).
+    queue: VecDeque<(u64, u32, sibyl_proto::frame::Record)>,
+    pushes: u64,
+    /// Per partition, the push number before which its queued records are of a revoked
+    /// stream and must not reach the app.
+    stale_before: BTreeMap<u32, u64>,
     queue_bytes: u64,
     rate: f64,
     next_take: Option<Instant>,
@@ -531,7 +544,12 @@ pub(crate) struct Sim {
     next_key: u64,
     next_member: u64,
     member_lost: bool,
+    /// The consumer behind each group member.
+    members: HashMap<LinkMember, usize>,
+    /// Hand-overs the hub completed on a final `Position`: (consumer, partition, offset).
+    handovers: Vec<(usize, u32, u64)>,
     report: Report,
+    trace: bool,
 }
 
 fn endpoint(s: usize) -> Endpoint {
@@ -617,6 +635,8 @@ impl Sim {
                     starved_since: None,
                     delivered: BTreeMap::new(),
                     attaches: 0,
+                    pushes: 0,
+                    stale_before: BTreeMap::new(),
                     spec: spec.clone(),
                 }
             })
@@ -664,8 +684,22 @@ impl Sim {
             next_key: 0,
             next_member: 0,
             member_lost: false,
+            members: HashMap::new(),
+            handovers: Vec::new(),
             report: Report::default(),
+            trace: std::env::var_os("SIM_TRACE").is_some(),
             setup,
+        }
+    }
+
+    /// Prints a trace line under `SIM_TRACE=1`.
+    fn trace(&self, what: impl FnOnce() -> String) {
+        if self.trace {
+            println!(
+                "{:>8.3} ms  {}",
+                self.elapsed().as_secs_f64() * 1000.0,
+                what()
+            );
         }
     }
 
@@ -833,7 +867,11 @@ impl Sim {
         if !conn.alive && !closed {
             return;
         }
-        let to = if m.to_client { conn.client } else { conn.server };
+        let to = if m.to_client {
+            conn.client
+        } else {
+            conn.server
+        };
         match to {
             Party::Consumer(i) => self.consumer_msg(i, m),
             Party::Shard(s) => self.shard_msg(s, m),
@@ -894,9 +932,20 @@ impl Sim {
                         next_offset,
                         serving,
                     } => {
-                        self.hub
+                        let r = self
+                            .hub
                             .coord
                             .position(who, partition, next_offset, serving, now);
+                        self.trace(|| {
+                            format!(
+                                "hub: {who:?} p{partition} at {next_offset} serving {serving}: {r:?}"
+                            )
+                        });
+                        if r == PositionReport::HandedOver
+                            && let Some(&c) = self.members.get(&who)
+                        {
+                            self.handovers.push((c, partition, next_offset));
+                        }
                     }
                     LinkMsg::Forecast(who, loads) => {
                         let _ = self.hub.coord.forecast(who, &loads, now);
@@ -917,10 +966,16 @@ impl Sim {
     fn hub_pushes(&mut self) {
         let now = self.now;
         for push in self.hub.coord.poll_pushes() {
+            self.trace(|| format!("hub pushes {push:?}"));
             if let Some(s) = self.shards.iter().find(|s| s.link_id == push.to.link) {
                 let link = s.link;
-                self.net
-                    .send(now, link, true, StreamId::Link, Payload::Link(LinkMsg::Push(push)));
+                self.net.send(
+                    now,
+                    link,
+                    true,
+                    StreamId::Link,
+                    Payload::Link(LinkMsg::Push(push)),
+                );
             }
         }
     }
@@ -945,12 +1000,21 @@ impl Sim {
             producer_token: Some(token(id)),
             max_in_flight: Some(PRODUCER_WINDOW as u32),
         };
-        self.net
-            .frame(self.now, conn, true, StreamId::Publish, Frame::PublishAccepted(a));
+        self.net.frame(
+            self.now,
+            conn,
+            true,
+            StreamId::Publish,
+            Frame::PublishAccepted(a),
+        );
     }
 
     fn hub_produce(&mut self, conn: u64, p: Produce) {
-        let producer = *self.hub.publishers.get(&conn).expect("Produce after PublishOpen");
+        let producer = *self
+            .hub
+            .publishers
+            .get(&conn)
+            .expect("Produce after PublishOpen");
         let recs = p.to_records();
         let records: Vec<StoreRecord<'_>> = recs
             .iter()
@@ -988,8 +1052,13 @@ impl Sim {
             base_offset,
             count,
         };
-        self.net
-            .frame(self.now, conn, true, StreamId::Publish, Frame::ProduceAck(ack));
+        self.net.frame(
+            self.now,
+            conn,
+            true,
+            StreamId::Publish,
+            Frame::ProduceAck(ack),
+        );
         self.wake_tail(p.partition());
     }
 
@@ -1104,7 +1173,11 @@ impl Sim {
                     let items = p.pm.handle_ack(&a).expect("ack matches the oldest batch");
                     for (i, it) in items.into_iter().enumerate() {
                         let at = (a.partition, a.base_offset + i as u64);
-                        assert!(p.acked.insert(it.id, at).is_none(), "record {} acked twice", it.id);
+                        assert!(
+                            p.acked.insert(it.id, at).is_none(),
+                            "record {} acked twice",
+                            it.id
+                        );
                     }
                 }
                 f => panic!("producer got {:?}", f.frame_type()),
@@ -1142,15 +1215,17 @@ impl Sim {
         let now = self.now;
         let ends = self.log_ends();
         let c = &mut self.consumers[i];
-        let Some((p, rec)) = c.queue.pop_front() else {
+        let Some((n, p, rec)) = c.queue.pop_front() else {
             c.next_take = None;
             if c.waiting_since.is_none() {
                 c.waiting_since = Some(now);
                 c.sub.on_starved(now);
                 let pos = c.sub.positions();
-                let available = c.sub.assigned().iter().any(|p| {
-                    ends[*p as usize] > pos.get(p).copied().unwrap_or(0)
-                });
+                let available = c
+                    .sub
+                    .assigned()
+                    .iter()
+                    .any(|p| ends[*p as usize] > pos.get(p).copied().unwrap_or(0));
                 c.starved_since = available.then_some(now);
             }
             return;
@@ -1170,6 +1245,11 @@ impl Sim {
             c.next_take = Some(now);
             return;
         }
+        assert!(
+            c.stale_before.get(&p).is_none_or(|&b| n > b),
+            "consumer {i} delivered offset {} of partition {p}, queued before it was revoked",
+            rec.offset
+        );
         let waited = c.waiting_since.take().map(|t| now - t);
         c.sub.took(p, bytes, waited, now);
         let d = c.delivered.entry(p).or_default();
@@ -1181,6 +1261,7 @@ impl Sim {
         );
         d.push(rec.offset);
         self.report.delivered += 1;
+        self.trace(|| format!("consumer {i} delivers p{p} offset {}", rec.offset));
         let stored = self
             .store
             .read(STREAM, p, rec.offset, 1, usize::MAX)
@@ -1200,7 +1281,8 @@ impl Sim {
             match a {
                 ClientAction::ConnectHub => {
                     let c = self.net.open(Party::Consumer(i), Party::Hub);
-                    self.net.send(now, c, false, StreamId::Session, Payload::Hello);
+                    self.net
+                        .send(now, c, false, StreamId::Session, Payload::Hello);
                 }
                 ClientAction::ConnectShards { attempts } => {
                     for at in attempts {
@@ -1296,10 +1378,18 @@ impl Sim {
                         c.sub.handle_grant(g, now, server_now);
                     }
                     (StreamId::Control, Frame::Assignment(a)) => {
+                        if self.trace {
+                            println!("consumer {i} assignment {a:?}");
+                        }
+                        let before = c.sub.assigned();
                         let stop = c
                             .sub
                             .handle_assignment(&a, now)
                             .unwrap_or_else(|e| panic!("consumer {i}: {e}"));
+                        let after = c.sub.assigned();
+                        for p in before.into_iter().filter(|p| !after.contains(p)) {
+                            c.stale_before.insert(p, c.pushes);
+                        }
                         for r in c.readers.values_mut() {
                             if matches!(r, Reader_::Current(id, _) if stop.contains(id)) {
                                 *r = Reader_::Stale;
@@ -1327,7 +1417,8 @@ impl Sim {
                         {
                             for rec in r.to_records() {
                                 c.queue_bytes += (rec.key.len() + rec.payload.len()) as u64;
-                                c.queue.push_back((p, rec));
+                                c.pushes += 1;
+                                c.queue.push_back((c.pushes, p, rec));
                             }
                             if c.next_take.is_none() && c.rate > 0.0 {
                                 c.next_take = Some(now);
@@ -1356,8 +1447,13 @@ impl Sim {
                     self.shards[s].planner.remove_sub(sub.key);
                     if let Some(who) = sub.member {
                         let link = self.shards[s].link;
-                        self.net
-                            .send(now, link, false, StreamId::Link, Payload::Link(LinkMsg::Leave(who)));
+                        self.net.send(
+                            now,
+                            link,
+                            false,
+                            StreamId::Link,
+                            Payload::Link(LinkMsg::Leave(who)),
+                        );
                     }
                 }
             }
@@ -1439,6 +1535,11 @@ impl Sim {
                 member: MemberId(self.next_member),
             }
         });
+        if let (Some(who), Some(Party::Consumer(i))) =
+            (member, self.net.conns.get(&conn).map(|c| c.client))
+        {
+            self.members.insert(who, i);
+        }
         shard.sessions.insert(
             conn,
             Some(ShardSub {
@@ -1528,7 +1629,8 @@ impl Sim {
                 },
                 GroupRelay::Forecast(loads) => LinkMsg::Forecast(who, loads),
             };
-            self.net.send(now, link, false, StreamId::Link, Payload::Link(l));
+            self.net
+                .send(now, link, false, StreamId::Link, Payload::Link(l));
         }
         while let Some(e) = sub.flow.poll_pump() {
             match e {
@@ -1548,7 +1650,8 @@ impl Sim {
                         epoch,
                     };
                     let st = StreamId::Part(partition, epoch);
-                    self.net.frame(now, conn, true, st, Frame::PartitionOpen(open));
+                    self.net
+                        .frame(now, conn, true, st, Frame::PartitionOpen(open));
                 }
                 PumpEvent::Stop(p) => {
                     if let Some(pump) = sub.pumps.remove(&p) {
@@ -1656,9 +1759,13 @@ impl Sim {
                     }
                 }
             };
-            match sub.flow.admit_batch(p, epoch, batch, now, &mut shard.planner) {
+            match sub
+                .flow
+                .admit_batch(p, epoch, batch, now, &mut shard.planner)
+            {
                 Admit::Send => {
-                    self.net.frame(now, conn, true, st, Frame::Records(*records));
+                    self.net
+                        .frame(now, conn, true, st, Frame::Records(*records));
                     if sub.capacity > 0 {
                         let inflight = sub.flow.inflight_bytes();
                         self.report.peak_inflight = self.report.peak_inflight.max(inflight);
@@ -1705,10 +1812,9 @@ impl Sim {
     /// Consumer `i` delivered everything the log holds.
     pub(crate) fn caught_up(&self, i: usize) -> bool {
         let c = &self.consumers[i];
-        self.log_ends()
-            .iter()
-            .enumerate()
-            .all(|(p, &end)| end == 0 || c.delivered.get(&(p as u32)).and_then(|d| d.last()) == Some(&(end - 1)))
+        self.log_ends().iter().enumerate().all(|(p, &end)| {
+            end == 0 || c.delivered.get(&(p as u32)).and_then(|d| d.last()) == Some(&(end - 1))
+        })
     }
 
     /// The group's members together delivered everything the log holds.
@@ -1743,26 +1849,45 @@ impl Sim {
         }
     }
 
-    /// The group delivered every offset at least once, and twice only after a member loss.
-    /// Returns the duplicates.
-    pub(crate) fn check_group(&self) -> u64 {
-        let mut dups = 0;
+    /// The group delivered every offset at least once; an offset delivered to two members
+    /// needs a member loss, or (unless `strict`) a hand-over the hub completed at or below it
+    /// on a `Position` of one of them (the crossing-`Position` race, see `simulation.rs`).
+    /// Returns the duplicates after a member loss and those crossing a hand-over.
+    pub(crate) fn check_group(&self, strict: bool) -> (u64, u64) {
+        let (mut dups, mut crossing) = (0, 0);
         for (p, end) in self.log_ends().into_iter().enumerate() {
-            let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
-            for c in &self.consumers {
-                for &o in c.delivered.get(&(p as u32)).into_iter().flatten() {
-                    *seen.entry(o).or_default() += 1;
+            let p = p as u32;
+            let mut seen: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+            for (i, c) in self.consumers.iter().enumerate() {
+                for &o in c.delivered.get(&p).into_iter().flatten() {
+                    seen.entry(o).or_default().push(i);
                 }
             }
             let missing: Vec<u64> = (0..end).filter(|o| !seen.contains_key(o)).take(5).collect();
-            assert!(missing.is_empty(), "partition {p}: offsets {missing:?} never delivered");
-            dups += seen.values().map(|&n| u64::from(n - 1)).sum::<u64>();
+            assert!(
+                missing.is_empty(),
+                "partition {p}: offsets {missing:?} never delivered"
+            );
+            for (o, by) in seen.iter().filter(|(_, by)| by.len() > 1) {
+                if self.member_lost {
+                    dups += by.len() as u64 - 1;
+                    continue;
+                }
+                crossing += by.len() as u64 - 1;
+                assert!(
+                    !strict,
+                    "partition {p} offset {o} delivered to consumers {by:?}"
+                );
+                assert!(
+                    self.handovers
+                        .iter()
+                        .any(|&(c, hp, x)| hp == p && x <= *o && by.contains(&c)),
+                    "partition {p} offset {o} delivered to consumers {by:?} without a member \
+                     loss or a hand-over below it"
+                );
+            }
         }
-        assert!(
-            dups == 0 || self.member_lost,
-            "{dups} offsets delivered to two members without a member loss"
-        );
-        dups
+        (dups, crossing)
     }
 
     /// Every acked record is in the log once, at its acked offset; nothing else is.
@@ -1771,7 +1896,11 @@ impl Sim {
         let mut found: BTreeMap<u64, Vec<(u32, u64)>> = BTreeMap::new();
         for p in 0..self.setup.partitions {
             let end = self.store.bounds(STREAM, p).expect("bounds").1;
-            for r in self.store.read(STREAM, p, 0, end as usize, usize::MAX).expect("read") {
+            for r in self
+                .store
+                .read(STREAM, p, 0, end as usize, usize::MAX)
+                .expect("read")
+            {
                 let s = String::from_utf8(r.payload).expect("utf-8");
                 if let Some(id) = s.strip_prefix("id-") {
                     found
@@ -1790,7 +1919,11 @@ impl Sim {
                 found.get(id)
             );
         }
-        assert_eq!(found.len(), prod.acked.len(), "records in the log nobody acked");
+        assert_eq!(
+            found.len(),
+            prod.acked.len(),
+            "records in the log nobody acked"
+        );
     }
 
     /// The run's figures.
