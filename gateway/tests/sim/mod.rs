@@ -485,7 +485,8 @@ struct ShardSub {
     sub_id: u32,
     member: Option<LinkMember>,
     pumps: BTreeMap<u32, Pump>,
-    capacity: u64,
+    /// Predictive mode: the buffer of the client's latest `Forecast` (`None` before one).
+    capacity: Option<u64>,
 }
 
 struct Shard {
@@ -1490,7 +1491,7 @@ impl Sim {
                         let shard = &mut self.shards[s];
                         if let Some(Some(sub)) = shard.sessions.get_mut(&m.conn) {
                             if let Frame::Forecast(fc) = &f {
-                                sub.capacity = fc.buffer_capacity_bytes;
+                                sub.capacity = Some(fc.buffer_capacity_bytes);
                             }
                             sub.flow
                                 .handle_frame(f, now, RTT, &mut shard.planner)
@@ -1548,7 +1549,7 @@ impl Sim {
                 sub_id: sub.sub_id,
                 member,
                 pumps: BTreeMap::new(),
-                capacity: sibyl_gateway::session::flow::DEFAULT_CLIENT_BUFFER,
+                capacity: None,
             }),
         );
         match (&sub.group, member) {
@@ -1766,13 +1767,14 @@ impl Sim {
                 Admit::Send => {
                     self.net
                         .frame(now, conn, true, st, Frame::Records(*records));
-                    if sub.capacity > 0 {
+                    if let Some(capacity) = sub.capacity {
+                        // Within the advertised buffer, or one batch sent with nothing else
+                        // in flight.
                         let inflight = sub.flow.inflight_bytes();
                         self.report.peak_inflight = self.report.peak_inflight.max(inflight);
                         assert!(
-                            inflight <= sub.capacity + u64::from(self.setup.flow.batch_bytes) * 2,
-                            "in flight {inflight} B over the client's buffer {} B",
-                            sub.capacity
+                            inflight <= capacity.max(batch.bytes),
+                            "in flight {inflight} B over the client's buffer {capacity} B"
                         );
                     }
                 }
