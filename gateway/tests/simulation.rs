@@ -261,6 +261,22 @@ fn regression_group_handover_seed_0() {
     group_handover(0);
 }
 
+/// `SubMachine` sent no final `Position` for a revoked partition whose position was already
+/// reported: the hand-over waited for the hub's timeout and restarted from an older position
+/// (fixed: the final `Position` always goes out).
+#[test]
+fn regression_group_handover_seed_10() {
+    group_handover(10);
+}
+
+/// A first fix dropped every record of a revoked partition until the next `Assignment`, also
+/// those of the stream that gives it back when that stream overtakes the `Assignment`: a gap
+/// (fixed: only the records queued before the revocation are dropped).
+#[test]
+fn regression_group_handover_seed_7() {
+    group_handover(7);
+}
+
 /// The crossing-`Position` race (see [`group_handover`]): fails until `Position` carries the
 /// assignment epoch the client had processed.
 #[test]
