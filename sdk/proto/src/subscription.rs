@@ -340,12 +340,23 @@ impl SubMachine {
             }
             p.assigned = false;
         }
+        let mut behind = false;
         for ap in &a.partitions {
             let p = self.parts.entry(ap.partition).or_default();
             p.assigned = true;
-            if p.next.is_none() {
-                p.next = Some(ap.start_offset);
-                p.sent_position = Some(ap.start_offset);
+            match p.next {
+                None => {
+                    p.next = Some(ap.start_offset);
+                    p.sent_position = Some(ap.start_offset);
+                }
+                Some(n) if ap.start_offset < n => {
+                    // The stream restarts below what the app has (a group's committed position
+                    // after a member loss): the replay is dropped here, and only a `Position`
+                    // tells the shard, whose pre-fetch window counts it in flight.
+                    p.sent_position = Some(ap.start_offset);
+                    behind = true;
+                }
+                Some(_) => {}
             }
         }
         if let Some(e) = &mut self.engine {
@@ -381,7 +392,7 @@ impl SubMachine {
             .parts
             .values()
             .any(|p| !p.assigned && p.next.is_some() && p.next != p.sent_position);
-        if revoked_changed {
+        if revoked_changed || behind {
             self.position_due = Some(now);
         }
         Ok(stop)
@@ -882,6 +893,37 @@ mod tests {
         assert_eq!(m.on_deliver(1, 3, t0), Deliver::Duplicate, "queued");
         assert_eq!(m.positions()[&1], 2);
         assert_eq!(m.on_deliver(1, 9, t0), Deliver::Deliver);
+    }
+
+    /// Found by the gateway's simulation (`consumer_group_handover`, seed 715): a member that
+    /// rejoined after a lost connection got partitions starting at the group's older position;
+    /// it dropped the replay as duplicates and never sent a `Position`, so the shard's
+    /// pre-fetch window stayed full and the partitions stalled.
+    #[test]
+    fn an_assignment_below_the_delivered_offset_sends_the_position_at_once() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        let r0 = accept(&mut m, 0, 1);
+        assert!(m.on_received(r0, 0, 10));
+        for o in 0..10 {
+            assert_eq!(m.on_deliver(0, o, t0), Deliver::Deliver);
+        }
+        // The connection is lost; the new member is given partition 0 from 4.
+        m.begin_generation();
+        drain(&mut m, t0);
+        m.handle_assignment(&assignment(1, &[(0, 4)]), t0).unwrap();
+        assert_eq!(
+            drain(&mut m, t0),
+            [Transmit::Position(Position {
+                partition: 0,
+                next_offset: 10
+            })]
+        );
+        // Kept at or above the delivered offset: nothing to say.
+        m.handle_assignment(&assignment(2, &[(0, 10)]), t0).unwrap();
+        assert_eq!(drain(&mut m, t0), []);
     }
 
     #[test]
