@@ -277,6 +277,15 @@ fn regression_group_handover_seed_7() {
     group_handover(7);
 }
 
+/// A member rejoining after a lost connection got partitions from the group's older position
+/// in predictive mode; `SubMachine` dropped the replay as duplicates without a `Position`, so
+/// the shard's pre-fetch window stayed full and the partitions stalled (fixed: the position
+/// goes out at once when an assignment starts below it).
+#[test]
+fn regression_group_handover_seed_715() {
+    group_handover(715);
+}
+
 /// The crossing-`Position` race (see [`group_handover`]): fails until `Position` carries the
 /// assignment epoch the client had processed.
 #[test]

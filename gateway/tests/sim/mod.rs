@@ -1410,9 +1410,21 @@ impl Sim {
                             }
                             Open::Stale => Reader_::Stale,
                         };
+                        if self.trace {
+                            println!("consumer {i} {o:?}: {r:?}");
+                        }
                         c.readers.insert((m.conn, m.stream), r);
                     }
                     (StreamId::Part(..), Frame::Records(r)) => {
+                        if self.trace {
+                            println!(
+                                "consumer {i} {:?} records {}..{} reader {:?}",
+                                m.stream,
+                                r.base_offset(),
+                                r.next_offset(),
+                                c.readers.get(&(m.conn, m.stream))
+                            );
+                        }
                         if let Some(&Reader_::Current(id, p)) = c.readers.get(&(m.conn, m.stream))
                             && c.sub.on_received(id, p, u64::from(r.count()))
                         {
