@@ -91,7 +91,8 @@ pub enum Open {
 pub enum Deliver {
     /// Hand it to the app.
     Deliver,
-    /// Its offset was already handed to the app: drop it.
+    /// Its offset was already handed to the app, or it was queued from a stream of a partition
+    /// since revoked (its final `Position` went out; the next owner starts there): drop it.
     Duplicate,
 }
 
@@ -155,6 +156,11 @@ struct Part {
     sent_position: Option<u64>,
     /// In the latest assignment of the current generation.
     assigned: bool,
+    /// Records queued before an assignment revoked the partition (a consumer-group
+    /// hand-over), still to come out of the app's queue: dropped, so the final `Position`
+    /// stays where the next owner starts. The queue is in push order and only the current
+    /// reader pushes, so they are the partition's next ones.
+    stale: u64,
     /// The current reader and the epoch of its stream.
     reader: Option<(ReaderId, u64)>,
     /// Records pushed into the app's queue and not yet delivered or dropped.
@@ -326,15 +332,31 @@ impl SubMachine {
         }
         self.epoch = Some(a.epoch);
         self.metrics.assignments += 1;
-        for p in self.parts.values_mut() {
+        // Held in this generation's previous assignment: revoked unless listed again.
+        let mut held = Vec::new();
+        for (&id, p) in &mut self.parts {
+            if p.assigned {
+                held.push(id);
+            }
             p.assigned = false;
         }
+        let mut behind = false;
         for ap in &a.partitions {
             let p = self.parts.entry(ap.partition).or_default();
             p.assigned = true;
-            if p.next.is_none() {
-                p.next = Some(ap.start_offset);
-                p.sent_position = Some(ap.start_offset);
+            match p.next {
+                None => {
+                    p.next = Some(ap.start_offset);
+                    p.sent_position = Some(ap.start_offset);
+                }
+                Some(n) if ap.start_offset < n => {
+                    // The stream restarts below what the app has (a group's committed position
+                    // after a member loss): the replay is dropped here, and only a `Position`
+                    // tells the shard, whose pre-fetch window counts it in flight.
+                    p.sent_position = Some(ap.start_offset);
+                    behind = true;
+                }
+                Some(_) => {}
             }
         }
         if let Some(e) = &mut self.engine {
@@ -355,12 +377,22 @@ impl SubMachine {
             }
         }
         self.metrics.streams_stopped += stop.len() as u64;
-        // Revoked partitions: their final position goes out now.
+        // Revoked partitions: their final position goes out now, even if unchanged: the hub
+        // ends a hand-over only on a report its shard relays after the revocation.
+        for id in held {
+            if let Some(p) = self.parts.get_mut(&id)
+                && !p.assigned
+                && p.next.is_some()
+            {
+                p.sent_position = None;
+                p.stale = p.buffered;
+            }
+        }
         let revoked_changed = self
             .parts
             .values()
             .any(|p| !p.assigned && p.next.is_some() && p.next != p.sent_position);
-        if revoked_changed {
+        if revoked_changed || behind {
             self.position_due = Some(now);
         }
         Ok(stop)
@@ -427,6 +459,11 @@ impl SubMachine {
         let low = self.low_water();
         let p = self.parts.entry(partition).or_default();
         p.buffered = p.buffered.saturating_sub(1);
+        if p.stale > 0 {
+            p.stale -= 1;
+            self.prefetch.discarded(1);
+            return Deliver::Duplicate;
+        }
         if p.next.is_some_and(|n| offset < n) {
             self.metrics.duplicates_dropped += 1;
             self.prefetch.discarded(1);
@@ -822,6 +859,71 @@ mod tests {
             })]
         );
         assert_eq!(m.poll_timeout(t2), None);
+    }
+
+    /// Found by the gateway's simulation (`consumer_group_handover`, seeds 0 and 10): records
+    /// of a revoked partition still queued for the app were delivered after the final
+    /// `Position`, and again by the member that took the partition over; and an unchanged
+    /// position was not sent again, so the hand-over waited for the hub's timeout.
+    #[test]
+    fn queued_records_of_a_revoked_partition_are_not_delivered() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Reactive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0), (1, 0)]), t0)
+            .unwrap();
+        let r1 = accept(&mut m, 1, 1);
+        assert!(m.on_received(r1, 1, 4));
+        assert_eq!(m.on_deliver(1, 0, t0), Deliver::Deliver);
+        assert_eq!(m.on_deliver(1, 1, t0), Deliver::Deliver);
+        let final_position = Transmit::Position(Position {
+            partition: 1,
+            next_offset: 2,
+        });
+        assert!(drain(&mut m, t0).contains(&final_position));
+        // Partition 1 moves to another member, which starts at the final position, 2: it goes
+        // out again, unchanged (the one before may have crossed the revocation).
+        m.handle_assignment(&assignment(2, &[(0, 0)]), t0).unwrap();
+        assert_eq!(drain(&mut m, t0), [final_position]);
+        // Given back (its stream may come before the assignment) after the other member
+        // consumed up to 9: the new stream's records are delivered, the queued ones are not.
+        let r1b = accept(&mut m, 1, 3);
+        assert!(m.on_received(r1b, 1, 1));
+        assert_eq!(m.on_deliver(1, 2, t0), Deliver::Duplicate, "queued");
+        assert_eq!(m.on_deliver(1, 3, t0), Deliver::Duplicate, "queued");
+        assert_eq!(m.positions()[&1], 2);
+        assert_eq!(m.on_deliver(1, 9, t0), Deliver::Deliver);
+    }
+
+    /// Found by the gateway's simulation (`consumer_group_handover`, seed 715): a member that
+    /// rejoined after a lost connection got partitions starting at the group's older position;
+    /// it dropped the replay as duplicates and never sent a `Position`, so the shard's
+    /// pre-fetch window stayed full and the partitions stalled.
+    #[test]
+    fn an_assignment_below_the_delivered_offset_sends_the_position_at_once() {
+        let t0 = Instant::now();
+        let mut m = SubMachine::new(cfg(Mode::Predictive), Start::Earliest);
+        m.begin_generation();
+        m.handle_assignment(&assignment(1, &[(0, 0)]), t0).unwrap();
+        let r0 = accept(&mut m, 0, 1);
+        assert!(m.on_received(r0, 0, 10));
+        for o in 0..10 {
+            assert_eq!(m.on_deliver(0, o, t0), Deliver::Deliver);
+        }
+        // The connection is lost; the new member is given partition 0 from 4.
+        m.begin_generation();
+        drain(&mut m, t0);
+        m.handle_assignment(&assignment(1, &[(0, 4)]), t0).unwrap();
+        assert_eq!(
+            drain(&mut m, t0),
+            [Transmit::Position(Position {
+                partition: 0,
+                next_offset: 10
+            })]
+        );
+        // Kept at or above the delivered offset: nothing to say.
+        m.handle_assignment(&assignment(2, &[(0, 10)]), t0).unwrap();
+        assert_eq!(drain(&mut m, t0), []);
     }
 
     #[test]
