@@ -448,6 +448,7 @@ fn subscribe_every_start_kind_tail_and_fetch() {
             Frame::Position(Position {
                 partition: 0,
                 next_offset: 10,
+                epoch: None,
             }),
         )
         .await;
@@ -686,6 +687,7 @@ fn consumer_group_members_split_and_hand_over() {
                 Frame::Position(Position {
                     partition: *p,
                     next_offset: 0,
+                    epoch: None,
                 }),
             )
             .await;
@@ -726,6 +728,7 @@ fn consumer_group_spreads_forecast_load_not_partition_count() {
             Frame::Position(Position {
                 partition,
                 next_offset: 0,
+                epoch: None,
             })
         };
 
@@ -839,6 +842,7 @@ fn consumer_group_members_on_different_shards_never_share_a_partition() {
             Frame::Position(Position {
                 partition,
                 next_offset,
+                epoch: None,
             })
         };
 

@@ -205,6 +205,7 @@ fn prefetch_stays_within_the_advertised_buffer_until_the_client_consumes() {
                 Frame::Position(Position {
                     partition: 0,
                     next_offset: next,
+                    epoch: None,
                 }),
             )
             .await;
@@ -259,6 +260,7 @@ fn a_new_partition_without_forecast_gets_its_warmup_batch() {
             Frame::Position(Position {
                 partition: 1,
                 next_offset: WARMUP as u64,
+                epoch: None,
             }),
         )
         .await;

@@ -274,6 +274,9 @@ pub struct Flow {
     /// Partitions of the epoch [`Flow::handle_owned`] opened, until [`Flow::handle_starts`].
     pending: BTreeSet<u32>,
     positions: BTreeMap<u32, u64>,
+    /// Partitions this subscription held and no longer owns: the epoch that revoked each (at
+    /// most one entry per partition of the stream).
+    revoked: BTreeMap<u32, u64>,
     /// The client's advertised pre-fetch buffer (bytes).
     capacity: u64,
     /// Bytes sent on all partition streams and not yet covered by a `Position`.
@@ -313,6 +316,7 @@ impl Flow {
             parts: BTreeMap::new(),
             pending: BTreeSet::new(),
             positions: BTreeMap::new(),
+            revoked: BTreeMap::new(),
             capacity: DEFAULT_CLIENT_BUFFER,
             inflight_bytes: 0,
             forecasts: 0,
@@ -430,11 +434,18 @@ impl Flow {
                 if self.group {
                     // The hub records it (owner) or completes a hand-over (previous owner); a
                     // stale report changes nothing there. Not `serving` once this shard applied
-                    // a revocation, so a report sent before it cannot end a hand-over.
+                    // a revocation and the client had processed it (its epoch, when it sends
+                    // one, is at or after the revoking epoch), so a report sent before the
+                    // revocation cannot end a hand-over.
+                    let stale = match (p.epoch, self.revoked.get(&p.partition)) {
+                        (Some(e), Some(&revoked_in)) => e < revoked_in,
+                        _ => false,
+                    };
                     self.relays.push_back(GroupRelay::Position {
                         partition: p.partition,
                         next_offset: p.next_offset,
-                        serving: self.parts.contains_key(&p.partition)
+                        serving: stale
+                            || self.parts.contains_key(&p.partition)
                             || self.pending.contains(&p.partition),
                     });
                 }
@@ -541,6 +552,14 @@ impl Flow {
         owned.retain(|&(p, _)| p < self.partitions);
         owned.sort_unstable();
         owned.dedup_by_key(|(p, _)| *p);
+        for p in previous.keys() {
+            if owned.binary_search_by_key(p, |(o, _)| *o).is_err() {
+                self.revoked.insert(*p, self.epoch);
+            }
+        }
+        for (p, _) in &owned {
+            self.revoked.remove(p);
+        }
         if self.predictive() {
             for p in previous.keys() {
                 if !owned.iter().any(|(o, _)| o == p) {
@@ -937,9 +956,15 @@ mod tests {
         }
 
         fn position(&mut self, partition: u32, next_offset: u64) {
+            self.position_in(partition, next_offset, None);
+        }
+
+        /// A `Position` the client produced after processing assignment `epoch`.
+        fn position_in(&mut self, partition: u32, next_offset: u64, epoch: Option<u64>) {
             self.frame(Frame::Position(Position {
                 partition,
                 next_offset,
+                epoch,
             }))
             .unwrap();
         }
@@ -1167,6 +1192,48 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_position_sent_before_the_revoking_epoch_does_not_end_the_hand_over() {
+        let serving = |h: &mut Harness| match h.drain().1.as_slice() {
+            [GroupRelay::Position { serving, .. }] => *serving,
+            other => panic!("{other:?}"),
+        };
+        let mut h = Harness::new(Mode::Reactive, true);
+        h.own(&[(0, Some(0)), (1, Some(0))], 0);
+        h.own(&[(0, None), (1, None)], 0);
+        h.drain();
+        // Epoch 3 revokes partition 1.
+        h.own(&[(0, None)], 0);
+        h.drain();
+        // Produced before the client processed epoch 3: stale, cannot end the hand-over.
+        h.position_in(1, 20, Some(2));
+        assert!(serving(&mut h));
+        // The final one, produced after it (or later still).
+        h.position_in(1, 25, Some(3));
+        assert!(!serving(&mut h));
+        h.own(&[(0, None)], 0);
+        h.drain();
+        h.position_in(1, 25, Some(4));
+        assert!(!serving(&mut h));
+        // Without an epoch (an older client): today's rule, final.
+        h.position_in(1, 25, None);
+        assert!(!serving(&mut h));
+        // Given back in epoch 5 and revoked again in 6: the new revocation counts.
+        h.own(&[(0, None), (1, None)], 0);
+        h.drain();
+        h.position_in(1, 30, Some(4));
+        assert!(serving(&mut h), "served again");
+        h.own(&[(0, None)], 0);
+        h.drain();
+        h.position_in(1, 31, Some(5));
+        assert!(serving(&mut h));
+        h.position_in(1, 31, Some(6));
+        assert!(!serving(&mut h));
+        // A partition this subscription never held: today's rule.
+        h.position_in(2, 1, Some(1));
+        assert!(!serving(&mut h));
     }
 
     #[test]

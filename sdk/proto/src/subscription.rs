@@ -593,6 +593,7 @@ impl SubMachine {
                     self.out.push_back(Transmit::Position(Position {
                         partition,
                         next_offset: n,
+                        epoch: self.epoch,
                     }));
                 }
             }
@@ -843,7 +844,8 @@ mod tests {
             drain(&mut m, t0),
             [Transmit::Position(Position {
                 partition: 0,
-                next_offset: 2
+                next_offset: 2,
+                epoch: Some(1)
             })]
         );
         let t1 = t0 + Duration::from_millis(10);
@@ -855,7 +857,8 @@ mod tests {
             drain(&mut m, t2),
             [Transmit::Position(Position {
                 partition: 1,
-                next_offset: 1
+                next_offset: 1,
+                epoch: Some(1)
             })]
         );
         assert_eq!(m.poll_timeout(t2), None);
@@ -876,15 +879,19 @@ mod tests {
         assert!(m.on_received(r1, 1, 4));
         assert_eq!(m.on_deliver(1, 0, t0), Deliver::Deliver);
         assert_eq!(m.on_deliver(1, 1, t0), Deliver::Deliver);
-        let final_position = Transmit::Position(Position {
-            partition: 1,
-            next_offset: 2,
-        });
-        assert!(drain(&mut m, t0).contains(&final_position));
+        let position_in = |epoch| {
+            Transmit::Position(Position {
+                partition: 1,
+                next_offset: 2,
+                epoch: Some(epoch),
+            })
+        };
+        assert!(drain(&mut m, t0).contains(&position_in(1)));
         // Partition 1 moves to another member, which starts at the final position, 2: it goes
-        // out again, unchanged (the one before may have crossed the revocation).
+        // out again, unchanged (the one before may have crossed the revocation), now with the
+        // revoking epoch, so the shard can tell it from the one before.
         m.handle_assignment(&assignment(2, &[(0, 0)]), t0).unwrap();
-        assert_eq!(drain(&mut m, t0), [final_position]);
+        assert_eq!(drain(&mut m, t0), [position_in(2)]);
         // Given back (its stream may come before the assignment) after the other member
         // consumed up to 9: the new stream's records are delivered, the queued ones are not.
         let r1b = accept(&mut m, 1, 3);
@@ -918,7 +925,8 @@ mod tests {
             drain(&mut m, t0),
             [Transmit::Position(Position {
                 partition: 0,
-                next_offset: 10
+                next_offset: 10,
+                epoch: Some(1)
             })]
         );
         // Kept at or above the delivered offset: nothing to say.
@@ -957,7 +965,8 @@ mod tests {
             drain(&mut m, t1),
             [Transmit::Position(Position {
                 partition: 1,
-                next_offset: 2
+                next_offset: 2,
+                epoch: Some(2)
             })]
         );
         // Old epochs are stale now; epochs must increase.
@@ -1100,7 +1109,8 @@ mod tests {
         m.took(0, 1000, None, t0);
         assert!(drain(&mut m, t0).contains(&Transmit::Position(Position {
             partition: 0,
-            next_offset: 1
+            next_offset: 1,
+            epoch: Some(1)
         })));
         let quarter = (1u64 << 20) / 4;
         let t1 = t0 + Duration::from_millis(1);
@@ -1118,7 +1128,8 @@ mod tests {
         assert!(m.take_poke());
         assert!(drain(&mut m, t1).contains(&Transmit::Position(Position {
             partition: 0,
-            next_offset: 3
+            next_offset: 3,
+            epoch: Some(1)
         })));
     }
 
@@ -1158,7 +1169,8 @@ mod tests {
         assert!(m.take_poke());
         assert!(drain(&mut m, t2).contains(&Transmit::Position(Position {
             partition: 0,
-            next_offset: 201
+            next_offset: 201,
+            epoch: Some(1)
         })));
         let mt = m.metrics();
         assert_eq!((mt.prefetch.hits, mt.prefetch.misses), (200, 1));

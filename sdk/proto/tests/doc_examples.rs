@@ -191,6 +191,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
             Position {
                 partition: 0,
                 next_offset: 102,
+                epoch: Some(1),
             }
             .into(),
         ),

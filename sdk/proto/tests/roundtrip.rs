@@ -240,10 +240,13 @@ fn control() -> impl Strategy<Value = Frame> {
             })
         ),
         (code(), s()).prop_map(|(code, reason)| Frame::from(SubError { code, reason })),
-        (any::<u32>(), any::<u64>()).prop_map(|(partition, next_offset)| Frame::from(Position {
-            partition,
-            next_offset
-        })),
+        (any::<u32>(), any::<u64>(), any::<Option<u64>>()).prop_map(
+            |(partition, next_offset, epoch)| Frame::from(Position {
+                partition,
+                next_offset,
+                epoch
+            })
+        ),
         (any::<u32>(), 1..=u32::MAX).prop_map(|(partition, max_records)| Frame::from(Fetch {
             partition,
             max_records
@@ -498,6 +501,7 @@ fn decoder_finish_reports_truncation() {
     let f = Frame::from(Position {
         partition: 1,
         next_offset: 2,
+        epoch: None,
     });
     let bytes = f.to_vec();
     let mut d = FrameDecoder::new(DecodeLimits::default());
@@ -523,6 +527,7 @@ fn malformed_cbor_and_trailing_bytes_are_invalid() {
     Position {
         partition: 1,
         next_offset: 2,
+        epoch: None,
     }
     .encode(&mut body);
     body.push(0);

@@ -103,6 +103,11 @@ pub struct Position {
     pub partition: u32,
     /// The offset after the last record the app consumed.
     pub next_offset: u64,
+    /// The latest `Assignment` epoch the client had processed when it produced this report
+    /// (absent: unknown, from a client that does not send it). Lets the shard tell a report
+    /// sent before a revocation from the final one sent after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// `Fetch` (`0x35`): reactive mode pull.
