@@ -290,5 +290,9 @@ def subscribe_frame(sub_id: int, stream: str, start, mode: str = "predictive") -
     return cbor_frame(SUBSCRIBE, {"sub_id": sub_id, "stream": stream, "start": start, "mode": mode})
 
 
-def position_frame(partition: int, next_offset: int) -> bytes:
-    return cbor_frame(POSITION, {"partition": partition, "next_offset": next_offset})
+def position_frame(partition: int, next_offset: int, epoch: int | None = None) -> bytes:
+    # `epoch`: the latest Assignment epoch processed (PROTOCOL.md §6.2); omitted when None.
+    body = {"partition": partition, "next_offset": next_offset}
+    if epoch is not None:
+        body["epoch"] = epoch
+    return cbor_frame(POSITION, body)
