@@ -286,10 +286,11 @@ fn regression_group_handover_seed_715() {
     group_handover(715);
 }
 
-/// The crossing-`Position` race (see [`group_handover`]): fails until `Position` carries the
-/// assignment epoch the client had processed.
+/// The crossing-`Position` race (see [`group_handover`]): a `Position` sent before the revoking
+/// `Assignment` and relayed after the shard revoked the partition ended the hand-over early
+/// (fixed: `Position` carries the assignment epoch the client had processed, and the shard
+/// takes it as final only at or after the revoking epoch).
 #[test]
-#[ignore = "open: a Position sent before the revoking Assignment ends the hand-over"]
 fn regression_group_handover_strict_seed_0() {
     group_handover_with(0, true);
 }
