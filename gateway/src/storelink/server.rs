@@ -125,7 +125,8 @@ impl StoreLinkServer {
         })
     }
 
-    /// The consumer groups the hub coordinates ([`GroupCoordinator::view`]).
+    /// The consumer groups the hub coordinates
+    /// ([`GroupCoordinator::view`](crate::hub::groups::GroupCoordinator::view)).
     pub fn consumer_groups(&self) -> Vec<crate::hub::groups::GroupView> {
         self.groups.0.view()
     }
