@@ -495,15 +495,21 @@ async def stream_before_attached(env: Env) -> str:
     return f"Subscribe sent before Attach answered: {got}"
 
 
+async def early_attached(env: Env, shard: Proto, t: dict) -> int:
+    """EarlyAttach in 1-RTT on the session stream until Attached; returns the stream id."""
+    sid = shard.open_bidi()
+    shard.send(sid, cbor_frame(EARLY_ATTACH, {"token": t["token"], "client_id": env.client_id}))
+    ty, m = await answer(shard, sid)
+    if ty != ATTACHED:
+        raise Fail(f"expected Attached, got {ty:#x} {m}")
+    return sid
+
+
 @check("R20", "EarlyAttach + AttachProof also attach outside 0-RTT")
 async def early_attach_1rtt(env: Env) -> str:
     t, ep = await ticket(env)
     async with shard_conn(env, ep) as shard:
-        sid = shard.open_bidi()
-        shard.send(sid, cbor_frame(EARLY_ATTACH, {"token": t["token"], "client_id": env.client_id}))
-        ty, m = await answer(shard, sid)
-        if ty != ATTACHED:
-            raise Fail(f"expected Attached, got {ty:#x} {m}")
+        sid = await early_attached(env, shard, t)
         shard.send(sid, cbor_frame(ATTACH_PROOF, {"proof": attach_proof(t["session_secret"], shard.exporter())}))
         control = shard.open_bidi()
         shard.send(control, subscribe(1, env))
@@ -515,11 +521,7 @@ async def early_attach_1rtt(env: Env) -> str:
 async def early_attach_bad_proof(env: Env) -> str:
     t, ep = await ticket(env)
     async with shard_conn(env, ep) as shard:
-        sid = shard.open_bidi()
-        shard.send(sid, cbor_frame(EARLY_ATTACH, {"token": t["token"], "client_id": env.client_id}))
-        ty, m = await answer(shard, sid)
-        if ty != ATTACHED:
-            raise Fail(f"expected Attached, got {ty:#x} {m}")
+        sid = await early_attached(env, shard, t)
         shard.send(sid, cbor_frame(ATTACH_PROOF, {"proof": bytes(32)}))
         return await closed_with(shard, PROOF_FAILED, "AttachProof of 32 zero bytes")
 
