@@ -833,11 +833,14 @@ impl Task {
                     self.machine.seal_all();
                 }
                 Wake::Cmd(Some(cmd)) => {
-                    self.on_cmd(cmd, &mut closing);
+                    // One clock read per wake, not per record: records taken in one go
+                    // arrived together (a batch's linger starts at most this drain earlier).
+                    let now = Instant::now().into_std();
+                    self.on_cmd(cmd, now, &mut closing);
                     // Take whatever else is already queued, so it shares batches.
                     for _ in 0..4096 {
                         match self.rx.try_recv() {
-                            Ok(cmd) => self.on_cmd(cmd, &mut closing),
+                            Ok(cmd) => self.on_cmd(cmd, now, &mut closing),
                             Err(_) => break,
                         }
                     }
@@ -889,6 +892,7 @@ impl Task {
     fn on_cmd(
         &mut self,
         cmd: Cmd,
+        now: std::time::Instant,
         closing: &mut Option<oneshot::Sender<Result<(), PublishError>>>,
     ) {
         match cmd {
@@ -896,7 +900,7 @@ impl Task {
                 self.admitted += 1;
                 self.stats.admitted.fetch_add(1, Ordering::Relaxed);
                 let (p, size) = (item.partition, item.size);
-                self.machine.push(p, size, item, Instant::now().into_std());
+                self.machine.push(p, size, item, now);
             }
             Cmd::Flush(tx) => {
                 self.machine.seal_all();
