@@ -5,13 +5,13 @@
 
 mod support;
 
-use quinn::{Connection, RecvStream, SendStream};
+use quinn::{Connection, SendStream};
 use sibyl_gateway::store::Store;
 use sibyl_proto::frame::{
     Action, NewRecordRef, PRODUCER_TOKEN_LEN, Produce, ProduceAck, ProduceError, PublishAccepted,
     PublishOpen,
 };
-use sibyl_proto::{ErrorCode, Frame, FrameDecoder};
+use sibyl_proto::{ErrorCode, Frame};
 use support::*;
 
 /// One group, one shard; stream `t` (2 partitions, fsync before ack).
@@ -20,29 +20,7 @@ const CONFIG: &str = "[[shards.groups]]\nid = 0\nshards = 1\n\
 
 type Producer = (u64, [u8; PRODUCER_TOKEN_LEN]);
 
-struct Reader {
-    recv: RecvStream,
-    dec: FrameDecoder,
-}
-
-impl Reader {
-    async fn next(&mut self) -> Option<Frame> {
-        let read = async {
-            loop {
-                if let Some(f) = self.dec.next_frame().unwrap() {
-                    return Some(f);
-                }
-                match self.recv.read_chunk(64 * 1024, true).await {
-                    Ok(Some(c)) => self.dec.push(&c.bytes),
-                    _ => return None,
-                }
-            }
-        };
-        tokio::time::timeout(PATIENCE, read)
-            .await
-            .expect("frame in time")
-    }
-}
+type Reader = StreamReader;
 
 async fn hub_conn(ep: &quinn::Endpoint, gw: &Gateway, key: &str, client: &str) -> Connection {
     let mut h = hello(key, &[("t", Action::Publish)]);
@@ -61,10 +39,7 @@ async fn open(conn: &Connection, producer: Option<Producer>) -> (SendStream, Rea
         Frame::PublishOpen(PublishOpen::idempotent("t", producer)),
     )
     .await;
-    let mut r = Reader {
-        recv,
-        dec: FrameDecoder::default(),
-    };
+    let mut r = Reader::new(recv);
     let first = r.next().await.expect("answer to PublishOpen");
     (send, r, first)
 }

@@ -13,7 +13,7 @@ use sibyl_proto::frame::{
     Action, Assignment, Fetch, Forecast, Mode, NewRecordRef, PartitionForecast, PartitionOpen,
     Position, Produce, ProduceAck, PublishOpen, Record, Start, Subscribe, Ticket,
 };
-use sibyl_proto::{ErrorCode, Frame, FrameDecoder};
+use sibyl_proto::{ErrorCode, Frame};
 use support::*;
 
 /// One group, one shard; stream `t` (2 partitions, fsync before ack, 1 KiB payloads).
@@ -86,36 +86,7 @@ async fn hub_conn(ep: &Endpoint, gw: &Gateway, key: &str) -> (Connection, Ticket
     (conn, t.expect("ticket"))
 }
 
-/// Reads frames of one stream with a persistent decoder.
-struct Reader {
-    recv: RecvStream,
-    dec: FrameDecoder,
-}
-
-impl Reader {
-    fn new(recv: RecvStream) -> Self {
-        Self {
-            recv,
-            dec: FrameDecoder::default(),
-        }
-    }
-    async fn next(&mut self) -> Option<Frame> {
-        let read = async {
-            loop {
-                if let Some(f) = self.dec.next_frame().unwrap() {
-                    return Some(f);
-                }
-                match self.recv.read_chunk(64 * 1024, true).await {
-                    Ok(Some(c)) => self.dec.push(&c.bytes),
-                    _ => return None,
-                }
-            }
-        };
-        tokio::time::timeout(PATIENCE, read)
-            .await
-            .expect("frame in time")
-    }
-}
+type Reader = StreamReader;
 
 /// Publishes `n` records to partition `p` in batches of `per`, returns the acks.
 #[allow(clippy::too_many_arguments)]

@@ -7,12 +7,12 @@ mod support;
 
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, Endpoint, SendStream};
 use sibyl_proto::frame::{
     Action, Assignment, Forecast, Mode, NewRecordRef, PartitionForecast, Position, Produce,
     PublishOpen, Record, Start, Subscribe,
 };
-use sibyl_proto::{Codec, Frame, FrameDecoder};
+use sibyl_proto::{Codec, Frame};
 use support::*;
 
 /// One group, one shard; stream `t` (2 partitions).
@@ -24,26 +24,12 @@ const PAYLOAD: usize = 1000;
 /// The warm-up batch of a newly assigned partition (`PrefetchConfig::default`).
 const WARMUP: usize = 32;
 
-struct Reader {
-    recv: RecvStream,
-    dec: FrameDecoder,
-}
+/// A partition or publish stream's frames ([`StreamReader`] with this file's helpers).
+struct Reader(StreamReader);
 
 impl Reader {
-    /// The next frame, or `None` if none arrives within `wait` (or the stream ended).
     async fn next_within(&mut self, wait: Duration) -> Option<Frame> {
-        let read = async {
-            loop {
-                if let Some(f) = self.dec.next_frame().unwrap() {
-                    return Some(f);
-                }
-                match self.recv.read_chunk(64 * 1024, true).await {
-                    Ok(Some(c)) => self.dec.push(&c.bytes),
-                    _ => return None,
-                }
-            }
-        };
-        tokio::time::timeout(wait, read).await.ok().flatten()
+        self.0.next_within(wait).await
     }
 
     async fn next(&mut self) -> Frame {
@@ -66,10 +52,7 @@ impl Reader {
 async fn publish(conn: &Connection, p: u32, n: u64) {
     let (mut send, recv) = conn.open_bi().await.unwrap();
     send_frame(&mut send, Frame::PublishOpen(PublishOpen::new("t"))).await;
-    let mut r = Reader {
-        recv,
-        dec: FrameDecoder::default(),
-    };
+    let mut r = Reader(StreamReader::new(recv));
     assert!(matches!(r.next().await, Frame::PublishAccepted(_)));
     let body = vec![b'x'; PAYLOAD];
     for seq in 1..=n.div_ceil(50) {
@@ -123,10 +106,7 @@ async fn subscribe(shard: &Connection, forecast: Forecast) -> (SendStream, Reade
     .encode(&mut both);
     Frame::Forecast(forecast).encode(&mut both);
     send.write_all(&both).await.unwrap();
-    let mut r = Reader {
-        recv,
-        dec: FrameDecoder::default(),
-    };
+    let mut r = Reader(StreamReader::new(recv));
     loop {
         match r.next().await {
             Frame::Grant(_) => continue,
@@ -144,10 +124,7 @@ async fn partition_streams(shard: &Connection) -> [Reader; 2] {
             .await
             .expect("partition stream in time")
             .unwrap();
-        let mut r = Reader {
-            recv,
-            dec: FrameDecoder::default(),
-        };
+        let mut r = Reader(StreamReader::new(recv));
         match r.next().await {
             Frame::PartitionOpen(o) => out[o.partition as usize] = Some(r),
             other => panic!("expected PartitionOpen, got {other:?}"),

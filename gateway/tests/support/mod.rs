@@ -329,3 +329,42 @@ pub async fn raw_first_stream(ep: &Endpoint, addr: SocketAddr, bytes: &[u8]) -> 
     send.write_all(bytes).await.unwrap();
     close_code(&conn).await
 }
+
+/// Reads the frames of one stream with a persistent decoder.
+pub struct StreamReader {
+    recv: RecvStream,
+    dec: FrameDecoder,
+}
+
+impl StreamReader {
+    pub fn new(recv: RecvStream) -> Self {
+        Self {
+            recv,
+            dec: FrameDecoder::default(),
+        }
+    }
+
+    async fn read(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.dec.next_frame().unwrap() {
+                return Some(f);
+            }
+            match self.recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => self.dec.push(&c.bytes),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next frame, or `None` if none arrives within `wait` (or the stream ended).
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Frame> {
+        tokio::time::timeout(wait, self.read()).await.ok().flatten()
+    }
+
+    /// The next frame, `None` when the stream ended; panics if none arrives in PATIENCE.
+    pub async fn next(&mut self) -> Option<Frame> {
+        tokio::time::timeout(PATIENCE, self.read())
+            .await
+            .expect("frame in time")
+    }
+}
