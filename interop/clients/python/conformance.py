@@ -133,6 +133,26 @@ def varint8(v: int) -> bytes:
     return struct.pack(">Q", v | 0xC000000000000000)
 
 
+async def open_publisher(env: Env, hub: Proto, **keys: object) -> tuple[int, int, dict]:
+    """A publish stream on `hub` (a ticket first): (stream id, frame type, answer)."""
+    sid = hub.open_bidi()
+    hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": env.stream, **keys}))
+    ty, m = await answer(hub, sid)
+    return sid, ty, m
+
+
+def one_record(seq: int, payload: bytes) -> bytes:
+    return frame(PRODUCE, struct.pack(">QII", seq, 0, 1) + struct.pack(">Q", 0) + b"\x00" + bytes([len(payload)]) + payload)
+
+
+async def accepted_publisher(env: Env, hub: Proto) -> int:
+    """A publish stream on `hub` (ticket already asked) that got PublishAccepted."""
+    sid, ty, m = await open_publisher(env, hub)
+    if ty != PUBLISH_ACCEPTED:
+        raise Fail(f"PublishOpen: {ty:#x} {m}")
+    return sid
+
+
 async def attached_session(env: Env, shard: Proto, t: dict) -> dict:
     _, a = await attach(env, t, shard)
     return a
@@ -148,11 +168,7 @@ async def publish(env: Env, n: int) -> None:
     """Publishes n records to partition 0 of the interop stream (acknowledged)."""
     async with hub_conn(env) as hub:
         await ask_ticket(env, hub)
-        sid = hub.open_bidi()
-        hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": env.stream}))
-        ty, m = await answer(hub, sid)
-        if ty != PUBLISH_ACCEPTED:
-            raise Fail(f"PublishOpen: {m}")
+        sid = await accepted_publisher(env, hub)
         body = bytearray(struct.pack(">QII", 1, 0, n))
         for i in range(n):
             p = f"conformance-{i}".encode()
@@ -347,8 +363,7 @@ async def hello_deadline(env: Env) -> str:
 async def produce_first(env: Env) -> str:
     async with hub_conn(env) as hub:
         await ask_ticket(env, hub)
-        body = struct.pack(">QII", 1, 0, 1) + struct.pack(">Q", 0) + b"\x00\x01x"
-        hub.send(hub.open_bidi(), frame(PRODUCE, body))
+        hub.send(hub.open_bidi(), one_record(1, b"x"))
         return await closed_with(hub, PROTOCOL_VIOLATION, "Produce before PublishOpen")
 
 
@@ -356,13 +371,8 @@ async def produce_first(env: Env) -> str:
 async def seq_zero(env: Env) -> str:
     async with hub_conn(env) as hub:
         await ask_ticket(env, hub)
-        sid = hub.open_bidi()
-        hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": env.stream}))
-        ty, m = await answer(hub, sid)
-        if ty != PUBLISH_ACCEPTED:
-            raise Fail(f"PublishOpen: {m}")
-        body = struct.pack(">QII", 0, 0, 1) + struct.pack(">Q", 0) + b"\x00\x01x"
-        hub.send(sid, frame(PRODUCE, body))
+        sid = await accepted_publisher(env, hub)
+        hub.send(sid, one_record(0, b"x"))
         return await closed_with(hub, PROTOCOL_VIOLATION, "Produce with seq 0")
 
 
@@ -370,11 +380,7 @@ async def seq_zero(env: Env) -> str:
 async def long_varints(env: Env) -> str:
     async with hub_conn(env) as hub:
         await ask_ticket(env, hub)
-        sid = hub.open_bidi()
-        hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": env.stream}))
-        ty, m = await answer(hub, sid)
-        if ty != PUBLISH_ACCEPTED:
-            raise Fail(f"PublishOpen: {m}")
+        sid = await accepted_publisher(env, hub)
         p = b"long-varints"
         body = struct.pack(">QII", 1, 0, 1) + struct.pack(">Q", 0) + varint8(0) + varint8(len(p)) + p
         hub.send(sid, frame(PRODUCE, body))
@@ -382,18 +388,6 @@ async def long_varints(env: Env) -> str:
         if ty != PRODUCE_ACK or m.get("count") != 1:
             raise Fail(f"expected ProduceAck for 1 record, got {ty:#x} {m}")
     return f"ProduceAck at offset {m.get('base_offset')}"
-
-
-async def open_publisher(env: Env, hub: Proto, **keys: object) -> tuple[int, int, dict]:
-    """A publish stream on `hub` (a ticket first): (stream id, frame type, answer)."""
-    sid = hub.open_bidi()
-    hub.send(sid, cbor_frame(PUBLISH_OPEN, {"stream": env.stream, **keys}))
-    ty, m = await answer(hub, sid)
-    return sid, ty, m
-
-
-def one_record(seq: int, payload: bytes) -> bytes:
-    return frame(PRODUCE, struct.pack(">QII", seq, 0, 1) + struct.pack(">Q", 0) + b"\x00" + bytes([len(payload)]) + payload)
 
 
 @check("R29", "an idempotent batch re-sent with its seq gets its original offsets, appended once")
